@@ -1,0 +1,102 @@
+"""Every Prometheus metric the bridge exports, in one place; the only module importing prometheus_client.
+
+Labels are bounded sets only (trigger, action, result, reason code, endpoint name, status
+class, operation): never a path, username, token or credential id. `docs/metrics.md` is
+checked against `METRIC_NAMES` by a test, and the Grafana dashboard and alert rules are checked
+against a live /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bridge import __version__
+
+PREFIX = "cybedefend_bridge_"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Bounded label values, so that a caller's typo cannot create a new series.
+TRIGGERS = ("schedule", "startup", "audit_file", "audit_socket", "audit_ingest", "webhook", "manual", "forwarded")
+PASS_RESULTS = ("ok", "partial", "failed", "aborted")
+ACTIONS = ("create", "rotate", "move", "retire", "adopt", "refresh", "skip", "reject")
+ACTION_RESULTS = ("ok", "failed", "deferred")
+ENDPOINTS = ("client_apps", "token_exchange", "create", "list", "get", "delete", "get_links", "set_links")
+
+
+class Metrics:
+    """All of the bridge's metrics, registered in the registry it is given (tests pass their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        p = PREFIX
+        self.passes = Counter(p + "passes", "Sync passes by trigger and result.", ["trigger", "result"], registry=r)
+        self.pass_duration = Histogram(
+            p + "pass_duration_seconds",
+            "Wall time of a sync pass.",
+            ["kind"],  # full | targeted
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.last_success = Gauge(
+            p + "last_successful_pass_timestamp_seconds", "Unix time the last full pass finished without failures.", registry=r
+        )
+        self.last_pass = Gauge(p + "last_pass_timestamp_seconds", "Unix time the last full pass finished.", registry=r)
+        self.actions = Counter(p + "actions", "Executed actions by action and result.", ["action", "result"], registry=r)
+        self.rejects = Counter(p + "rejects", "Secrets rejected as bad input, by reason code.", ["reason"], registry=r)
+        self.secrets = Gauge(p + "secrets", "Secrets tracked in the ledger, by state.", ["state"], registry=r)
+        self.pending_deletes = Gauge(p + "pending_deletes", "Superseded or retired credentials waiting to be deleted.", registry=r)
+        self.delete_guard = Gauge(
+            p + "delete_guard_tripped", "1 while deletions are paused by the max_deletes_per_pass guard rail.", registry=r
+        )
+        self.vault_requests = Counter(
+            p + "vault_requests", "Vault requests by operation and result.", ["operation", "result"], registry=r
+        )
+        self.vault_logins = Counter(p + "vault_logins", "Vault logins by result.", ["result"], registry=r)
+        self.vault_renewals = Counter(p + "vault_token_renewals", "Vault token renewals by result.", ["result"], registry=r)
+        self.vault_token_ttl = Gauge(p + "vault_token_ttl_seconds", "Remaining TTL of the bridge's Vault token.", registry=r)
+        self.api_requests = Counter(
+            p + "cybedefend_requests", "CybeDefend API requests by endpoint and status class.", ["endpoint", "status_class"], registry=r
+        )
+        self.api_duration = Histogram(
+            p + "cybedefend_request_duration_seconds",
+            "CybeDefend API request latency.",
+            ["endpoint"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.retries = Counter(p + "retries", "Retried requests by target.", ["target"], registry=r)  # vault | cybedefend
+        self.rate_limited = Counter(p + "rate_limited_waits", "Waits caused by CybeDefend 429 answers.", registry=r)
+        self.rate_limited_seconds = Counter(
+            p + "rate_limited_wait_seconds", "Seconds spent waiting after CybeDefend 429 answers.", registry=r
+        )
+        self.trigger_events = Counter(p + "trigger_events", "Trigger events received, by source.", ["source"], registry=r)
+        self.trigger_dropped = Counter(
+            p + "trigger_events_dropped", "Trigger events dropped (queue full: a full pass was scheduled instead).", ["source"], registry=r
+        )
+        self.write_latency = Histogram(
+            p + "write_to_registered_seconds",
+            "From hearing a Vault write to the credential being registered in CybeDefend.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.scheduler_events = Counter(
+            p + "scheduler_events", "Scheduler events: executed, missed, skipped (already running), error.", ["event"], registry=r
+        )
+        self.leader = Gauge(p + "leader", "1 when this replica holds the HA lease (always 1 without HA).", registry=r)
+        self.ready = Gauge(p + "ready", "1 when /readyz answers 200.", registry=r)
+        self.build_info = Gauge(p + "build_info", "Build information; the value is always 1.", ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _names() -> tuple[str, ...]:
+    m = Metrics(CollectorRegistry())
+    return tuple(sorted({mf.name for mf in m.registry.collect()}))
+
+
+# Family names as Prometheus exposes them (counters without the _total suffix).
+METRIC_NAMES: tuple[str, ...] = _names()

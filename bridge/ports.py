@@ -1,0 +1,156 @@
+"""The small interfaces the core (`planner`, `sync`) talks to; adapters implement them.
+
+The sync engine never sees hvac, httpx or sqlite3: it sees these. Tests fake at this level,
+and the same contract tests run against the fake and the real adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bridge.config import SourceSettings
+from bridge.model import RemoteCredential, SecretRef, Sensitive, State, VaultEntry
+
+
+class SecretSource(Protocol):
+    """Vault, seen by the sync engine. Implemented by `bridge.vault.VaultSource`."""
+
+    def discover(self, source: SourceSettings, source_index: int) -> Iterable[VaultEntry]:
+        """List the source recursively and read metadata only (KV v2) or data (KV v1, no metadata).
+
+        KV v2 entries come back without payload. Order is not specified.
+        """
+        ...
+
+    def describe(self, source: SourceSettings, source_index: int, path: str) -> VaultEntry | None:
+        """Metadata (or KV v1 data) of one secret, for a targeted sync; None if it does not exist."""
+        ...
+
+    def read_value(self, ref: SecretRef, version: int | None) -> Mapping[str, Any]:
+        """The data of one KV v2 version (or the KV v1 secret). Only called for secrets that need a write."""
+        ...
+
+    def request_counts(self) -> Mapping[str, int]:
+        """Vault requests made since the last call, by kind (list, metadata, read, login, …); resets."""
+        ...
+
+
+class Registrar(Protocol):
+    """CybeDefend, seen by the sync engine. Implemented by `bridge.cybedefend.CybeDefendClient`."""
+
+    def create(
+        self, organization_id: str, project_id: str, username: str, token: Sensitive, description: str
+    ) -> RemoteCredential: ...
+
+    def list_project(self, project_id: str) -> list[RemoteCredential]: ...
+
+    def get(self, project_id: str, credential_id: str) -> RemoteCredential | None: ...
+
+    def delete(self, organization_id: str, credential_id: str) -> bool:
+        """True if deleted now, False if it was already gone (404)."""
+        ...
+
+    def linked_projects(self, organization_id: str, credential_id: str) -> list[str]: ...
+
+    def set_linked_projects(self, organization_id: str, credential_id: str, project_ids: Sequence[str]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRecord:
+    """One row of the ledger: what the bridge believes about one source secret. No values."""
+
+    key: str  # SecretRef.key
+    mount: str
+    path: str
+    kv_version: int
+    state: State
+    version: int | None = None
+    fingerprint: str | None = None
+    organization_id: str | None = None
+    project_id: str | None = None
+    credential_id: str | None = None
+    last_action: str | None = None
+    last_result: str | None = None
+    reason: str | None = None
+    attempts: int = 0
+    next_attempt_at: float | None = None  # unix seconds
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    registered_at: float | None = None
+
+    @property
+    def ref(self) -> SecretRef:
+        return SecretRef(self.mount, self.path, self.kv_version)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDelete:
+    """A superseded or retired credential that still has to be deleted (survives a crash)."""
+
+    credential_id: str
+    organization_id: str
+    key: str  # the secret it belonged to
+    reason: str
+    attempts: int = 0
+    next_attempt_at: float | None = None
+
+
+class Ledger(Protocol):
+    """Durable state. Implemented by `bridge.ledger.SqliteLedger`; `tests` have an in-memory one."""
+
+    def get(self, key: str) -> LedgerRecord | None: ...
+
+    def all(self) -> list[LedgerRecord]: ...
+
+    def put(self, record: LedgerRecord) -> None:
+        """Insert or replace, durably (committed before returning)."""
+        ...
+
+    def remove(self, key: str) -> None: ...
+
+    def add_pending_delete(self, item: PendingDelete) -> None: ...
+
+    def pending_deletes(self) -> list[PendingDelete]: ...
+
+    def update_pending_delete(self, item: PendingDelete) -> None: ...
+
+    def remove_pending_delete(self, credential_id: str) -> None: ...
+
+    def get_meta(self, name: str) -> str | None: ...
+
+    def set_meta(self, name: str, value: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PassRequest:
+    """What to sync: everything (paths is None) or a few `mount/path` keys from a trigger."""
+
+    trigger: str  # bounded: schedule, startup, audit_file, audit_socket, audit_ingest, webhook, manual, drift
+    paths: frozenset[str] | None = None
+    dry_run: bool = False
+    force_drift_check: bool = False
+    received_at: Mapping[str, float] = field(default_factory=dict)  # key -> monotonic time the write was heard
+
+
+class StateStore(Protocol):
+    """A small KV v2 area in Vault for the bridge's own state (HMAC key, HA lease).
+
+    Vault is the one store every replica and every rescheduled pod shares, which is why the
+    fingerprint/marker key and the lease live there (docs/adr/0002-key-in-vault.md).
+    Implemented by `bridge.vault.VaultSource`.
+    """
+
+    def read_state(self, name: str) -> tuple[dict[str, Any], int] | None:
+        """The data and KV version at `<state_mount>/<state_path>/<name>`; None when absent or deleted."""
+        ...
+
+    def write_state(self, name: str, data: Mapping[str, Any], cas: int) -> int:
+        """Check-and-set write (cas=0: only if absent). Returns the new version.
+
+        Raises `bridge.errors.CasConflict` when someone else wrote first.
+        """
+        ...
