@@ -21,7 +21,9 @@ TRIGGERS = ("schedule", "startup", "audit_file", "audit_socket", "audit_ingest",
 PASS_RESULTS = ("ok", "partial", "failed", "aborted")
 ACTIONS = ("create", "rotate", "move", "retire", "adopt", "refresh", "skip", "reject")
 ACTION_RESULTS = ("ok", "failed", "deferred")
-ENDPOINTS = ("client_apps", "token_exchange", "create", "list", "get", "delete", "get_links", "set_links")
+ENDPOINTS = (
+    "client_apps", "token_exchange", "create", "list", "get", "delete", "get_links", "set_links", "all_credentials"
+)
 
 
 class Metrics:
@@ -74,6 +76,11 @@ class Metrics:
         self.trigger_events = Counter(p + "trigger_events", "Trigger events received, by source.", ["source"], registry=r)
         self.trigger_dropped = Counter(
             p + "trigger_events_dropped", "Trigger events dropped (queue full: a full pass was scheduled instead).", ["source"], registry=r
+        )
+        self.audit_refused = Counter(
+            p + "audit_connections_refused",
+            "Connections to the socket audit listener refused (peer outside allowed_peers, or too many).",
+            registry=r,
         )
         self.write_latency = Histogram(
             p + "write_to_registered_seconds",

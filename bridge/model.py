@@ -76,7 +76,7 @@ class VaultEntry:
 
     ref: SecretRef
     version: int | None
-    tags: Mapping[str, str]
+    tags: Mapping[str, str] = field(repr=False)  # KV v1: the data itself, token included
     deleted: bool = False  # the current KV v2 version is deleted or destroyed
     payload: Mapping[str, Any] | None = field(default=None, repr=False)
     source_index: int = 0

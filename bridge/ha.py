@@ -1,0 +1,288 @@
+"""High availability: one active replica, chosen by a lease kept in Vault KV v2 with check-and-set.
+
+The lease document is `{holder, address, expires_at, acquired_at, ttl_seconds}` at
+`<state_mount>/<state_path>/<ha.lease_path>`. Every write is a check-and-set against the
+version just read, so two replicas racing for it cannot both win: the loser gets `CasConflict`
+and stays standby.
+
+Time: a holder never acts past its own deadline, measured on its *own* monotonic clock from
+just before the renewing read (so a Vault outage longer than the TTL demotes it even if Vault
+never answers again). A standby does not trust the holder's wall clock either: it calls a lease
+dead when the document has not changed for one TTL of its own monotonic time (as Kubernetes
+leader election does), or when `expires_at` lies more than a TTL in the past (a long-dead
+holder, tolerant of clock skew up to one TTL). Renewals every `ttl * renew_fraction` give a
+takeover within TTL + 2 renew periods of the holder dying, under twice the TTL by default;
+`release()` at shutdown makes it immediate.
+
+Also here: forwarding a standby's triggers to the leader's `/v1/sync` (stdlib urllib).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from bridge.config import HASettings
+from bridge.errors import BridgeError, CasConflict
+from bridge.logs import get_logger
+from bridge.metrics import Metrics
+from bridge.model import Sensitive
+from bridge.ports import StateStore
+
+log = get_logger(__name__)
+
+FORWARD_HEADER = "X-Cybedefend-Bridge-Forwarded"
+FORWARD_BATCH = 500  # below the server's MAX_SYNC_PATHS, so one batch is always accepted
+
+
+class LeasePort(Protocol):
+    """What `LeaseKeeper` and the daemon use of a `Lease` (tests give a fake)."""
+
+    @property
+    def renew_interval(self) -> float: ...
+    def acquire_or_renew(self) -> bool: ...
+    def is_leader(self) -> bool: ...
+    def leader_address(self) -> str | None: ...
+    def release(self) -> None: ...
+
+
+class Lease:
+    """The HA lease. `acquire_or_renew()` is called every `ttl * renew_fraction` seconds by one thread."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        settings: HASettings,
+        *,
+        identity: str,
+        address: str | None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._name = settings.lease_path
+        self._identity = identity
+        self._address = address
+        self._clock = clock
+        self._monotonic = monotonic
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._leader = False
+        self._deadline = 0.0  # monotonic: we act as leader only before this
+        self._acquired_at: float | None = None
+        self._doc: dict[str, Any] | None = None  # last lease document seen
+        self._seen: tuple[int, float] | None = None  # (version, monotonic time first seen)
+        self._set_gauge()
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def renew_interval(self) -> float:
+        return self._settings.ttl_seconds * self._settings.renew_fraction
+
+    def is_leader(self) -> bool:
+        """True while we hold the lease and our own deadline has not passed."""
+        with self._lock:
+            return self._leader and self._monotonic() < self._deadline
+
+    def leader_address(self) -> str | None:
+        """Where the current holder listens (its advertise_address), or None if unknown or vacant."""
+        with self._lock:
+            if self._leader and self._monotonic() < self._deadline:
+                return self._address
+            doc = self._doc
+            if not doc or not doc.get("holder") or doc.get("holder") == self._identity:
+                return None
+            address = doc.get("address")
+            return address if isinstance(address, str) and address else None
+
+    def acquire_or_renew(self) -> bool:
+        """One round: renew if ours, take it if vacant or dead, else stay standby. Returns is_leader()."""
+        started = self._monotonic()
+        try:
+            current = self._store.read_state(self._name)
+            if current is None:
+                self._write(0, started, taking=True)
+            else:
+                data, version = current
+                with self._lock:
+                    self._doc = dict(data)
+                    if self._seen is None or self._seen[0] != version:
+                        self._seen = (version, started)
+                if data.get("holder") == self._identity:
+                    self._write(version, started, taking=not self._leader)
+                elif self._is_dead(data, version, started):
+                    log.info("lease_takeover", previous_holder=str(data.get("holder") or ""))
+                    self._write(version, started, taking=True)
+                else:
+                    self._demote("held by another replica")
+        except CasConflict:
+            self._demote("lost the check-and-set race")
+        except BridgeError as exc:
+            # Vault unreachable: keep acting only until our own deadline.
+            with self._lock:
+                keep = self._leader and self._monotonic() < self._deadline
+            log.warning("lease_renew_failed", error=f"{type(exc).__name__}: {exc}", still_leader=keep)
+            if not keep:
+                self._demote("lease unreachable past its deadline")
+        self._set_gauge()
+        return self.is_leader()
+
+    def release(self) -> None:
+        """Give the lease up (at shutdown) so a standby takes over at once instead of after a TTL."""
+        with self._lock:
+            was_leader = self._leader
+            self._leader = False
+            self._deadline = 0.0
+        self._set_gauge()
+        if not was_leader:
+            return
+        try:
+            current = self._store.read_state(self._name)
+            if current is None or current[0].get("holder") != self._identity:
+                return
+            vacant = {"holder": "", "address": None, "expires_at": 0.0, "acquired_at": None, "ttl_seconds": 0.0}
+            self._store.write_state(self._name, vacant, cas=current[1])
+            log.info("lease_released")
+        except BridgeError as exc:
+            log.warning("lease_release_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _is_dead(self, data: dict[str, Any], version: int, now_mono: float) -> bool:
+        if not data.get("holder"):
+            return True
+        ttl = max(self._settings.ttl_seconds, _number(data.get("ttl_seconds")))
+        if _number(data.get("expires_at")) + ttl < self._clock():
+            return True
+        seen = self._seen
+        return seen is not None and seen[0] == version and now_mono - seen[1] >= ttl
+
+    def _write(self, cas: int, started: float, *, taking: bool) -> None:
+        now = self._clock()
+        ttl = self._settings.ttl_seconds
+        acquired_at = now if taking or self._acquired_at is None else self._acquired_at
+        doc = {
+            "holder": self._identity,
+            "address": self._address,
+            "expires_at": now + ttl,
+            "acquired_at": acquired_at,
+            "ttl_seconds": ttl,
+        }
+        version = self._store.write_state(self._name, doc, cas=cas)
+        with self._lock:
+            became = not self._leader
+            self._leader = True
+            self._deadline = started + ttl  # from before the read: never later than the holder's view
+            self._acquired_at = acquired_at
+            self._doc = doc
+            self._seen = (version, started)
+        if became:
+            log.info("lease_acquired", identity=self._identity)
+
+    def _demote(self, why: str) -> None:
+        with self._lock:
+            was = self._leader
+            self._leader = False
+            self._deadline = 0.0
+            self._acquired_at = None
+        if was:
+            log.warning("lease_lost", reason=why)
+
+    def _set_gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.leader.set(1 if self.is_leader() else 0)
+
+
+class LeaseKeeper:
+    """Runs `acquire_or_renew()` every `renew_interval` on its own thread and reports role changes.
+
+    `on_gain` and `on_loss` run on that thread; they must be quick and must not raise.
+    """
+
+    def __init__(self, lease: LeasePort, *, on_gain: Callable[[], None], on_loss: Callable[[], None]) -> None:
+        self._lease = lease
+        self._on_gain = on_gain
+        self._on_loss = on_loss
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lease", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop renewing (a Vault call in progress is not interrupted: bounded wait)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def _loop(self) -> None:
+        was_leader = False
+        while True:
+            try:
+                leader = self._lease.acquire_or_renew()
+            except Exception as exc:  # the adapter translates errors, but this thread must survive
+                log.error("lease_round_failed", error=type(exc).__name__)
+                leader = self._lease.is_leader()
+            if leader != was_leader:
+                (self._on_gain if leader else self._on_loss)()
+            was_leader = leader
+            if self._stop.wait(self._lease.renew_interval):
+                return
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def forward_to_leader(address: str, paths: Sequence[str] | None, token: Sensitive, *, timeout: float = 2.0) -> bool:
+    """POST `paths` (None: a full pass) to the leader's `/v1/sync` with the webhook token.
+
+    True if every batch got a 2xx.
+    A standby hears writes too (its own audit tail, a shipper, a webhook behind a Service); only
+    the leader acts, so the standby hands them over. On failure the caller drops and counts them:
+    the leader's periodic pass is the safety net.
+    """
+    url = address.rstrip("/") + "/v1/sync"
+    if not url.startswith(("http://", "https://")):
+        log.warning("forward_refused", reason="leader address is not an http(s) URL")
+        return False
+    ok = True
+    bodies = (
+        [b"{}"]
+        if paths is None
+        else [json.dumps({"paths": list(paths[i : i + FORWARD_BATCH])}).encode() for i in range(0, len(paths), FORWARD_BATCH)]
+    )
+    for body in bodies:
+        request = urllib.request.Request(  # noqa: S310  # scheme checked above
+            url,
+            data=body,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Bearer " + token.reveal(),
+                FORWARD_HEADER: "1",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                ok = ok and 200 <= response.status < 300
+        except urllib.error.HTTPError as exc:
+            log.warning("forward_failed", status=exc.code)
+            ok = False
+        except (urllib.error.URLError, OSError) as exc:
+            # The reason can name the URL but never the token (it travels in a header).
+            log.warning("forward_failed", error=type(exc).__name__)
+            ok = False
+    return ok

@@ -1,0 +1,378 @@
+"""Durable state: what is registered, for which version and fingerprint; schema migrations.
+
+`SqliteLedger` implements `bridge.ports.Ledger` on one SQLite file. The sync engine records
+after each secret, so every write is committed before it returns (WAL journal,
+`synchronous=FULL`): a crash loses at most the secret in flight. The file holds no secret
+value, only HMAC fingerprints, ids, states and reasons; it is still created 0600 because ids
+and paths are nobody else's business. Migrations are an ordered list applied at open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from bridge.errors import LedgerError
+from bridge.logs import get_logger, redact_text
+from bridge.model import REDACTED, State
+from bridge.ports import LedgerRecord, PendingDelete
+
+MEMORY = ":memory:"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+BUSY_TIMEOUT_MS = 5000  # `status` in another process may read while the daemon writes
+
+# A DockerHub token prefix anywhere, even truncated: reasons are human text and never carry values.
+_TOKEN_RE = re.compile(r"dckr_(?:pat|oat)_[A-Za-z0-9_-]*")
+
+# Each entry upgrades the schema by one version; entry i produces version i + 1. Never edit a
+# released entry: files in the field were made by it. Append a new one instead.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: the initial schema
+        """CREATE TABLE secrets (
+            key TEXT PRIMARY KEY,
+            mount TEXT NOT NULL,
+            path TEXT NOT NULL,
+            kv_version INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            version INTEGER,
+            fingerprint TEXT,
+            organization_id TEXT,
+            project_id TEXT,
+            credential_id TEXT,
+            last_action TEXT,
+            last_result TEXT,
+            reason TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX secrets_state ON secrets (state)",
+        """CREATE TABLE pending_deletes (
+            credential_id TEXT PRIMARY KEY,
+            organization_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    (  # 2: when the current credential was registered (status shows its age)
+        "ALTER TABLE secrets ADD COLUMN registered_at REAL",
+        # Best guess for rows already registered: their last update.
+        "UPDATE secrets SET registered_at = updated_at WHERE state = 'registered'",
+    ),
+    (  # 3: the latest Vault version evaluated, so a rejection or backoff stands until a newer one
+        "ALTER TABLE secrets ADD COLUMN seen_version INTEGER",
+        "UPDATE secrets SET seen_version = version",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# One column per field of the port's dataclasses: a field added there without a migration here
+# fails every put with "no such column", which the round-trip test catches.
+_RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(LedgerRecord))
+_PENDING_COLUMNS = tuple(f.name for f in dataclasses.fields(PendingDelete))
+_PENDING_INSERT = (
+    f"INSERT INTO pending_deletes ({', '.join(_PENDING_COLUMNS)}, created_at) "  # noqa: S608  # constants
+    f"VALUES ({', '.join(':' + c for c in _PENDING_COLUMNS)}, :created_at) ON CONFLICT (credential_id)"
+)
+_PENDING_UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _PENDING_COLUMNS if c != "credential_id")
+
+_log = get_logger(__name__)
+
+
+def scrub_reason(reason: str) -> str:
+    """`reason` without registered secrets or anything shaped like a DockerHub token."""
+    return _TOKEN_RE.sub(REDACTED, redact_text(reason))
+
+
+def _create_private(path: Path) -> None:
+    """Create the file 0600 before SQLite opens it (SQLite would use the umask), or tighten it."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(path.parent, DIR_MODE)  # mkdir's mode is filtered by the umask
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+class SqliteLedger:
+    """The SQLite ledger. One connection shared by all threads, serialised by a lock."""
+
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+        self._memory = str(path) == MEMORY
+        self._path: Path | None = None if self._memory else Path(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        if self._path is not None:
+            try:
+                _create_private(self._path)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                raise LedgerError(f"ledger {self._path}: cannot create the file: {why}") from exc
+        with self._op("open"):
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a single statement is
+            # committed on return and migrations are one transaction each (DDL included).
+            self._conn = sqlite3.connect(
+                MEMORY if self._memory else str(self._path), isolation_level=None, check_same_thread=False
+            )
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The file path, or `:memory:`."""
+        return MEMORY if self._path is None else str(self._path)
+
+    @contextlib.contextmanager
+    def _op(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            # sqlite3 messages name tables and columns, never bound values.
+            raise LedgerError(f"ledger {self.path}: {what} failed: {exc}") from exc
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise LedgerError(f"ledger {self.path}: used after close()")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One locked transaction; rolled back if anything inside fails."""
+        with self._lock, self._op(what):
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _setup(self) -> None:
+        db = self._db()
+        with self._lock, self._op("configure"):
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if not self._memory:
+                mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    _log.warning("ledger_journal_mode", path=self.path, mode=str(mode), wanted="wal")
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+        self._tighten_side_files()
+
+    def _migrate(self) -> None:
+        with self._tx("reading the schema version") as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {self.path}: schema version {current} was written by a newer bridge "
+                f"(this one knows up to {SCHEMA_VERSION}); refusing to open it"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with self._tx(f"migration to schema version {version}") as db:
+                for statement in MIGRATIONS[version - 1]:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, self._clock())
+                )
+            _log.info("ledger_migrated", path=self.path, schema_version=version)
+
+    def _tighten_side_files(self) -> None:
+        # SQLite gives -wal/-shm the database's mode, but a file left by an older run may not.
+        if self._path is None:
+            return
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = Path(f"{self._path}{suffix}")
+            with contextlib.suppress(FileNotFoundError):
+                if side.stat().st_mode & 0o077:
+                    os.chmod(side, FILE_MODE)
+
+    def schema_version(self) -> int:
+        with self._lock, self._op("reading the schema version"):
+            return int(self._db().execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                with self._op("close"):
+                    conn.close()
+
+    def __enter__(self) -> SqliteLedger:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteLedger({self.path!r})"
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _guard(self, key: str, fields: dict[str, Any]) -> None:
+        """Refuse identifiers that look like a token: one there means a bug upstream."""
+        for name, value in fields.items():
+            if isinstance(value, str) and _TOKEN_RE.search(value):
+                # The key is a Vault path, safe to name; the value is not repeated.
+                raise LedgerError(
+                    f"ledger {self.path}: refusing to store {name} of {redact_text(key)}: "
+                    "it looks like a DockerHub token"
+                )
+
+    def _clean_reason(self, key: str, reason: str | None) -> str | None:
+        if reason is None:
+            return None
+        clean = scrub_reason(reason)
+        if clean != reason:
+            _log.warning("ledger_reason_scrubbed", key=key)
+        return clean
+
+    # -- secrets --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_record(row: tuple[Any, ...]) -> LedgerRecord:
+        d = dict(zip(_RECORD_COLUMNS, row, strict=True))
+        d["state"] = State(d["state"])
+        return LedgerRecord(**d)
+
+    def get(self, key: str) -> LedgerRecord | None:
+        cols = ", ".join(_RECORD_COLUMNS)
+        with self._lock, self._op("get"):
+            row = self._db().execute(f"SELECT {cols} FROM secrets WHERE key = ?", (key,)).fetchone()  # noqa: S608  # column names are constants
+        try:
+            return None if row is None else self._to_record(row)
+        except ValueError as exc:  # an unknown state: a newer bridge or a hand edit
+            raise LedgerError(f"ledger {self.path}: unreadable row for {key}: {exc}") from exc
+
+    def all(self) -> list[LedgerRecord]:
+        cols = ", ".join(_RECORD_COLUMNS)
+        with self._lock, self._op("list"):
+            rows = self._db().execute(f"SELECT {cols} FROM secrets ORDER BY key").fetchall()  # noqa: S608  # constants
+        try:
+            return [self._to_record(r) for r in rows]
+        except ValueError as exc:
+            raise LedgerError(f"ledger {self.path}: unreadable row: {exc}") from exc
+
+    def put(self, record: LedgerRecord) -> None:
+        """Insert or replace, committed (and synced) before returning.
+
+        A zero `created_at` keeps the stored row's creation time (or now for a new row); a zero
+        `updated_at` becomes now. The reason is scrubbed of anything token-shaped.
+        """
+        values: dict[str, Any] = {c: getattr(record, c) for c in _RECORD_COLUMNS}
+        self._guard(record.key, {c: v for c, v in values.items() if c != "reason"})
+        now = self._clock()
+        values["state"] = State(record.state).value
+        values["reason"] = self._clean_reason(record.key, record.reason)
+        values["updated_at"] = record.updated_at or now
+        cols = ", ".join(_RECORD_COLUMNS)
+        marks = ", ".join(f":{c}" for c in _RECORD_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _RECORD_COLUMNS if c not in ("key", "created_at"))
+        if record.created_at:
+            updates += ", created_at = excluded.created_at"
+        values["created_at"] = record.created_at or now
+        with self._lock, self._op(f"put {record.key}"):
+            self._db().execute(
+                f"INSERT INTO secrets ({cols}) VALUES ({marks}) ON CONFLICT (key) DO UPDATE SET {updates}",  # noqa: S608
+                values,
+            )
+
+    def remove(self, key: str) -> None:
+        with self._lock, self._op(f"remove {key}"):
+            self._db().execute("DELETE FROM secrets WHERE key = ?", (key,))
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Rows per state; every `State` is present, zero when it has no row (for the gauge)."""
+        counts = {s.value: 0 for s in State}
+        with self._lock, self._op("count"):
+            for state, n in self._db().execute("SELECT state, COUNT(*) FROM secrets GROUP BY state"):
+                counts[str(state)] = int(n)
+        return counts
+
+    def prune(self, older_than: float) -> int:
+        """Delete RETIRED rows last updated before `older_than` (unix seconds); returns how many."""
+        with self._lock, self._op("prune"):
+            cur = self._db().execute(
+                "DELETE FROM secrets WHERE state = ? AND updated_at < ?", (State.RETIRED.value, older_than)
+            )
+            return int(cur.rowcount)
+
+    # -- pending deletes ------------------------------------------------------------------------
+
+    def _pending_values(self, item: PendingDelete) -> dict[str, Any]:
+        values: dict[str, Any] = {c: getattr(item, c) for c in _PENDING_COLUMNS}
+        self._guard(item.key, {c: v for c, v in values.items() if c != "reason"})
+        values["reason"] = self._clean_reason(item.key, item.reason) or ""
+        values["created_at"] = self._clock()
+        return values
+
+    def add_pending_delete(self, item: PendingDelete) -> None:
+        """Idempotent: an entry already queued for this credential keeps its attempts and backoff."""
+        values = self._pending_values(item)
+        with self._lock, self._op(f"queue the deletion of {item.credential_id}"):
+            self._db().execute(f"{_PENDING_INSERT} DO NOTHING", values)
+
+    def pending_deletes(self) -> list[PendingDelete]:
+        cols = ", ".join(_PENDING_COLUMNS)
+        with self._lock, self._op("list pending deletes"):
+            rows = self._db().execute(
+                f"SELECT {cols} FROM pending_deletes ORDER BY created_at, credential_id"  # noqa: S608  # constants
+            ).fetchall()
+        return [PendingDelete(**dict(zip(_PENDING_COLUMNS, r, strict=True))) for r in rows]
+
+    def update_pending_delete(self, item: PendingDelete) -> None:
+        """Replace the entry's fields (attempts, backoff, reason); inserts it if it is missing."""
+        values = self._pending_values(item)
+        with self._lock, self._op(f"update the deletion of {item.credential_id}"):
+            self._db().execute(f"{_PENDING_INSERT} DO UPDATE SET {_PENDING_UPDATE}", values)
+
+    def remove_pending_delete(self, credential_id: str) -> None:
+        with self._lock, self._op(f"remove the deletion of {credential_id}"):
+            self._db().execute("DELETE FROM pending_deletes WHERE credential_id = ?", (credential_id,))
+
+    # -- meta -----------------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        with self._lock, self._op(f"read meta {name}"):
+            row = self._db().execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._guard(name, {"meta value": value})
+        with self._lock, self._op(f"write meta {name}"):
+            self._db().execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )

@@ -1,0 +1,322 @@
+"""One sync pass: discover -> (drift check) -> read changed values -> plan -> execute -> record.
+
+The engine owns the order and the failure boundaries: a source whose listing fails is left
+out of the pass (its ledger rows are not retired because of it), one secret's failure never
+stops the others, and a stop request lets the secrets in flight finish and defers the rest.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, replace
+from typing import Any
+
+from bridge.config import Settings
+from bridge.errors import BridgeError, VaultError
+from bridge.executor import Executor, PassAbort
+from bridge.fingerprint import Keyring
+from bridge.logs import get_logger
+from bridge.metrics import Metrics
+from bridge.model import Action, ActionKind, Outcome, Result, State, VaultEntry
+from bridge.planner import Scope, count_deletions, plan, source_of, values_to_read
+from bridge.ports import Ledger, LedgerRecord, PassReport, PassRequest, Registrar, SecretSource
+
+log = get_logger(__name__)
+
+_COUNT_NAMES = {
+    ActionKind.CREATE: "created",
+    ActionKind.ROTATE: "rotated",
+    ActionKind.MOVE: "moved",
+    ActionKind.RETIRE: "retired",
+    ActionKind.ADOPT: "adopted",
+    ActionKind.REFRESH: "refreshed",
+    ActionKind.SKIP: "skipped",
+    ActionKind.REJECT: "rejected",
+}
+SUMMARY_KEYS = ("created", "rotated", "moved", "retired", "adopted", "refreshed", "skipped", "rejected", "failed", "deferred")
+DRIFT_META = "last_drift_check"
+
+
+class SyncEngine:
+    """Runs passes; one at a time (a lock), whatever triggers them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: SecretSource,
+        registrar: Registrar,
+        ledger: Ledger,
+        keyring: Keyring,
+        metrics: Metrics,
+        *,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._s = settings
+        self._source = source
+        self._api = registrar
+        self._ledger = ledger
+        self._keys = keyring
+        self._m = metrics
+        self._stop = stop or threading.Event()
+        self._clock = clock
+        self._mono = monotonic
+        self._exec = Executor(settings, registrar, ledger, keyring, metrics, clock=clock, rng=rng)
+        self._lock = threading.Lock()
+        self._last: PassReport | None = None
+        self._last_full: PassReport | None = None
+        self._guard_tripped = False
+
+    @property
+    def last_report(self) -> PassReport | None:
+        return self._last
+
+    @property
+    def last_full_report(self) -> PassReport | None:
+        return self._last_full
+
+    # -- discovery ------------------------------------------------------------------------
+    def _discover(self, request: PassRequest) -> tuple[list[VaultEntry], Scope]:
+        entries: list[VaultEntry] = []
+        if request.paths is None:
+            ok: set[int] = set()
+            errors: list[str] = []
+            for idx, src in enumerate(self._s.sources):
+                try:
+                    entries.extend(self._source.discover(src, idx))
+                    ok.add(idx)
+                except VaultError as exc:
+                    errors.append(f"{src.mount}/{src.path}: {exc}")
+                    log.error("source discovery failed", source=f"{src.mount}/{src.path}", error=str(exc))
+            if not ok and errors:
+                raise VaultError("; ".join(errors))
+            return entries, Scope(sources=frozenset(ok))
+        keys: set[str] = set()
+        for key in sorted(request.paths):
+            idx = source_of(key, self._s.sources)
+            if idx is None:
+                log.debug("trigger outside every source", path=key)
+                continue
+            src = self._s.sources[idx]
+            entry = self._source.describe(src, idx, key[len(src.mount) + 1 :])
+            keys.add(key)
+            if entry is not None:
+                entries.append(entry)
+        return entries, Scope(keys=frozenset(keys))
+
+    def _read_values(self, todo: list[VaultEntry]) -> dict[str, Mapping[str, Any] | None]:
+        values: dict[str, Mapping[str, Any] | None] = {}
+        for entry in todo:
+            if self._stop.is_set():
+                break
+            try:
+                values[entry.ref.key] = self._source.read_value(entry.ref, entry.version)
+            except VaultError as exc:
+                # The planner sees no value and skips the secret this pass; the next pass retries.
+                log.warning("value read failed", path=entry.ref.key, version=entry.version, error=str(exc))
+                values[entry.ref.key] = None
+        return values
+
+    # -- drift ----------------------------------------------------------------------------
+    def _drift_due(self, request: PassRequest) -> bool:
+        if request.force_drift_check:
+            return True
+        last = self._ledger.get_meta(DRIFT_META)
+        return last is None or self._clock() - float(last) >= self._s.sync.drift_check_interval_seconds
+
+    def _check_drift(self) -> int:
+        """Mark registered rows whose credential vanished from CybeDefend as missing."""
+        rows = [r for r in self._ledger.all() if r.state == State.REGISTERED and r.credential_id and r.project_id]
+        missing = 0
+        by_project: dict[str, list[LedgerRecord]] = {}
+        for r in rows:
+            by_project.setdefault(r.project_id or "", []).append(r)
+        for project, recs in by_project.items():
+            try:
+                present = {c.id for c in self._api.list_project(project)}
+            except BridgeError as exc:
+                log.warning("drift check skipped for a project", project=project, error=str(exc))
+                continue
+            for r in recs:
+                if r.credential_id not in present:
+                    missing += 1
+                    log.warning("credential missing in CybeDefend", path=r.key, credential_id=r.credential_id)
+                    self._ledger.put(replace(r, state=State.MISSING, reason="the credential is gone from CybeDefend",
+                                             updated_at=self._clock()))
+        self._ledger.set_meta(DRIFT_META, repr(self._clock()))
+        return missing
+
+    # -- a pass ---------------------------------------------------------------------------
+    def plan(self, request: PassRequest) -> list[Action]:
+        """What a pass would do now: reads Vault (values only where needed), writes nothing."""
+        with self._lock:
+            actions, _ = self._plan(request)
+            return actions
+
+    def _plan(self, request: PassRequest) -> tuple[list[Action], int]:
+        entries, scope = self._discover(request)
+        records = {r.key: r for r in self._ledger.all()}
+        now = self._clock()
+        retry_now = request.paths or frozenset()
+        todo = values_to_read(entries, records, self._s, now, retry_now)
+        values = self._read_values(todo)
+        actions = plan(entries, values, records, scope, self._s, self._keys, now, retry_now)
+        return actions, len(entries)
+
+    def run(self, request: PassRequest) -> PassReport:
+        with self._lock:
+            return self._run(request)
+
+    def _run(self, request: PassRequest) -> PassReport:
+        full = request.paths is None
+        started, t0 = self._clock(), self._mono()
+        counts: Counter[str] = Counter()
+        error: str | None = None
+        result = "ok"
+        self._exec.begin_pass()
+        try:
+            if full and self._drift_due(request):
+                self._check_drift()
+            actions, _ = self._plan(request)
+            deletes = count_deletions(actions, self._s)
+            allowed = deletes <= self._s.sync.max_deletes_per_pass
+            if not allowed:
+                log.error(
+                    "delete guard rail tripped: deletions paused",
+                    deletions_planned=deletes,
+                    max_deletes_per_pass=self._s.sync.max_deletes_per_pass,
+                    hint="check the source paths and tags; raise sync.max_deletes_per_pass if this is intended",
+                )
+            if full:
+                self._guard_tripped = not allowed
+            self._m.delete_guard.set(1 if self._guard_tripped else 0)
+            for outcome in self._execute(actions, allowed, request):
+                if outcome.result == Result.FAILED:
+                    counts["failed"] += 1
+                elif outcome.result == Result.DEFERRED:
+                    counts["deferred"] += 1
+                else:
+                    counts[_COUNT_NAMES[outcome.kind]] += 1
+            if full and allowed and not self._stop.is_set():
+                self._flush_pending_deletes()
+            if self._stop.is_set():
+                result = "aborted"
+            elif counts["failed"]:
+                result = "partial"
+        except PassAbort as exc:
+            result, error = "failed", str(exc)
+            log.error("pass aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
+        except BridgeError as exc:
+            result, error = "failed", str(exc)
+            log.error("pass failed", error=error)
+        counts_out = {k: counts.get(k, 0) for k in SUMMARY_KEYS}
+        report = PassReport(
+            trigger=request.trigger, full=full, started_at=started, finished_at=self._clock(), result=result,
+            counts=counts_out, vault_requests=dict(self._source.request_counts()), error=error,
+            delete_guard_tripped=self._guard_tripped,
+        )
+        self._publish(report, self._mono() - t0)
+        return report
+
+    def _execute(self, actions: list[Action], allowed: bool, request: PassRequest) -> list[Outcome]:
+        quiet = [a for a in actions if a.kind in (ActionKind.SKIP,)]
+        busy = [a for a in actions if a.kind not in (ActionKind.SKIP,)]
+        outcomes = [self._exec.execute(a, deletes_allowed=allowed) for a in quiet]
+        if not busy:
+            return outcomes
+        abort: PassAbort | None = None
+        with ThreadPoolExecutor(max_workers=self._s.cybedefend.max_concurrency, thread_name_prefix="sync") as pool:
+            pending: set[Future[Outcome]] = set()
+            queue = list(busy)
+            while queue or pending:
+                while queue and len(pending) < self._s.cybedefend.max_concurrency and not self._stop.is_set() and abort is None:
+                    pending.add(pool.submit(self._exec.execute, queue.pop(0), deletes_allowed=allowed))
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        outcome = fut.result()
+                    except PassAbort as exc:
+                        abort = exc
+                        continue
+                    outcomes.append(outcome)
+                    self._observe_latency(outcome, request)
+            for action in queue:  # not started: stop requested or the pass aborted
+                outcomes.append(Outcome(action, Result.DEFERRED, action.kind, reason="not started this pass"))
+        if abort is not None:
+            raise abort
+        return outcomes
+
+    def _observe_latency(self, outcome: Outcome, request: PassRequest) -> None:
+        heard = request.received_at.get(outcome.action.ref.key)
+        if heard is not None and outcome.result == Result.OK and outcome.kind in (
+            ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE, ActionKind.ADOPT
+        ):
+            self._m.write_latency.observe(max(0.0, self._mono() - heard))
+
+    def _flush_pending_deletes(self) -> None:
+        now = self._clock()
+        for item in self._ledger.pending_deletes():
+            if self._stop.is_set():
+                return
+            if item.next_attempt_at is not None and now < item.next_attempt_at:
+                continue
+            self._exec.delete_pending(item.credential_id, allowed=True)
+
+    def _publish(self, report: PassReport, duration: float) -> None:
+        self._last = report
+        self._m.passes.labels(trigger=report.trigger, result=report.result).inc()
+        self._m.pass_duration.labels(kind="full" if report.full else "targeted").observe(duration)
+        if report.full:
+            self._last_full = report
+            self._m.last_pass.set(report.finished_at)
+            if report.result == "ok":
+                self._m.last_success.set(report.finished_at)
+        states = Counter(r.state.value for r in self._ledger.all())
+        for st in State:
+            self._m.secrets.labels(state=st.value).set(states.get(st.value, 0))
+        self._m.pending_deletes.set(len(self._ledger.pending_deletes()))
+        log.info(
+            "pass finished", trigger=report.trigger, full=report.full, result=report.result,
+            duration_s=round(duration, 3), error=report.error, **report.counts,
+            vault_requests=dict(report.vault_requests),
+        )
+
+    # -- status ---------------------------------------------------------------------------
+    def status(self) -> Mapping[str, Any]:
+        rows = sorted(self._ledger.all(), key=lambda r: r.key)
+        return {
+            "instance": self._s.sync.instance,
+            "deletion_policy": self._s.sync.deletion_policy,
+            "delete_guard_tripped": self._guard_tripped,
+            "last_pass": asdict(self._last) if self._last else None,
+            "last_full_pass": asdict(self._last_full) if self._last_full else None,
+            "pending_deletes": len(self._ledger.pending_deletes()),
+            "counts": dict(Counter(r.state.value for r in rows)),
+            "secrets": [
+                {
+                    "path": r.key,
+                    "version": r.version,
+                    "seen_version": r.seen_version,
+                    "organization_id": r.organization_id,
+                    "project_id": r.project_id,
+                    "credential_id": r.credential_id,
+                    "state": r.state.value,
+                    "last_action": r.last_action,
+                    "last_result": r.last_result,
+                    "reason": r.reason,
+                    "attempts": r.attempts,
+                    "next_attempt_at": r.next_attempt_at,
+                    "updated_at": r.updated_at,
+                }
+                for r in rows
+            ],
+        }

@@ -1,0 +1,379 @@
+"""Vault as the bridge sees it: discovery of the KV sources, secret values, and the state store.
+
+Implements `bridge.ports.SecretSource` and `bridge.ports.StateStore`. The token, the HTTP paths
+and error translation live in `bridge.vault_auth` (these two are the only modules that import
+hvac or requests). Discovery is made to be gentle on Vault: one SCAN (OpenBao) or a recursive
+LIST (Vault) per source, then one metadata GET per KV v2 secret, never a value; KV v1 has no
+metadata, so there the data is read. Metadata GETs run on `vault.concurrency` threads over
+pooled keep-alive connections, within `vault.max_requests_per_second`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import hvac.exceptions
+
+from bridge.config import Settings, SourceSettings
+from bridge.errors import CasConflict, VaultError, VaultInvalidRequest, VaultPermissionDenied
+from bridge.logs import get_logger, register_secret
+from bridge.metrics import Metrics
+from bridge.model import SecretRef, Sensitive, VaultEntry
+from bridge.vault_auth import VaultSession
+
+log = get_logger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+PROBE = "example"  # a stand-in secret name for capability checks
+_SCAN_UNSUPPORTED = frozenset({400, 405})
+
+
+def _q(path: str) -> str:
+    return quote(path, safe="/")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix else key
+
+
+def _past(rfc3339: Any, now: float) -> bool:
+    """True when a KV v2 deletion_time is set and not in the future (delete_version_after)."""
+    if not rfc3339 or not isinstance(rfc3339, str):
+        return False
+    try:
+        when = calendar.timegm(time.strptime(rfc3339[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return True  # set but unreadable: it was deleted at some point
+    return when <= now
+
+
+class VaultSource:
+    """The Vault adapter: `SecretSource` + `StateStore`, plus login and checks for the CLI."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        env: Mapping[str, str] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._concurrency = settings.vault.concurrency
+        self._wall = wall_clock
+        self.session = VaultSession(settings.vault, metrics, clock=clock, sleep=sleep, rng=rng, env=env)
+        self._kv_versions: dict[str, int] = {}
+        self._scan_unsupported: set[str] = set()
+        self._scan_denied: dict[str, int] = {}  # mount -> token generation that was refused SCAN
+        self._lock = threading.Lock()
+        # Values under these keys are DockerHub tokens: register them for log redaction on read.
+        self._token_keys = frozenset(s.token_key for s in settings.sources)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def login(self) -> None:
+        """Log in (or adopt the configured token) now; raises VaultAuthError on failure."""
+        self.session.login()
+
+    def maintain(self) -> float:
+        """Renew or log in again if due; returns seconds until the next check is due."""
+        return self.session.maintain()
+
+    def run_renewer(self, stop: threading.Event, *, floor: float = 1.0, cap: float = 60.0) -> None:
+        """Keep the token alive until `stop` is set (run it in a thread). Errors are logged."""
+        while not stop.is_set():
+            try:
+                delay = self.session.maintain()
+            except VaultError as exc:
+                log.warning("vault_maintenance_failed", error=str(exc))
+                delay = 5.0
+            stop.wait(min(cap, max(floor, delay)))
+
+    def token_ttl(self) -> float | None:
+        return self.session.token_ttl()
+
+    def healthy(self) -> bool:
+        """For /readyz: the token works (auth/token/lookup-self answers). Never raises."""
+        try:
+            token, _ = self.session.current()
+            self.session.call_hvac("lookup", "auth/token/lookup-self", lambda c: c.auth.token.lookup_self(), missing=None)
+        except VaultError:
+            return False
+        return True
+
+    def revoke_self(self) -> None:
+        self.session.revoke_self()
+
+    def close(self) -> None:
+        """Revoke the token if we logged in ourselves (vault.revoke_on_shutdown), close connections."""
+        self.session.close()
+
+    def request_counts(self) -> dict[str, int]:
+        return self.session.request_counts()
+
+    # --- KV engine version ---------------------------------------------------------------
+
+    def kv_version(self, mount: str) -> int:
+        """1 or 2, asked once per mount (GET sys/internal/ui/mounts/<mount>) and cached."""
+        mount = mount.strip("/")
+        with self._lock:
+            if mount in self._kv_versions:
+                return self._kv_versions[mount]
+        path = f"sys/internal/ui/mounts/{_q(mount)}"
+        doc = self.session.request("mounts", "GET", path).doc
+        data = (doc or {}).get("data") or {}
+        if data.get("type") not in ("kv", "generic") or data.get("path", "").strip("/") != mount:
+            raise VaultInvalidRequest(f"Vault mounts {path}: {mount!r} is not a KV mount")
+        version = 2 if str((data.get("options") or {}).get("version", "1")) == "2" else 1
+        with self._lock:
+            self._kv_versions[mount] = version
+        return version
+
+    def _version(self, source: SourceSettings) -> int:
+        return source.kv_version if source.kv_version != "auto" else self.kv_version(source.mount)
+
+    # --- discovery -----------------------------------------------------------------------
+
+    def list_keys(self, source: SourceSettings) -> list[str]:
+        """Every secret path under the source prefix (paths inside the mount), recursively."""
+        mount, prefix, version = source.mount, source.path, self._version(source)
+        base = f"{_q(mount)}/metadata/" if version == 2 else f"{_q(mount)}/"
+        folder = f"{base}{_q(prefix)}/" if prefix else base
+        keys = self._scan(mount, folder)
+        if keys is None:
+            keys = self._list_recursive(folder)
+        return [_join(prefix, k) for k in keys]
+
+    def _scan(self, mount: str, folder: str) -> list[str] | None:
+        """OpenBao's recursive SCAN: one request for the whole tree. None: use LIST instead."""
+        gen = self.session.generation
+        if mount in self._scan_unsupported or self._scan_denied.get(mount) == gen:
+            return None
+        resp = self.session.request("scan", "SCAN", folder, passthrough=_SCAN_UNSUPPORTED | {401, 403})
+        if resp.status in _SCAN_UNSUPPORTED:  # HashiCorp Vault: 405 unsupported operation
+            self._scan_unsupported.add(mount)
+            return None
+        if resp.status in (401, 403):  # a policy without the `scan` capability: LIST still works
+            self._scan_denied[mount] = gen
+            return None
+        if resp.status == 404:
+            return []
+        keys = ((resp.doc or {}).get("data") or {}).get("keys") or []
+        return [str(k) for k in keys if not str(k).endswith("/")]
+
+    def _list_recursive(self, folder: str) -> list[str]:
+        out: list[str] = []
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            resp = self.session.request("list", "LIST", folder + _q(rel))
+            for key in ((resp.doc or {}).get("data") or {}).get("keys") or []:
+                key = str(key)
+                (stack if key.endswith("/") else out).append(rel + key)
+        return out
+
+    def discover(self, source: SourceSettings, source_index: int) -> Iterator[VaultEntry]:
+        """List the source, then read metadata (KV v2) or data (KV v1) of each secret, concurrently."""
+        version = self._version(source)
+        keys = self.list_keys(source)
+
+        def one(path: str) -> VaultEntry | None:
+            return self._describe(source.mount, version, source_index, path)
+
+        for entry in self._bounded_map(one, keys):
+            if entry is not None:
+                yield entry
+
+    def describe(self, source: SourceSettings, source_index: int, path: str) -> VaultEntry | None:
+        """One secret, `path` inside the mount; None if it does not exist or is outside the source."""
+        path = path.strip("/")
+        prefix = source.path
+        if prefix and path != prefix and not path.startswith(prefix + "/"):
+            return None
+        return self._describe(source.mount, self._version(source), source_index, path)
+
+    def _describe(self, mount: str, version: int, index: int, path: str) -> VaultEntry | None:
+        ref = SecretRef(mount, path, version)
+        if version == 1:
+            doc = self.session.request("read", "GET", f"{_q(mount)}/{_q(path)}").doc
+            if doc is None or not isinstance(doc.get("data"), dict):
+                return None
+            data = self._guard(doc["data"])
+            tags = {str(k): v if isinstance(v, str) else str(v) for k, v in data.items()}
+            return VaultEntry(ref, None, tags, payload=data, source_index=index)
+        doc = self.session.request("metadata", "GET", f"{_q(mount)}/metadata/{_q(path)}").doc
+        if doc is None or not isinstance(doc.get("data"), dict):
+            return None
+        d = doc["data"]
+        current = int(d.get("current_version") or 0)
+        meta = (d.get("versions") or {}).get(str(current)) or {}
+        deleted = current == 0 or bool(meta.get("destroyed")) or _past(meta.get("deletion_time"), self._wall())
+        tags = {str(k): str(v) for k, v in (d.get("custom_metadata") or {}).items()}
+        return VaultEntry(ref, current or None, tags, deleted=deleted, source_index=index)
+
+    def _bounded_map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """fn over items on `concurrency` threads, at most 4x that many queued; yields as done."""
+        n = self._concurrency
+        if n == 1:
+            yield from map(fn, items)
+            return
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="vault") as pool:
+            pending: set[Future[R]] = set()
+            try:
+                for item in items:
+                    pending.add(pool.submit(fn, item))
+                    if len(pending) >= 4 * n:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            yield f.result()
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        yield f.result()
+            finally:
+                for f in pending:
+                    f.cancel()
+
+    # --- values ----------------------------------------------------------------------------
+
+    def _guard(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        for key in self._token_keys:
+            value = data.get(key)
+            if isinstance(value, str):
+                register_secret(value)
+        return dict(data)
+
+    def read_value(self, ref: SecretRef, version: int | None) -> Mapping[str, Any]:
+        """The data of one KV v2 version (GET <mount>/data/<path>?version=N) or of a KV v1 secret
+        (GET <mount>/<path>). Empty when the secret or that version is gone (deleted, destroyed)."""
+        if ref.kv_version == 1:
+            doc = self.session.request("read", "GET", f"{_q(ref.mount)}/{_q(ref.path)}").doc
+            return self._guard((doc or {}).get("data") or {})
+        query = f"version={int(version)}" if version else ""
+        doc = self.session.request("read", "GET", f"{_q(ref.mount)}/data/{_q(ref.path)}", query=query).doc
+        return self._guard((((doc or {}).get("data") or {}).get("data")) or {})
+
+    def read_secret_field(self, spec: str) -> Sensitive:
+        """`mount/path#field` from KV v2 (cybedefend.auth.credential_vault_path), e.g. the PAT."""
+        where, _, field = spec.rpartition("#")
+        mount, _, path = where.strip("/").partition("/")
+        if not (mount and path and field):
+            raise VaultInvalidRequest(f"credential path {spec!r} must look like mount/path#field")
+        doc = self.session.call_hvac(
+            "read",
+            f"{mount}/data/{path}",
+            lambda c: c.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True),
+            missing=None,
+        )
+        data = ((doc or {}).get("data") or {}).get("data")
+        if not isinstance(data, dict):
+            raise VaultInvalidRequest(f"Vault read {mount}/data/{path}: no such secret (or its current version is deleted)")
+        value = data.get(field)
+        if not isinstance(value, str) or not value:
+            raise VaultInvalidRequest(f"Vault read {mount}/data/{path}: field {field!r} is missing or not a string")
+        register_secret(value)
+        return Sensitive(value)
+
+    # --- state store -------------------------------------------------------------------------
+
+    def _state(self, name: str) -> tuple[str, str]:
+        return self._settings.state_mount, f"{self._settings.state_path}/{name.strip('/')}"
+
+    def read_state(self, name: str) -> tuple[dict[str, Any], int] | None:
+        """GET <state_mount>/data/<state_path>/<name>: (data, version); None when absent or deleted."""
+        mount, path = self._state(name)
+        doc = self.session.call_hvac(
+            "state",
+            f"{mount}/data/{path}",
+            lambda c: c.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True),
+            missing=None,
+        )
+        d = (doc or {}).get("data") or {}
+        if not isinstance(d.get("data"), dict):
+            return None
+        return dict(d["data"]), int((d.get("metadata") or {}).get("version") or 0)
+
+    def write_state(self, name: str, data: Mapping[str, Any], cas: int) -> int:
+        """POST <state_mount>/data/<state_path>/<name> with options.cas; CasConflict if we lost."""
+        mount, path = self._state(name)
+        where = f"{mount}/data/{path}"
+
+        def put(cas_value: int) -> int | None:
+            def fn(c: Any) -> int | None:
+                try:
+                    resp = c.secrets.kv.v2.create_or_update_secret(path=path, secret=dict(data), cas=cas_value, mount_point=mount)
+                except hvac.exceptions.InvalidRequest as exc:
+                    if "check-and-set" in " ".join(exc.errors or []):
+                        return None
+                    raise
+                return int(resp["data"]["version"])
+
+            return self.session.call_hvac("state", where, fn, missing=None)
+
+        version = put(cas)
+        if version is None and cas == 0:
+            # "absent" includes a deleted or destroyed current version, which needs cas=<that version>.
+            meta = self.session.request("state", "GET", f"{_q(mount)}/metadata/{_q(path)}").doc
+            d = (meta or {}).get("data") or {}
+            current = int(d.get("current_version") or 0)
+            vmeta = (d.get("versions") or {}).get(str(current)) or {}
+            if current and (vmeta.get("destroyed") or vmeta.get("deletion_time")):
+                version = put(current)
+        if version is None:
+            raise CasConflict(f"Vault state {where}: check-and-set lost (expected version {cas}); another writer was first")
+        return version
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def check_capabilities(self) -> list[tuple[str, bool, str]]:
+        """For `check`: what the token may do on each source and the state path (sys/capabilities-self)."""
+        rows: list[tuple[str, bool, str]] = []
+        wanted: list[tuple[str, str, tuple[str, ...]]] = []  # (label, path, any-of capabilities)
+        for s in self._settings.sources:
+            try:
+                version = self._version(s)
+            except VaultError as exc:
+                rows.append((f"{s.mount}: KV version", False, str(exc)))
+                continue
+            sub = f"{s.path}/" if s.path else ""
+            if version == 2:
+                wanted += [
+                    (f"list {s.mount}/metadata/{sub}", f"{s.mount}/metadata/{sub}", ("list",)),
+                    (f"read {s.mount}/metadata/{sub}*", f"{s.mount}/metadata/{sub}{PROBE}", ("read",)),
+                    (f"read {s.mount}/data/{sub}*", f"{s.mount}/data/{sub}{PROBE}", ("read",)),
+                ]
+            else:
+                wanted += [
+                    (f"list {s.mount}/{sub}", f"{s.mount}/{sub}", ("list",)),
+                    (f"read {s.mount}/{sub}*", f"{s.mount}/{sub}{PROBE}", ("read",)),
+                ]
+        sm, sp = self._settings.state_mount, self._settings.state_path
+        for cap in ("create", "update", "read"):
+            wanted.append((f"{cap} {sm}/data/{sp}/*", f"{sm}/data/{sp}/{PROBE}", (cap,)))
+        wanted.append((f"read {sm}/metadata/{sp}/*", f"{sm}/metadata/{sp}/{PROBE}", ("read",)))
+        paths = sorted({p for _, p, _ in wanted} | {f"{s.mount}/metadata/{s.path}/" if s.path else f"{s.mount}/metadata/" for s in self._settings.sources})
+        try:
+            doc = self.session.call_hvac(
+                "capabilities", "sys/capabilities-self", lambda c: c.sys.get_capabilities(paths=paths), missing=None
+            )
+        except VaultPermissionDenied as exc:
+            return [*rows, ("sys/capabilities-self", False, str(exc))]
+        caps = (doc or {}).get("data") or doc or {}
+        for label, path, need in wanted:
+            have = set(caps.get(path) or [])
+            ok = "root" in have or (bool(have & set(need)) and "deny" not in have)
+            detail = "allowed" if ok else f"missing {'/'.join(need)} (has {', '.join(sorted(have)) or 'nothing'})"
+            if ok and label.startswith("list ") and "/metadata/" in path:
+                detail += "; scan " + ("allowed (recursive list in one request)" if {"scan", "root"} & have else "not allowed (recursive LIST is used)")
+            rows.append((label, ok, detail))
+        return rows

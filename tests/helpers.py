@@ -1,0 +1,66 @@
+"""Small builders shared by the tests: settings, ids, tokens, and the leak assertion."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import urllib.parse
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bridge.config import Settings, parse_settings
+
+ORG = "5b0c6d7e-1f2a-4b3c-8d4e-5f6a7b8c9d0e"
+ORG2 = "6c1d7e8f-2a3b-4c4d-9e5f-6a7b8c9d0e1f"
+PROJECTS = [str(uuid.UUID(int=0x1000 + i, version=4)) for i in range(8)]
+
+
+def token(i: int | str, salt: str = "") -> str:
+    """A DockerHub-shaped token, unique per (i, salt), never a real one."""
+    digest = hashlib.sha256(f"{i}/{salt}".encode()).hexdigest()[:27]
+    return f"dckr_pat_{digest}"
+
+
+def settings(tmp: Path | None = None, **sections: Any) -> Settings:
+    """Settings for tests: one KV v2 source `secret/dockerhub`, key in a file, quick retries."""
+    raw: dict[str, Any] = {
+        "vault": {"address": "http://127.0.0.1:1"},
+        "sources": [{"mount": "secret", "path": "dockerhub"}],
+        "cybedefend": {"api_url": "http://127.0.0.1:1", "auth_url": "http://127.0.0.1:1", "organization_id": ORG,
+                       "auth": {"credential_file": str((tmp or Path("/nonexistent")) / "pat")}},
+        "sync": {"retry_base_seconds": 1, "retry_cap_seconds": 60},
+        "ledger": {"key_source": "file", "path": str((tmp or Path("/nonexistent")) / "ledger.sqlite3"),
+                   "key_file": str((tmp or Path("/nonexistent")) / "key")},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(name), dict):
+            raw[name] = {**raw[name], **value}
+        else:
+            raw[name] = value
+    return parse_settings(raw, env={})
+
+
+def tagged(project: str, org: str | None = None, description: str | None = None) -> dict[str, str]:
+    tags = {"cybedefend-project-id": project}
+    if org is not None:
+        tags["cybedefend-organization-id"] = org
+    if description is not None:
+        tags["cybedefend-description"] = description
+    return tags
+
+
+def forms(secret: str) -> list[str]:
+    """The ways a secret could show up in output: as is, base64, URL-encoded."""
+    raw = secret.encode()
+    return [secret, base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode().rstrip("="),
+            urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)]
+
+
+def assert_no_leak(texts: Iterable[str], secrets: Iterable[str]) -> None:
+    blob = "\n".join(texts)
+    for s in secrets:
+        for form in set(forms(s)):
+            # Fail with the *position*, never by printing the secret itself.
+            assert form not in blob, f"a secret leaked (form #{forms(s).index(form)}) at offset {blob.find(form)}"
