@@ -142,6 +142,11 @@ class LineSplitter:
             elif line.strip():
                 self._emit(line)
 
+    def skip_to_next_line(self) -> None:
+        """Drop bytes up to the next newline: the stream was joined in the middle of a line."""
+        self._buf.clear()
+        self._discarding = True
+
     def reset(self) -> None:
         """Forget a partial line (its file was rotated away or its connection closed)."""
         self._buf.clear()
@@ -271,6 +276,11 @@ class AuditFileTailer:
         self._fh = fh
         self._ident = (fst.st_dev, fst.st_ino)
         self._pos = fh.seek(0, os.SEEK_END) if skip_to_end else 0
+        if self._pos > 0:
+            # Started mid-line (Vault was writing): the rest of that line is not a whole entry.
+            fh.seek(self._pos - 1)
+            if fh.read(1) != b"\n":
+                self._splitter.skip_to_next_line()
         self._warned.clear()
         return True
 

@@ -91,10 +91,13 @@ class AuditSocketListener:
                     conn, peer = self._sock.accept()
                 except TimeoutError:
                     continue
-                except OSError:
+                except OSError as exc:
                     if self._stopping():
                         break
-                    raise
+                    # e.g. EMFILE: the listener must outlive it; back off instead of spinning
+                    log.warning("audit_socket_accept_failed", error=type(exc).__name__)
+                    self._stop.wait(_POLL)
+                    continue
                 self._admit(conn, str(peer[0]))
         finally:
             self._sock.close()

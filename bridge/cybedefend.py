@@ -46,7 +46,14 @@ from bridge.cybedefend_auth import (
     parse_token_response,
     read_credential_file,
 )
-from bridge.errors import AmbiguousWrite, AuthenticationError, CybeDefendError, RateLimited, TransientError
+from bridge.errors import (
+    AmbiguousWrite,
+    AuthenticationError,
+    ConfigError,
+    CybeDefendError,
+    RateLimited,
+    TransientError,
+)
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import RemoteCredential, Sensitive
@@ -80,7 +87,10 @@ class CybeDefendClient:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not credential or not header_safe(credential.reveal()):
-            raise AuthenticationError(f"the CybeDefend {settings.auth.mode} is empty or holds whitespace/control characters")
+            key = "credential_file" if settings.auth.credential_file is not None else "credential_vault_path"
+            raise ConfigError(
+                f"cybedefend.auth.{key}", "the credential is empty or holds whitespace/control characters"
+            )
         register_secret(credential.reveal())
         self._settings = settings
         self._credential = credential
@@ -244,6 +254,8 @@ class CybeDefendClient:
         }
         resp = self._request(TOKEN_EXCHANGE, {}, form=form, auth=False, base=self._auth_url)
         if not resp.is_success:
+            if resp.status_code == 400:
+                self._app_id = None  # the cli appId may have changed: ask /client-apps again next time
             raise exchange_error(resp.status_code, _json_or_none(resp))
         token, expires_in = parse_token_response(_json_or_none(resp))
         log.info("cybedefend_token_exchanged", expires_in_seconds=expires_in)

@@ -1,29 +1,26 @@
 """The long-running loop of `cybedefend-bridge run`: threads, readiness, HA role, signals, shutdown.
 
-It is given already-built parts (the composition root, `bridge.app`, builds them) and only
-wires their lifecycles:
-
+It wires the lifecycles of parts the composition root (`bridge.app`) built:
 - The scheduler's tick asks the trigger queue for a full pass; webhooks, forwarded requests and
-  audit lines offer keys to the same queue. One worker thread takes `PassRequest`s from it and
-  calls `engine.run()`, so passes never overlap, whatever asked for them.
-- HA: a lease thread renews the lease every `ttl * renew_fraction`. Only the leader runs passes;
-  a standby hands what it takes from its queue to the leader's `/v1/sync` (dropped and counted
-  when that fails: the leader's periodic pass is the safety net). Losing the lease mid-pass sets
-  the engine's `stop` event so the pass ends after its current secret; on becoming leader the
-  next full pass is brought forward.
-- /healthz is our own threads only (scheduler and worker, and the lease thread with HA), never
-  Vault or CybeDefend. /readyz is: not draining, leader (with HA), Vault healthy (the probe is
-  cached for VAULT_HEALTH_CACHE_SECONDS so probes cannot hammer Vault), and a full pass finished
-  within `server.ready_max_intervals` scheduler periods (none yet: not ready).
-- `run()` (main thread) handles SIGTERM/SIGINT: stop taking triggers, set `stop` (the engine
-  finishes the secret in flight), wait up to `sync.shutdown_grace_seconds`, release the lease,
-  call `on_shutdown` (the composition root closes the ledger and revokes the Vault token there),
-  return 0. A second signal exits at once with 130. SIGHUP calls `reload`. Handlers are explicit
-  because as PID 1 in a container SIGTERM has no default action; no children are spawned, so
-  there is nothing to reap.
+  audit lines offer keys to the same queue; one worker thread takes `PassRequest`s and calls
+  `engine.run()`, so passes never overlap whatever asked for them.
+- HA: `LeaseKeeper` renews the lease on its own thread. Only the leader runs passes; a standby
+  hands what it takes from its queue to the leader's `/v1/sync` (dropped and counted on failure:
+  the leader's periodic pass is the safety net). Losing the lease mid-pass sets the engine's
+  `stop` event so the pass ends after its current secret; a new leader's next full pass is
+  brought forward.
+- /healthz: our own threads only (scheduler, worker, lease keeper), never Vault or CybeDefend.
+  /readyz: not draining, leader (with HA), Vault healthy (probe cached VAULT_HEALTH_CACHE_SECONDS
+  so probes cannot hammer Vault), and a full pass finished within `server.ready_max_intervals`
+  scheduler periods (none yet: not ready).
+- `run()` (main thread): SIGTERM/SIGINT stop taking triggers, set `stop` (the engine finishes the
+  secret in flight), wait up to `sync.shutdown_grace_seconds`, release the lease, call
+  `on_shutdown` (where the composition root closes the ledger and revokes the Vault token), and
+  return 0; a second signal exits at once with 130. SIGHUP calls `reload`. Handlers are explicit
+  because as PID 1 SIGTERM has no default action; no children are spawned, so nothing to reap.
 
 Write-to-registered latency is observed by the engine itself, per secret, from
-`PassRequest.received_at` (`SyncEngine._observe_latency`), so the daemon does not observe it.
+`PassRequest.received_at`, so the daemon does not observe it.
 """
 
 from __future__ import annotations
@@ -40,10 +37,10 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
-from bridge.audit import IngestRejected, parse_ingest_body
+from bridge.audit import IngestRejected
 from bridge.config import ScheduleSettings, Settings
 from bridge.errors import ConfigError
-from bridge.ha import forward_to_leader
+from bridge.ha import LeaseKeeper, LeasePort, forward_to_leader
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
@@ -82,17 +79,6 @@ class ServerPort(Protocol):
     def stop(self) -> None: ...
 
 
-class LeasePort(Protocol):
-    """What the daemon uses of `bridge.ha.Lease`."""
-
-    @property
-    def renew_interval(self) -> float: ...
-    def acquire_or_renew(self) -> bool: ...
-    def is_leader(self) -> bool: ...
-    def leader_address(self) -> str | None: ...
-    def release(self) -> None: ...
-
-
 class ServicePort(Protocol):
     """A trigger source with its own thread (audit file tailer, socket listener)."""
 
@@ -124,23 +110,12 @@ class DaemonParts:
     vault_healthy: Callable[[], bool]  # True when Vault answers and our token works
     lease: LeasePort | None = None  # None: no HA, this replica always acts
     webhook_token: Sensitive | None = None  # for forwarding to the leader
-    audit_ingest: Callable[[bytes], tuple[int, list[str]]] | None = None  # see make_audit_ingest
+    audit_ingest: Callable[[bytes], tuple[int, list[str]]] | None = None  # server.make_audit_ingest
     services: Sequence[ServicePort] = ()
     reload: Callable[[], Settings] | None = None  # SIGHUP: new settings, or ConfigError
     on_shutdown: Callable[[], None] | None = None
     forward: Callable[[str, Sequence[str] | None], bool] | None = None  # default: forward_to_leader
     monotonic: Callable[[], float] = time.monotonic
-
-
-def make_audit_ingest(match: Callable[[bytes], list[str]], max_lines: int) -> Callable[[bytes], tuple[int, list[str]]]:
-    """The `audit_ingest` part: split a POST /v1/audit body, match each line -> (lines, keys)."""
-
-    def ingest(body: bytes) -> tuple[int, list[str]]:
-        lines = parse_ingest_body(body, max_lines)
-        keys = dict.fromkeys(k for line in lines for k in match(line))
-        return len(lines), list(keys)
-
-    return ingest
 
 
 class Daemon:
@@ -151,7 +126,6 @@ class Daemon:
         self._control: queue.SimpleQueue[str] = queue.SimpleQueue()  # reentrant: safe in signal handlers
         self._lock = threading.Lock()
         self._draining = threading.Event()
-        self._lease_stop = threading.Event()
         self._shutting_down = False
         self._signalled = False  # plain flag read by the signal handler (no locks there)
         self._in_pass = False
@@ -162,7 +136,7 @@ class Daemon:
         self._scheduler: SchedulerPort | None = None
         self._server: ServerPort | None = None
         self._worker: threading.Thread | None = None
-        self._lease_thread: threading.Thread | None = None
+        self._keeper: LeaseKeeper | None = None
         self.port: int | None = None
         forward = parts.forward
         if forward is None and parts.webhook_token is not None:
@@ -185,8 +159,8 @@ class Daemon:
         self._server = p.make_server(ServerHooks(self.live, self.ready, self.status, self.on_sync, self._audit_hook()))
         self.port = self._server.start()
         if p.lease is not None:
-            self._lease_thread = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
-            self._lease_thread.start()
+            self._keeper = LeaseKeeper(p.lease, on_gain=self._on_gain, on_loss=self._on_loss)
+            self._keeper.start()
         # daemon=True: past the grace period the process must be able to exit mid-secret.
         self._worker = threading.Thread(target=self._work, name="sync-worker", daemon=True)
         self._worker.start()
@@ -199,10 +173,10 @@ class Daemon:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or `request_stop()`); returns the exit code, 0 after a clean stop."""
-        handlers: dict[int, Any] = {}
+        handlers: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                handlers[sig] = signal.signal(sig, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                handlers[signum] = signal.signal(signum, self._on_signal)
         try:
             self.start()
             while True:
@@ -265,9 +239,8 @@ class Daemon:
         finished = self._worker is None or not self._worker.is_alive()
         if not finished:
             log.warning("shutdown_grace_exceeded", grace_seconds=grace)
-        self._lease_stop.set()
-        if self._lease_thread is not None:
-            self._lease_thread.join(timeout=2.0)
+        if self._keeper is not None:
+            self._keeper.stop()
         if p.lease is not None:
             _quietly("lease_release_failed", p.lease.release)
         if self._server is not None:
@@ -347,25 +320,14 @@ class Daemon:
         self._p.metrics.trigger_dropped.labels(source="forwarded").inc(len(paths) if paths else 1)
         log.warning("forward_dropped", reason="no leader known" if address is None else "forward failed")
 
-    def _lease_loop(self) -> None:
-        lease = self._p.lease
-        assert lease is not None  # only started with HA
-        was_leader = False
-        while True:
-            try:
-                leader = lease.acquire_or_renew()
-            except Exception as exc:  # the adapter should translate, but the loop must survive
-                log.error("lease_round_failed", error=type(exc).__name__)
-                leader = lease.is_leader()
-            if leader and not was_leader and self._scheduler is not None:
-                self._scheduler.run_soon()  # a new leader should not wait a whole interval
-            if was_leader and not leader:
-                with self._lock:
-                    if self._in_pass:
-                        self._p.stop.set()  # the pass ends after its current secret
-            was_leader = leader
-            if self._lease_stop.wait(lease.renew_interval):
-                return
+    def _on_gain(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.run_soon()  # a new leader should not wait a whole interval
+
+    def _on_loss(self) -> None:
+        with self._lock:
+            if self._in_pass:
+                self._p.stop.set()  # the pass ends after its current secret
 
     # -- server hooks ---------------------------------------------------------------------
 
@@ -400,8 +362,9 @@ class Daemon:
         return on_audit
 
     def live(self) -> bool:
-        threads = [self._worker] + ([self._lease_thread] if self._p.lease is not None else [])
-        if any(t is None or not t.is_alive() for t in threads):
+        if self._worker is None or not self._worker.is_alive():
+            return False
+        if self._p.lease is not None and (self._keeper is None or not self._keeper.alive()):
             return False
         return self._scheduler is not None and self._scheduler.alive()
 

@@ -168,7 +168,8 @@ class SqliteLedger:
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
@@ -204,7 +205,10 @@ class SqliteLedger:
                 db.execute(
                     "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, self._clock())
                 )
-            _log.info("ledger_migrated", path=self.path, schema_version=version)
+            if current:  # a new file is not news; an upgrade of a file in use is
+                _log.info("ledger_migrated", path=self.path, schema_version=version)
+        if not current:
+            _log.debug("ledger_created", path=self.path, schema_version=SCHEMA_VERSION)
 
     def _tighten_side_files(self) -> None:
         # SQLite gives -wal/-shm the database's mode, but a file left by an older run may not.

@@ -1,204 +1,41 @@
-"""The bridge's authenticated session to Vault: its token's lifecycle and the HTTP paths to Vault.
+"""The bridge's Vault session: its token's lifecycle, and every request made with that token.
 
-One of the two modules allowed to import hvac and requests (with `bridge.vault`). It owns:
-- the token, like Vault Agent: token (VAULT_TOKEN or a file re-read when it changes), approle,
-  kubernetes and jwt logins; renewal at `renew_fraction` of the TTL; a new login when renewal
-  fails, the max TTL nears, or a request is refused with a token that no longer works;
-  capped exponential backoff with jitter between failed logins; revoke at shutdown;
-- a lean, pooled keep-alive HTTP path (stdlib `http.client`) for the hot, read-only requests
-  (list, scan, metadata, read), because hvac/requests costs 2-3x more CPU per request and
-  discovery makes thousands of them; hvac is used for logins, token calls, capabilities and
-  KV writes, where convenience beats speed;
-- translation of every library exception and error status into `bridge.errors`, with messages
-  that name the operation and the path, never a token or a value.
+With `bridge.vault_http` and `bridge.vault`, one of the three modules allowed to import hvac.
+Like Vault Agent: token auth (VAULT_TOKEN, or a file re-read when it changes, e.g. an Agent
+sink), approle, kubernetes and jwt logins; renewal at `vault.renew_fraction` of the TTL; a new
+login when renewal fails, the max TTL nears, or a request is refused with a token that no
+longer works (a 403 with a working token is the policy's answer and is not retried); capped
+exponential backoff with jitter between failed logins, never a tight loop; revoke at shutdown.
+Tokens are registered for log redaction the moment they are read.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import queue
 import random
-import ssl
 import threading
 import time
-import warnings
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-import hvac
 import hvac.exceptions
-import requests
 
 from bridge.config import VaultSettings
 from bridge.errors import VaultAuthError, VaultError, VaultInvalidRequest, VaultPermissionDenied, VaultUnavailable
-from bridge.logs import get_logger, redact_text, register_secret
+from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
+from bridge.vault_http import Response, VaultTransport, error_for_status
 
 log = get_logger(__name__)
 T = TypeVar("T")
 
-# Request kinds: the keys of request_counts() and the `operation` label of vault_requests.
-KINDS = ("list", "scan", "metadata", "read", "login", "renew", "lookup", "revoke", "capabilities", "mounts", "state")
 DEFAULT_K8S_JWT = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-_IDEMPOTENT = frozenset({"GET", "LIST", "SCAN"})
-_STALE = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError, BrokenPipeError)
 LOGIN_BACKOFF_BASE = 1.0  # seconds; doubles per consecutive failed login
 LOGIN_BACKOFF_CAP = 60.0
 VALIDATED_FOR = 5.0  # a token proven valid this recently is not looked up again after a 403
-
-
-def _vault_message(errors: Any) -> str:
-    """Vault's own error text, short and redacted (it names paths, never tokens, but be sure)."""
-    if isinstance(errors, list | tuple):
-        text = "; ".join(str(e).strip() for e in errors if str(e).strip())
-    else:
-        text = str(errors or "").strip()
-    text = " ".join(text.replace("1 error occurred:", "").split())
-    return redact_text(text[:200])
-
-
-def error_for_status(status: int, operation: str, path: str, errors: Any = None) -> VaultError:
-    """The bridge error for a Vault HTTP error status (404 is handled by callers: not an error)."""
-    detail = _vault_message(errors)
-    where = f"Vault {operation} {path}: HTTP {status}" + (f" {detail}" if detail else "")
-    if status in (401, 403):
-        return VaultPermissionDenied(f"{where} (permission denied)")
-    if status in (400, 405, 404):
-        return VaultInvalidRequest(where)
-    if status == 429 or status == 412 or status >= 500:
-        # 503: sealed or standby; 412: a performance standby not yet consistent; 429: rate limited
-        return VaultUnavailable(where)
-    return VaultInvalidRequest(where)
-
-
-def translate(exc: BaseException, operation: str, path: str) -> VaultError:
-    """Map an hvac, requests or socket exception to the bridge's tree. Never includes a token."""
-    if isinstance(exc, VaultError):
-        return exc
-    if isinstance(exc, hvac.exceptions.VaultError):
-        status = {
-            hvac.exceptions.InvalidRequest: 400,
-            hvac.exceptions.Unauthorized: 401,
-            hvac.exceptions.Forbidden: 403,
-            hvac.exceptions.InvalidPath: 404,
-            hvac.exceptions.UnsupportedOperation: 405,
-            hvac.exceptions.PreconditionFailed: 412,
-            hvac.exceptions.RateLimitExceeded: 429,
-            hvac.exceptions.InternalServerError: 500,
-            hvac.exceptions.VaultNotInitialized: 501,
-            hvac.exceptions.BadGateway: 502,
-            hvac.exceptions.VaultDown: 503,
-        }.get(type(exc), 500)
-        return error_for_status(status, operation, path, exc.errors)
-    if isinstance(exc, requests.exceptions.Timeout | TimeoutError):
-        return VaultUnavailable(f"Vault {operation} {path}: timed out")
-    if isinstance(exc, requests.exceptions.SSLError | ssl.SSLError):
-        return VaultUnavailable(f"Vault {operation} {path}: TLS error ({type(exc).__name__})")
-    if isinstance(exc, requests.exceptions.RequestException | OSError | http.client.HTTPException):
-        return VaultUnavailable(f"Vault {operation} {path}: connection failed ({type(exc).__name__})")
-    if isinstance(exc, ValueError):  # a JSON body that does not parse: a proxy page, a truncated answer
-        return VaultUnavailable(f"Vault {operation} {path}: unreadable response")
-    return VaultError(f"Vault {operation} {path}: unexpected {type(exc).__name__}")
-
-
-def ssl_context(settings: VaultSettings) -> ssl.SSLContext:
-    tls = settings.tls
-    ctx = ssl.create_default_context(cafile=str(tls.ca_cert) if tls.ca_cert else None)
-    if tls.client_cert is not None:
-        ctx.load_cert_chain(str(tls.client_cert), str(tls.client_key) if tls.client_key else None)
-    if tls.skip_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-class RateLimiter:
-    """Token bucket shared by all threads; a reservation model, so waiters queue fairly."""
-
-    def __init__(self, rate: float | None, clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
-        self._rate = rate
-        self._clock, self._sleep = clock, sleep
-        self._burst = max(1.0, rate or 1.0)
-        self._tokens = self._burst
-        self._last = clock()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        if self._rate is None:
-            return
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            self._tokens -= 1
-            wait = -self._tokens / self._rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            self._sleep(wait)
-
-
-class ConnectionPool:
-    """Keep-alive `http.client` connections to one Vault address, reused across threads.
-
-    Proxies are not used (Vault is normally reached directly or through a sidecar).
-    """
-
-    def __init__(self, settings: VaultSettings, size: int) -> None:
-        url = urlsplit(settings.address)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or "127.0.0.1"
-        self._port = url.port or (443 if self._https else 80)
-        self.prefix = url.path.rstrip("/")
-        self._timeout = settings.timeout_seconds
-        self._ctx = ssl_context(settings) if self._https else None
-        self._idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue(maxsize=size)
-
-    def _new(self) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._ctx)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-
-    def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes | None) -> tuple[int, bytes]:
-        for attempt in (0, 1):
-            try:
-                conn, reused = self._idle.get_nowait(), True
-            except queue.Empty:
-                conn, reused = self._new(), False
-            try:
-                conn.request(method, self.prefix + target, body=body, headers=dict(headers))
-                resp = conn.getresponse()
-                data = resp.read()
-            except _STALE:
-                conn.close()
-                # A pooled connection the server closed while idle: try once on a fresh one.
-                if reused and attempt == 0 and method in _IDEMPOTENT:
-                    continue
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            if resp.will_close:
-                conn.close()
-            else:
-                try:
-                    self._idle.put_nowait(conn)
-                except queue.Full:
-                    conn.close()
-            return resp.status, data
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
 
 
 @dataclass
@@ -212,12 +49,6 @@ class _Token:
     expires_at: float | None  # clock() time
     renew_at: float | None  # clock() time of the next renewal or re-login; None: nothing to do
     relogin_due: bool = False  # the max TTL nears: the next maintenance logs in again
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    doc: dict[str, Any] | None
 
 
 class VaultSession:
@@ -239,45 +70,19 @@ class VaultSession:
         self._clock, self._sleep = clock, sleep
         self._rng = rng or random.Random()
         self._env = os.environ if env is None else env
-        self._pool = ConnectionPool(settings, size=settings.concurrency + 2)
-        self._limiter = RateLimiter(settings.max_requests_per_second, clock, sleep)
+        self.transport = VaultTransport(settings, metrics, clock=clock, sleep=sleep)
         self._auth_lock = threading.RLock()
-        self._hvac_lock = threading.Lock()
-        self._count_lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
         self._token: _Token | None = None
         self._generation = 0
         self._validated_at: float | None = None
         self._file_sig: tuple[int, int, int] | None = None
         self._login_failures = 0
         self._login_not_before = float("-inf")
-        self._client = hvac.Client(
-            url=settings.address,
-            token="",  # never let hvac read VAULT_TOKEN or ~/.vault-token on its own
-            verify=False if settings.tls.skip_verify else (str(settings.tls.ca_cert) if settings.tls.ca_cert else True),
-            cert=(str(settings.tls.client_cert), str(settings.tls.client_key)) if settings.tls.client_cert else (),
-            timeout=settings.timeout_seconds,
-            namespace=settings.namespace,
-        )
-        self._client.session.trust_env = False  # same behaviour as the lean path: no proxy, no netrc
-        self._headers = {"Content-Type": "application/json"}
-        if settings.namespace:
-            self._headers["X-Vault-Namespace"] = settings.namespace
-        if settings.tls.skip_verify:
-            log.warning("vault_tls_verify_disabled", address=settings.address, reason="vault.tls.skip_verify is set")
 
-    # --- accounting ----------------------------------------------------------------------
-
-    def _record(self, kind: str, result: str) -> None:
-        with self._count_lock:
-            self._counts[kind] += 1
-        self._metrics.vault_requests.labels(operation=kind, result=result).inc()
+    # --- state ---------------------------------------------------------------------------
 
     def request_counts(self) -> dict[str, int]:
-        with self._count_lock:
-            out = dict(self._counts)
-            self._counts.clear()
-        return out
+        return self.transport.request_counts()
 
     @property
     def can_login(self) -> bool:
@@ -426,12 +231,12 @@ class VaultSession:
                 fn = lambda c: c.auth.jwt.jwt_login(role=a.role, jwt=jwt, use_token=False, path=mount)  # noqa: E731
             resp = self._hvac("login", f"auth/{mount}/login", fn, token=None)
         auth = (resp or {}).get("auth") or {}
-        value = auth.get("client_token")
-        if not value:
+        client_token = auth.get("client_token")
+        if not isinstance(client_token, str) or not client_token:
             raise VaultAuthError(f"Vault login at auth/{mount}/login returned no token")
-        register_secret(value)
+        register_secret(client_token)
         ttl = float(auth.get("lease_duration") or 0)
-        return self._new_token(Sensitive(value), True, ttl, bool(auth.get("renewable")), ttl)
+        return self._new_token(Sensitive(client_token), True, ttl, bool(auth.get("renewable")), ttl)
 
     def _new_token(self, value: Sensitive, self_issued: bool, ttl: float, renewable: bool, increment: float) -> _Token:
         self._generation += 1
@@ -517,30 +322,12 @@ class VaultSession:
     def close(self) -> None:
         if self.settings.revoke_on_shutdown:
             self.revoke_self()
-        self._pool.close()
-        with self._hvac_lock:
-            self._client.adapter.close()
+        self.transport.close()
 
     # --- requests ------------------------------------------------------------------------
 
     def _hvac(self, kind: str, path: str, fn: Callable[[Any], T], *, token: Sensitive | None) -> T:
-        """One hvac call with a given token, its exceptions translated, counted and measured."""
-        self._limiter.acquire()
-        with self._hvac_lock:
-            self._client.token = token.reveal() if token is not None else ""
-            try:
-                with warnings.catch_warnings():
-                    if self.settings.tls.skip_verify:  # already said once, at start
-                        warnings.simplefilter("ignore")
-                    result = fn(self._client)
-            except Exception as exc:
-                err = translate(exc, kind, path)
-                self._record(kind, _result_label(err))
-                raise err from exc
-            finally:
-                self._client.token = ""
-        self._record(kind, "ok")
-        return result
+        return self.transport.hvac(kind, path, fn, token)
 
     def call_hvac(self, kind: str, path: str, fn: Callable[[Any], T], *, missing: T) -> T:
         """An hvac call with the current token; `missing` on 404; one fresh token after a refusal."""
@@ -565,47 +352,10 @@ class VaultSession:
         come back as a Response; other errors raise. One fresh token after a refusal."""
         for attempt in (0, 1):
             token, gen = self.current()
-            status, doc = self._send(kind, method, path, query, token)
+            status, doc = self.transport.send(kind, method, path, query, token)
             if status < 300 or status == 404 or status in passthrough:
                 return Response(status, doc)
             if status in (401, 403) and attempt == 0 and self.on_denied(gen):
                 continue
             raise error_for_status(status, kind, path, (doc or {}).get("errors"))
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _send(self, kind: str, method: str, path: str, query: str, token: Sensitive) -> tuple[int, dict[str, Any] | None]:
-        self._limiter.acquire()
-        headers = dict(self._headers)
-        headers["X-Vault-Token"] = token.reveal()
-        target = f"/v1/{path}" + (f"?{query}" if query else "")
-        try:
-            status, raw = self._pool.request(method, target, headers, None)
-            doc = json.loads(raw) if raw else None
-        except Exception as exc:
-            err = translate(exc, kind, path)
-            self._record(kind, "unavailable")
-            raise err from None  # the socket error adds nothing and may carry request details
-        self._record(kind, _status_label(status))
-        return status, doc if isinstance(doc, dict) else None
-
-
-def _status_label(status: int) -> str:
-    if status < 300:
-        return "ok"
-    if status == 404:
-        return "not_found"
-    if status in (401, 403):
-        return "denied"
-    if status >= 500 or status in (412, 429):
-        return "unavailable"
-    return "invalid"
-
-
-def _result_label(err: VaultError) -> str:
-    if isinstance(err, VaultPermissionDenied):
-        return "denied"
-    if isinstance(err, VaultUnavailable):
-        return "unavailable"
-    if isinstance(err, VaultInvalidRequest) and "HTTP 404" in str(err):
-        return "not_found"
-    return "invalid"

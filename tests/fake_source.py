@@ -100,6 +100,11 @@ class FakeSecretSource:
             s = self._secrets[(ref.mount, ref.path)]
             return dict(s.versions[-1] if version is None else s.versions[version - 1])
 
+    def peek(self, mount: str, path: str) -> dict[str, Any]:
+        """The latest data, as the test sees it (not counted as a request)."""
+        with self._lock:
+            return dict(self._secrets[(mount, path)].versions[-1])
+
     def request_counts(self) -> Mapping[str, int]:
         out = dict(self.counts)
         self.counts.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import threading
 import time
@@ -151,6 +152,8 @@ def test_wrong_client_app_is_named() -> None:
         client.list_project(PROJECT)
     assert info.value.status == 400
     assert "not CybeDefend's CLI app" in str(info.value)
+    assert client.list_project(PROJECT) == []  # the appId is asked again, and now it is right
+    assert api.count("client_apps") == 2
 
 
 def test_concurrent_callers_share_one_exchange() -> None:
@@ -207,12 +210,13 @@ def test_api_key_410_is_one_clear_unretried_error(caplog: pytest.LogCaptureFixtu
 
 
 def test_constructor_refuses_a_credential_with_control_characters() -> None:
-    with pytest.raises(AuthenticationError) as info:
+    # h11 would quote such a header value in its error; refuse it before any request
+    with pytest.raises(ConfigError) as info:
         CybeDefendClient(
             make_client(MockApi())[0]._settings, Sensitive("abc\r\nX-Evil: 1"), Metrics(),
             transport=httpx.MockTransport(MockApi()),
         )
-    assert "abc" not in str(info.value)
+    assert "abc" not in str(info.value) and info.value.key == "cybedefend.auth.credential_file"
 
 
 # ---- error translation --------------------------------------------------------------------------
@@ -418,8 +422,6 @@ def test_create_sends_the_documented_body() -> None:
     api = MockApi()
     client, _, _ = make_client(api)
     cred = client.create(ORG, PROJECT, "alice", Sensitive(DH_TOKEN), "desc")
-    import json
-
     body = json.loads(api.of("create")[0].content)
     assert body == {"projectId": PROJECT, "dockerhubUsername": "alice", "accessToken": DH_TOKEN, "description": "desc"}
     assert cred.username == "alice" and cred.description == "desc"
@@ -487,3 +489,31 @@ def test_read_credential_file_errors_name_the_key(tmp_path: Path, content: str |
     assert info.value.key == "cybedefend.auth.credential_file"
     assert str(path) in str(info.value)
     assert "words" not in str(info.value)
+
+
+# ---- bearer cache (pure) ------------------------------------------------------------------------
+
+
+def test_bearer_cache_ignores_a_stale_invalidation() -> None:
+    from bridge.cybedefend_auth import BearerCache
+
+    clock = FakeClock()
+    issued = iter([Sensitive("tok-one-abcdef"), Sensitive("tok-two-abcdef")])
+    cache = BearerCache(lambda: (next(issued), 600.0), renew_margin=60, clock=clock)
+    first = cache.get()
+    cache.invalidate(first)
+    second = cache.get()
+    assert second == Sensitive("tok-two-abcdef")
+    cache.invalidate(first)  # a slow thread reporting the old token must not drop the new one
+    assert cache.get() is second
+
+
+def test_token_response_without_expires_in_gets_a_short_default() -> None:
+    from bridge.cybedefend_auth import DEFAULT_EXPIRES_IN, parse_token_response
+
+    token, expires_in = parse_token_response({"access_token": "abc.def.ghi", "token_type": "Bearer"})
+    assert token.reveal() == "abc.def.ghi" and expires_in == DEFAULT_EXPIRES_IN
+    with pytest.raises(AuthenticationError):
+        parse_token_response({"access_token": "has space", "token_type": "Bearer"})
+    with pytest.raises(AuthenticationError):
+        parse_token_response({"token_type": "Bearer"})

@@ -8,6 +8,7 @@ faults: both auth generations, 429, 5xx, dropped connections, expired tokens, sl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -19,7 +20,14 @@ import pytest
 
 from bridge.config import CybeDefendSettings
 from bridge.cybedefend import CybeDefendClient
-from bridge.errors import AmbiguousWrite, AuthenticationError, LegacyApiKeyGone, NotFound, PermissionDenied
+from bridge.errors import (
+    AmbiguousWrite,
+    AuthenticationError,
+    LegacyApiKeyGone,
+    NotFound,
+    PermissionDenied,
+    TransientError,
+)
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.ports import Registrar
@@ -215,7 +223,7 @@ def test_pat_generation_end_to_end(sim: Simulator) -> None:
     assert reqs[2].auth == "bearer"
     assert reqs[2].body == {
         "projectId": P1, "dockerhubUsername": "alice", "description": MARKER,
-        "accessToken_sha256": reqs[2].body["accessToken_sha256"] if reqs[2].body else None,
+        "accessToken_sha256": hashlib.sha256(DH_TOKEN.encode()).hexdigest(),
     }
     stored = sim.credentials(ORG)
     assert [(c.id, c.username, c.token) for c in stored] == [(cred.id, "alice", Sensitive(DH_TOKEN))]
@@ -341,9 +349,9 @@ def test_unreachable_api_is_transient_and_create_retried(sim: Simulator) -> None
     raw = {"api_url": url, "auth_url": url, "auth": {"mode": "api_key", "credential_file": "/x"},
            "retry": {"max_attempts": 3, "base_seconds": 0.01, "cap_seconds": 0.1}}
     client = CybeDefendClient(CybeDefendSettings.model_validate(raw), Sensitive(API_KEY), Metrics(), sleep=sleeps)
-    with client, pytest.raises(Exception) as info:
+    with client, pytest.raises(TransientError) as info:
         client.create(ORG, P1, "alice", Sensitive(DH_TOKEN), MARKER)
-    assert type(info.value).__name__ == "TransientError" and info.value.retryable  # type: ignore[attr-defined]
+    assert type(info.value) is TransientError and info.value.retryable
     assert len(sleeps.calls) == 2  # connection refused: certainly not processed, so retried
 
 
@@ -370,3 +378,22 @@ def test_nothing_secret_reaches_the_double_records_or_logs(sim: Simulator, caplo
         assert secret not in recorded
         assert secret not in caplog.text
         assert all(secret not in str(getattr(r, "fields", "")) for r in caplog.records)
+
+
+# ---- the fake's own test hooks ----------------------------------------------------------------------
+
+
+def test_fake_injection_before_and_after_the_write() -> None:
+    fake = FakeRegistrar()  # permissive: any organization and project
+    fake.inject("create", AmbiguousWrite("dropped"), after=True)
+    with pytest.raises(AmbiguousWrite):
+        fake.create(ORG, P1, "alice", Sensitive(DH_TOKEN), MARKER)
+    assert len(fake.credentials()) == 1  # the write happened
+    fake.inject("create", AmbiguousWrite("dropped"))
+    with pytest.raises(AmbiguousWrite):
+        fake.create(ORG, P1, "alice", Sensitive(DH_TOKEN), MARKER)
+    assert len(fake.credentials()) == 1  # this one did not
+    fake.create(ORG, P1, "alice", Sensitive(DH_TOKEN), MARKER)
+    assert fake.calls["create"] == 3 and len(fake.credentials()) == 2
+    assert fake.token_of(fake.credentials()[0].id) == Sensitive(DH_TOKEN)
+    assert DH_TOKEN not in repr(fake.credentials())

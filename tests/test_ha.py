@@ -1,0 +1,260 @@
+"""The HA lease: acquire, renew, expiry, takeover, CAS races, Vault outages; one run on real OpenBao."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+
+from bridge.config import HASettings, parse_settings
+from bridge.errors import CasConflict, VaultUnavailable
+from bridge.ha import Lease
+from bridge.metrics import Metrics
+from tests.openbao import OpenBao
+
+TTL = 15.0
+
+
+class MemoryStateStore:
+    """`StateStore` in memory with KV v2 check-and-set semantics (cas=0: only if absent)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.docs: dict[str, tuple[dict[str, Any], int]] = {}
+        self.fail = False
+        self.before_write: Callable[[], None] | None = None  # to stage a race
+        self.writes = 0
+
+    def read_state(self, name: str) -> tuple[dict[str, Any], int] | None:
+        if self.fail:
+            raise VaultUnavailable("connection refused")
+        with self._lock:
+            doc = self.docs.get(name)
+            return (copy.deepcopy(doc[0]), doc[1]) if doc else None
+
+    def write_state(self, name: str, data: Mapping[str, Any], cas: int) -> int:
+        if self.fail:
+            raise VaultUnavailable("connection refused")
+        hook, self.before_write = self.before_write, None
+        if hook is not None:
+            hook()
+        with self._lock:
+            current = self.docs.get(name, ({}, 0))[1]
+            if cas != current:
+                raise CasConflict("check-and-set lost")
+            self.docs[name] = (copy.deepcopy(dict(data)), current + 1)
+            self.writes += 1
+            return current + 1
+
+
+class Clocks:
+    """A wall clock and a monotonic clock that only move when told (`skew` offsets the wall)."""
+
+    def __init__(self, skew: float = 0.0) -> None:
+        self.mono = 1000.0
+        self.skew = skew
+
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.mono + self.skew
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+def make_lease(store: Any, clocks: Clocks, name: str, metrics: Metrics | None = None, **kw: Any) -> Lease:
+    settings = HASettings(enabled=True, ttl_seconds=TTL, renew_fraction=1 / 3, **kw)
+    return Lease(
+        store,
+        settings,
+        identity=name,
+        address=f"http://{name}:8080",
+        clock=clocks.time,
+        monotonic=clocks.monotonic,
+        metrics=metrics,
+    )
+
+
+def test_first_replica_acquires_and_writes_the_lease_document() -> None:
+    store, clocks, m = MemoryStateStore(), Clocks(), Metrics()
+    a = make_lease(store, clocks, "a", m)
+    assert m.registry.get_sample_value("cybedefend_bridge_leader") == 0
+    assert a.acquire_or_renew() is True
+    assert a.is_leader()
+    assert m.registry.get_sample_value("cybedefend_bridge_leader") == 1
+    doc, version = store.docs["leader"]
+    assert version == 1
+    assert doc["holder"] == "a" and doc["address"] == "http://a:8080"
+    assert doc["expires_at"] == pytest.approx(clocks.time() + TTL)
+    assert doc["acquired_at"] == pytest.approx(clocks.time())
+    assert a.leader_address() == "http://a:8080"
+
+
+def test_second_replica_stays_standby_and_knows_the_leader_address() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    a, b = make_lease(store, clocks, "a"), make_lease(store, clocks, "b")
+    assert a.acquire_or_renew()
+    assert b.acquire_or_renew() is False
+    assert not b.is_leader()
+    assert b.leader_address() == "http://a:8080"
+
+
+def test_renewal_keeps_leadership_and_the_acquired_time() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    a, b = make_lease(store, clocks, "a"), make_lease(store, clocks, "b")
+    a.acquire_or_renew()
+    acquired = store.docs["leader"][0]["acquired_at"]
+    for _ in range(10):  # 10 renew periods = 50 s, far beyond one TTL
+        clocks.mono += a.renew_interval
+        assert a.acquire_or_renew()
+        assert b.acquire_or_renew() is False
+    doc, version = store.docs["leader"]
+    assert version == 11 and doc["acquired_at"] == acquired
+    assert doc["expires_at"] == pytest.approx(clocks.time() + TTL)
+
+
+def test_standby_takes_over_within_twice_the_ttl_after_the_leader_dies() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    a, b = make_lease(store, clocks, "a"), make_lease(store, clocks, "b")
+    a.acquire_or_renew()
+    b.acquire_or_renew()
+    clocks.mono += 4.9  # the leader renews once more, just before dying
+    a.acquire_or_renew()
+    died_at = clocks.mono
+    took_over_at = None
+    while clocks.mono - died_at < 3 * TTL:
+        clocks.mono += b.renew_interval  # the standby's own polling rhythm
+        if b.acquire_or_renew():
+            took_over_at = clocks.mono
+            break
+        assert clocks.mono - died_at < TTL or not a.is_leader()  # never two acting leaders
+    assert took_over_at is not None
+    assert TTL <= took_over_at - died_at <= 2 * TTL
+    assert store.docs["leader"][0]["holder"] == "b"
+    assert not a.is_leader()  # its own deadline passed: it would not act even if it came back
+
+
+def test_a_returning_old_leader_sees_the_takeover_and_stays_standby() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    a, b = make_lease(store, clocks, "a"), make_lease(store, clocks, "b")
+    a.acquire_or_renew()
+    b.acquire_or_renew()
+    clocks.mono += TTL + 1
+    assert b.acquire_or_renew()  # unchanged for a TTL of b's own time
+    assert a.acquire_or_renew() is False
+    assert a.leader_address() == "http://b:8080"
+
+
+def test_release_lets_a_standby_take_over_at_once() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    a, b = make_lease(store, clocks, "a"), make_lease(store, clocks, "b")
+    a.acquire_or_renew()
+    b.acquire_or_renew()
+    a.release()
+    assert not a.is_leader()
+    assert store.docs["leader"][0]["holder"] == ""
+    assert b.acquire_or_renew()  # no TTL wait
+
+
+def test_vault_outage_keeps_leadership_only_until_our_own_deadline() -> None:
+    store, clocks, m = MemoryStateStore(), Clocks(), Metrics()
+    a = make_lease(store, clocks, "a", m)
+    a.acquire_or_renew()
+    store.fail = True
+    clocks.mono += 10
+    assert a.acquire_or_renew() is True  # Vault down, but our lease is still valid
+    clocks.mono += 5.5  # past acquired + TTL
+    assert not a.is_leader()  # even without another round: never act past expires_at
+    assert a.acquire_or_renew() is False
+    assert m.registry.get_sample_value("cybedefend_bridge_leader") == 0
+    store.fail = False
+    assert a.acquire_or_renew() is True  # still our document: renewed, leader again
+
+
+def test_losing_the_cas_race_means_standby() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    a, b = make_lease(store, clocks, "a"), make_lease(store, clocks, "b")
+
+    def b_wins_first() -> None:
+        assert b.acquire_or_renew()  # b writes between a's read and a's write
+
+    store.before_write = b_wins_first
+    assert a.acquire_or_renew() is False
+    assert b.is_leader() and not a.is_leader()
+    assert store.docs["leader"][0]["holder"] == "b"
+
+
+def test_concurrent_replicas_elect_exactly_one_leader() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    leases = [make_lease(store, clocks, f"r{i}") for i in range(8)]
+    barrier = threading.Barrier(len(leases))
+    results: dict[str, bool] = {}
+
+    def contend(lease: Lease) -> None:
+        barrier.wait()
+        results[lease.identity] = lease.acquire_or_renew()
+
+    threads = [threading.Thread(target=contend, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sum(results.values()) == 1
+    assert sum(lease.is_leader() for lease in leases) == 1
+    assert store.docs["leader"][0]["holder"] == next(k for k, v in results.items() if v)
+
+
+def test_standby_with_a_fast_clock_does_not_steal_a_live_lease() -> None:
+    store = MemoryStateStore()
+    ca, cb = Clocks(), Clocks(skew=TTL * 0.9)  # b's wall clock runs almost a TTL ahead
+    a, b = make_lease(store, ca, "a"), make_lease(store, cb, "b")
+    a.acquire_or_renew()
+    for _ in range(20):
+        ca.mono += a.renew_interval
+        cb.mono += a.renew_interval
+        assert a.acquire_or_renew()
+        assert b.acquire_or_renew() is False
+
+
+def test_a_lease_dead_long_ago_is_taken_at_once_by_a_fresh_replica() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    store.docs["leader"] = ({"holder": "gone", "address": None, "expires_at": clocks.time() - 3 * TTL, "acquired_at": 0.0}, 4)
+    b = make_lease(store, clocks, "b")
+    assert b.acquire_or_renew()
+    assert store.docs["leader"][1] == 5
+
+
+@pytest.mark.integration
+def test_lease_against_real_openbao(openbao: OpenBao, kv_mount: str) -> None:
+    from bridge.vault import VaultSource
+
+    settings = parse_settings(
+        {
+            "vault": {"address": openbao.addr},
+            "sources": [{"mount": kv_mount}],
+            "cybedefend": {"auth": {"credential_file": "/dev/null"}},
+        },
+        env={"VAULT_TOKEN": openbao.root_token},
+    )
+    stores = [VaultSource(settings, Metrics(), env={"VAULT_TOKEN": openbao.root_token}) for _ in range(2)]
+    for s in stores:
+        s.login()
+    clocks = Clocks()
+    a, b = (make_lease(s, clocks, n) for s, n in zip(stores, ("a", "b"), strict=True))
+    assert a.acquire_or_renew()
+    assert b.acquire_or_renew() is False
+    assert b.leader_address() == "http://a:8080"
+    # A real check-and-set race: b's write carries a version a has already moved past.
+    stale = stores[1].read_state("leader")
+    assert stale is not None
+    assert a.acquire_or_renew()
+    with pytest.raises(CasConflict):
+        stores[1].write_state("leader", {"holder": "b"}, cas=stale[1])
+    a.release()
+    assert b.acquire_or_renew()
+    doc = openbao.client().secrets.kv.v2.read_secret_version(
+        path=f"{settings.state_path}/leader", mount_point=kv_mount, raise_on_deleted_version=True
+    )["data"]["data"]
+    assert doc["holder"] == "b" and doc["address"] == "http://b:8080"
