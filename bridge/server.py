@@ -110,7 +110,7 @@ class HttpServer:
         self.status = status
         self.on_sync = on_sync
         self.on_audit = on_audit
-        self._token = webhook_token.reveal().encode() if webhook_token else None
+        self._token = webhook_token if webhook_token else None  # kept wrapped: vars(server) shows no value
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -125,7 +125,7 @@ class HttpServer:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self._token)
+        return hmac.compare_digest(value.strip().encode(), self._token.reveal().encode())
 
     def start(self) -> int:
         """Bind and serve on a daemon thread; returns the bound port (useful with port 0)."""
