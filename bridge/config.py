@@ -296,7 +296,7 @@ class AuditFileSettings(_Section):
 
 class AuditSocketSettings(_Section):
     bind: str = Field("127.0.0.1", description="Address of the TCP listener for a `socket` audit device.")
-    port: int = Field(9090, ge=0, le=65535, description="Port of that listener.")
+    port: int = Field(9514, ge=0, le=65535, description="Port of that listener (not 9090: that is Prometheus's default).")
     allowed_peers: list[str] = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"], description="CIDRs allowed to connect; others are refused."
     )

@@ -2,9 +2,9 @@
 
 Implements `bridge.ports.SecretSource` and `bridge.ports.StateStore`. The token lives in
 `bridge.vault_auth`, the HTTP paths and error translation in `bridge.vault_http` (these three
-are the only modules that import hvac or requests). Discovery is made to be gentle on Vault: one SCAN (OpenBao) or a recursive
-LIST (Vault) per source, then one metadata GET per KV v2 secret, never a value; KV v1 has no
-metadata, so there the data is read. Metadata GETs run on `vault.concurrency` threads over
+are the only modules that import hvac or requests). Discovery is gentle on Vault: one SCAN
+(OpenBao) or a recursive LIST (Vault) per source, then one metadata GET per KV v2 secret, never
+a value; KV v1 has no metadata, so there the data is read. Metadata GETs run on `vault.concurrency` threads over
 pooled keep-alive connections, within `vault.max_requests_per_second`.
 """
 

@@ -35,7 +35,7 @@ T = TypeVar("T")
 DEFAULT_K8S_JWT = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 LOGIN_BACKOFF_BASE = 1.0  # seconds; doubles per consecutive failed login
 LOGIN_BACKOFF_CAP = 60.0
-VALIDATED_FOR = 5.0  # a token proven valid this recently is not looked up again after a 403
+VALIDATED_FOR = 2.0  # a token a lookup proved valid this recently is not looked up again after a 403
 
 
 @dataclass
@@ -187,7 +187,7 @@ class VaultSession:
                 raise VaultAuthError(f"Vault login ({self._auth.method}) failed: {exc}") from exc
             self._login_failures = 0
             self._login_not_before = float("-inf")
-            self._validated_at = self._clock()
+            self._validated_at = None
             self._metrics.vault_logins.labels(result="ok").inc()
             log.info("vault_login", method=self._auth.method, reason=reason, ttl=self._token.ttl, renewable=self._token.renewable)
             return

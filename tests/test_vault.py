@@ -60,6 +60,12 @@ def source(bao: OpenBao, mount: str, token: str | None = None, path: str = "dock
     return VaultSource(s, Metrics(), env={"VAULT_TOKEN": token or bao.root_token}, **extra)
 
 
+def allow_all(bao: OpenBao) -> list[str]:
+    """A broad policy for login tests (auth methods cannot issue root tokens)."""
+    bao.put_policy("test-all", 'path "*" {\n  capabilities = ["create", "read", "update", "delete", "list", "scan"]\n}\n')
+    return ["test-all"]
+
+
 def metric(vs: VaultSource, name: str, **labels: str) -> float:
     value = vs.session._metrics.registry.get_sample_value(name, labels)  # noqa: SLF001 - test introspection
     return value or 0.0
@@ -212,7 +218,7 @@ def test_renewal_at_fraction_of_ttl(openbao: OpenBao, kv_mount: str) -> None:
 
 def test_approle_relogin_after_revoke_and_revoke_on_close(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "x"}, TAG)
-    role_id, secret_id = openbao.enable_approle("bridge-relogin", ["root"])
+    role_id, secret_id = openbao.enable_approle("bridge-relogin", allow_all(openbao))
     (tmp_path / "role").write_text(role_id)
     (tmp_path / "secret").write_text(secret_id)
     auth = {"method": "approle", "role_id_file": str(tmp_path / "role"), "secret_id_file": str(tmp_path / "secret")}
@@ -229,15 +235,35 @@ def test_approle_relogin_after_revoke_and_revoke_on_close(openbao: OpenBao, kv_m
         openbao.client().auth.token.lookup(second)
 
 
+def test_max_ttl_near_logs_in_again(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
+    role_id, secret_id = openbao.enable_approle("bridge-maxttl", allow_all(openbao), token_ttl="4s", token_max_ttl="5s")
+    (tmp_path / "role").write_text(role_id)
+    (tmp_path / "secret").write_text(secret_id)
+    auth = {"method": "approle", "role_id_file": str(tmp_path / "role"), "secret_id_file": str(tmp_path / "secret")}
+    clock = FakeClock()
+    vs = source(openbao, kv_mount, auth=auth, clock=clock)
+    vs.login()
+    time.sleep(2.5)
+    clock.now += 3  # renewal due; the server can only extend to the max TTL (about 2.5 s left)
+    vs.maintain()
+    assert metric(vs, "cybedefend_bridge_vault_token_renewals_total", result="ok") == 1
+    assert metric(vs, "cybedefend_bridge_vault_logins_total", result="ok") == 1
+    clock.now += 3
+    vs.maintain()  # the max TTL nears: a fresh login rather than a renewal that cannot help
+    assert metric(vs, "cybedefend_bridge_vault_logins_total", result="ok") == 2
+    assert metric(vs, "cybedefend_bridge_vault_token_renewals_total", result="ok") == 1
+    vs.close()
+
+
 def test_token_expiring_mid_pass(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     for i in range(30):
         openbao.write_secret(kv_mount, f"dockerhub/s{i}", {"accessToken": "x"}, TAG)
-    role_id, secret_id = openbao.enable_approle("bridge-short", ["root"], token_ttl="2s", token_max_ttl="2s")
+    role_id, secret_id = openbao.enable_approle("bridge-short", allow_all(openbao), token_ttl="2s", token_max_ttl="2s")
     (tmp_path / "role").write_text(role_id)
     (tmp_path / "secret").write_text(secret_id)
     auth = {"method": "approle", "role_id_file": str(tmp_path / "role"), "secret_id_file": str(tmp_path / "secret")}
     clock = FakeClock()  # frozen: no proactive renewal, so the server expires the token under us
-    vs = source(openbao, kv_mount, auth=auth, clock=clock)
+    vs = source(openbao, kv_mount, auth=auth, clock=clock, concurrency=1)  # lazy: one read per next()
     vs.login()
     it = iter(vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
     got = [next(it)]
