@@ -357,6 +357,8 @@ _ENV: dict[tuple[str, ...], str] = {
     ("vault", "tls", "client_cert"): "VAULT_CLIENT_CERT",
     ("vault", "tls", "client_key"): "VAULT_CLIENT_KEY",
     ("vault", "tls", "skip_verify"): "VAULT_SKIP_VERIFY",
+    # The Helm chart sets this to http://$(POD_IP):8080 (a file cannot hold the pod's own IP).
+    ("ha", "advertise_address"): "BRIDGE_HA_ADVERTISE_ADDRESS",
 }
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +34,10 @@ log = get_logger(__name__)
 MAX_SYNC_PATHS = 1000
 MAX_PATH_LENGTH = 1024
 SOCKET_TIMEOUT_SECONDS = 10.0
-_DRAIN_LIMIT = 64 * 1024  # small unread bodies are drained so the client sees our answer, not a reset
+# After an early answer (401, 404, 413, …) what the client still sends is read and dropped, within
+# these bounds, so that it sees our answer rather than a connection reset.
+_LINGER_BYTES = 8 << 20
+_LINGER_SECONDS = 2.0
 
 OnSync = Callable[[list[str] | None, str], bool]
 
@@ -151,6 +156,7 @@ class HttpServer:
 
 class _Handler(BaseHTTPRequestHandler):
     app: HttpServer
+    _consumed = True  # no request body left unread (set False while a POST is handled)
     protocol_version = "HTTP/1.0"
     timeout = SOCKET_TIMEOUT_SECONDS
     server_version = "cybedefend-bridge"
@@ -198,17 +204,24 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return int(raw)
 
-    def _drain(self) -> None:
-        raw = self.headers.get("Content-Length") or ""
-        if raw.strip().isdigit() and 0 < int(raw) <= _DRAIN_LIMIT:
-            with contextlib.suppress(OSError):
-                self.rfile.read(int(raw))
+    def _linger(self) -> None:
+        if self._consumed or not (self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding")):
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(_LINGER_SECONDS)
+            deadline, left = time.monotonic() + _LINGER_SECONDS, _LINGER_BYTES
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(1 << 16, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def _read_authorized_body(self) -> bytes | None:
         """Auth, then size, then the body; answers and returns None when any of them fails."""
         app = self.app
         if not app.authorized(self.headers.get("Authorization")):
-            self._drain()
             self._send(HTTPStatus.UNAUTHORIZED, b"unauthorized\n")
             return None
         length = self._content_length()
@@ -218,6 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._text(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {app.settings.max_body_bytes} bytes")
             return None
         body = self.rfile.read(length) if length else b""
+        self._consumed = True
         if len(body) != length:
             self._text(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
             return None
@@ -266,10 +280,16 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
+        self._consumed = False
+        try:
+            self._post()
+        finally:
+            self._linger()
+
+    def _post(self) -> None:
         path, app = self._path(), self.app
         if path == "/v1/sync":
             if not app.webhooks_enabled:
-                self._drain()
                 self._text(HTTPStatus.NOT_FOUND, "webhook disabled (no webhook_token_file)")
                 return
             body = self._read_authorized_body()
@@ -287,7 +307,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.ACCEPTED, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
         elif path == "/v1/audit":
             if app.on_audit is None or not app.webhooks_enabled:
-                self._drain()
                 self._text(HTTPStatus.NOT_FOUND, "audit ingest disabled")
                 return
             body = self._read_authorized_body()
@@ -311,7 +330,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._text(HTTPStatus.NOT_FOUND, "not found")
 
     def _method_not_allowed(self, allow: str) -> None:
-        self._drain()
         self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
         self.send_header("Allow", allow)
         self.send_header("Content-Length", "0")

@@ -384,7 +384,10 @@ class VaultSource:
         for cap in ("create", "update", "read"):
             wanted.append((f"{cap} {sm}/data/{sp}/*", f"{sm}/data/{sp}/{PROBE}", (cap,)))
         wanted.append((f"read {sm}/metadata/{sp}/*", f"{sm}/metadata/{sp}/{PROBE}", ("read",)))
-        paths = sorted({p for _, p, _ in wanted} | {f"{s.mount}/metadata/{s.path}/" if s.path else f"{s.mount}/metadata/" for s in self._settings.sources})
+        paths = sorted(
+            {p for _, p, _ in wanted}
+            | {f"{s.mount}/metadata/{s.path}/" if s.path else f"{s.mount}/metadata/" for s in self._settings.sources}
+        )
         try:
             doc = self.session.call_hvac(
                 "capabilities", "sys/capabilities-self", lambda c: c.sys.get_capabilities(paths=paths), missing=None
@@ -397,6 +400,10 @@ class VaultSource:
             ok = "root" in have or (bool(have & set(need)) and "deny" not in have)
             detail = "allowed" if ok else f"missing {'/'.join(need)} (has {', '.join(sorted(have)) or 'nothing'})"
             if ok and label.startswith("list ") and "/metadata/" in path:
-                detail += "; scan " + ("allowed (recursive list in one request)" if {"scan", "root"} & have else "not allowed (recursive LIST is used)")
+                detail += "; scan " + (
+                    "allowed (recursive list in one request)"
+                    if {"scan", "root"} & have
+                    else "not allowed (recursive LIST is used)"
+                )
             rows.append((label, ok, detail))
         return rows

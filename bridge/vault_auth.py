@@ -178,7 +178,9 @@ class VaultSession:
                 delay = min(LOGIN_BACKOFF_CAP, LOGIN_BACKOFF_BASE * 2 ** (self._login_failures - 1))
                 delay *= 0.5 + self._rng.random() / 2  # jitter, never below half: no tight loop
                 self._login_not_before = self._clock() + delay
-                log.warning("vault_login_failed", method=self._auth.method, reason=reason, error=str(exc), retry_in=round(delay, 2))
+                log.warning(
+                    "vault_login_failed", method=self._auth.method, reason=reason, error=str(exc), retry_in=round(delay, 2)
+                )
                 if isinstance(exc, VaultUnavailable) and attempt < 2:
                     self._sleep(delay)
                     continue
@@ -218,17 +220,21 @@ class VaultSession:
             role_id = self._read_file(a.role_id_file, "vault.auth.role_id_file")
             secret_id = self._read_file(a.secret_id_file, "vault.auth.secret_id_file")
             resp = self._hvac(
-                "login", f"auth/{mount}/login",
+                "login",
+                f"auth/{mount}/login",
                 lambda c: c.auth.approle.login(role_id=role_id, secret_id=secret_id, use_token=False, mount_point=mount),
                 token=None,
             )
         else:
             path = a.jwt_file or DEFAULT_K8S_JWT
             jwt = self._read_file(path, "vault.auth.jwt_file")
-            if a.method == "kubernetes":
-                fn: Callable[[Any], Any] = lambda c: c.auth.kubernetes.login(role=a.role, jwt=jwt, use_token=False, mount_point=mount)  # noqa: E731
-            else:
-                fn = lambda c: c.auth.jwt.jwt_login(role=a.role, jwt=jwt, use_token=False, path=mount)  # noqa: E731
+            role, method = a.role, a.method
+
+            def fn(c: Any) -> Any:
+                if method == "kubernetes":
+                    return c.auth.kubernetes.login(role=role, jwt=jwt, use_token=False, mount_point=mount)
+                return c.auth.jwt.jwt_login(role=role, jwt=jwt, use_token=False, path=mount)
+
             resp = self._hvac("login", f"auth/{mount}/login", fn, token=None)
         auth = (resp or {}).get("auth") or {}
         client_token = auth.get("client_token")
@@ -242,7 +248,12 @@ class VaultSession:
         self._generation += 1
         now = self._clock()
         return _Token(
-            value, self._generation, self_issued, ttl, renewable, increment,
+            value,
+            self._generation,
+            self_issued,
+            ttl,
+            renewable,
+            increment,
             expires_at=now + ttl if ttl > 0 else None,
             renew_at=now + ttl * self.settings.renew_fraction if ttl > 0 else None,
         )

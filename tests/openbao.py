@@ -157,7 +157,7 @@ class OpenBao:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as a whole in stop()
             env=env,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - main-thread start only
+            preexec_fn=_die_with_parent,  # main-thread start only: PDEATHSIG follows the starting thread
         )
         try:
             self._wait_up(timeout)
@@ -268,9 +268,7 @@ class OpenBao:
     def disable_mount(self, mount: str) -> None:
         self.client().sys.disable_secrets_engine(path=mount)
 
-    def write_secret(
-        self, mount: str, path: str, data: dict[str, Any], custom_metadata: dict[str, str] | None = None
-    ) -> int:
+    def write_secret(self, mount: str, path: str, data: dict[str, Any], custom_metadata: dict[str, str] | None = None) -> int:
         """Write a KV v2 secret (and optionally replace its custom_metadata); returns the new version."""
         c = self.client()
         resp = c.secrets.kv.v2.create_or_update_secret(path=path, secret=data, mount_point=mount)
@@ -304,7 +302,12 @@ class OpenBao:
         return str(resp["auth"]["client_token"])
 
     def enable_approle(
-        self, role: str, policies: list[str], token_ttl: str = "1h", token_max_ttl: str = "24h", mount: str = "approle"
+        self,
+        role: str,
+        policies: list[str],
+        token_ttl: str = "1h",  # noqa: S107 - a duration, not a password
+        token_max_ttl: str = "24h",  # noqa: S107 - a duration, not a password
+        mount: str = "approle",
     ) -> tuple[str, str]:
         """Enable AppRole (once) and create a role; returns (role_id, secret_id)."""
         c = self.client()

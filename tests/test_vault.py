@@ -67,7 +67,7 @@ def allow_all(bao: OpenBao) -> list[str]:
 
 
 def metric(vs: VaultSource, name: str, **labels: str) -> float:
-    value = vs.session._metrics.registry.get_sample_value(name, labels)  # noqa: SLF001 - test introspection
+    value = vs.session._metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
 
@@ -88,12 +88,17 @@ def test_discover_kv2_reads_metadata_only(openbao: OpenBao, kv_mount: str) -> No
     vs = source(openbao, kv_mount)
     vs.login()
     vs.request_counts()
-    entries = {e.ref.path: e for e in vs.discover(vs._settings.sources[0], 3)}  # noqa: SLF001
+    entries = {e.ref.path: e for e in vs.discover(vs._settings.sources[0], 3)}
 
     assert set(entries) == {"dockerhub/a", "dockerhub/team/deep/b", "dockerhub/untagged", "dockerhub/gone", "dockerhub/burnt"}
     a = entries["dockerhub/a"]
     assert (a.ref, a.version, dict(a.tags), a.deleted, a.payload, a.source_index) == (
-        SecretRef(kv_mount, "dockerhub/a", 2), 1, TAG, False, None, 3,
+        SecretRef(kv_mount, "dockerhub/a", 2),
+        1,
+        TAG,
+        False,
+        None,
+        3,
     )
     assert entries["dockerhub/untagged"].tags == {}
     assert (entries["dockerhub/gone"].version, entries["dockerhub/gone"].deleted) == (2, True)
@@ -112,11 +117,11 @@ def test_discover_falls_back_to_recursive_list_without_scan(openbao: OpenBao, kv
     policy = POLICY.read_text().replace('"list", "scan", "read"', '"list", "read"')
     openbao.put_policy("noscan", policy.replace('"secret/', f'"{kv_mount}/').replace("mounts/secret", f"mounts/{kv_mount}"))
     vs = source(openbao, kv_mount, openbao.create_token(["noscan"], no_default_policy=True))
-    keys = sorted(e.ref.path for e in vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
+    keys = sorted(e.ref.path for e in vs.discover(vs._settings.sources[0], 0))
     assert keys == ["dockerhub/a", "dockerhub/t/b", "dockerhub/t/u/c"]
     counts = vs.request_counts()
     assert counts["scan"] == 1 and counts["list"] == 3 and counts["metadata"] == 3 and "read" not in counts
-    list(vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
+    list(vs.discover(vs._settings.sources[0], 0))
     assert "scan" not in vs.request_counts()  # the refusal is remembered for this token
     vs.close()
 
@@ -125,7 +130,7 @@ def test_discover_kv1_reads_data(openbao: OpenBao, kv1_mount: str) -> None:
     openbao.write_kv1(kv1_mount, "dockerhub/a", {"accessToken": "dckr_pat_kv1value", **TAG})
     openbao.write_kv1(kv1_mount, "dockerhub/x/b", {"accessToken": "t2", "n": 5})
     vs = source(openbao, kv1_mount)
-    entries = {e.ref.path: e for e in vs.discover(vs._settings.sources[0], 0)}  # noqa: SLF001
+    entries = {e.ref.path: e for e in vs.discover(vs._settings.sources[0], 0)}
     assert set(entries) == {"dockerhub/a", "dockerhub/x/b"}
     a = entries["dockerhub/a"]
     assert a.ref.kv_version == 1 and a.version is None and a.tags["cybedefend-project-id"] == TAG["cybedefend-project-id"]
@@ -141,8 +146,8 @@ def test_kv1_counts_and_version_cache(openbao: OpenBao, kv1_mount: str) -> None:
     vs = source(openbao, kv1_mount)
     vs.login()
     vs.request_counts()
-    list(vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
-    list(vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
+    list(vs.discover(vs._settings.sources[0], 0))
+    list(vs.discover(vs._settings.sources[0], 0))
     assert vs.request_counts() == {"mounts": 1, "scan": 2, "read": 2}
     assert vs.kv_version(kv1_mount) == 1
     vs.close()
@@ -152,7 +157,7 @@ def test_describe_and_read_value(openbao: OpenBao, kv_mount: str) -> None:
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "first-version-token"}, TAG)
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "second-version-token"})
     vs = source(openbao, kv_mount)
-    src = vs._settings.sources[0]  # noqa: SLF001
+    src = vs._settings.sources[0]
     entry = vs.describe(src, 0, "dockerhub/a")
     assert entry is not None and entry.version == 2 and dict(entry.tags) == TAG
     assert vs.describe(src, 0, "dockerhub/missing") is None
@@ -189,7 +194,7 @@ def test_state_store_check_and_set(openbao: OpenBao, kv_mount: str) -> None:
         vs.write_state("key", {"k": "other"}, cas=5)
     assert vs.write_state("key", {"k": "v2"}, cas=1) == 2
     assert vs.read_state("key") == ({"k": "v2"}, 2)
-    path = f"{vs._settings.state_path}/key"  # noqa: SLF001
+    path = f"{vs._settings.state_path}/key"
     openbao.client().secrets.kv.v2.delete_latest_version_of_secret(path=path, mount_point=kv_mount)
     assert vs.read_state("key") is None
     assert vs.write_state("key", {"k": "v3"}, cas=0) == 3  # absent includes "current version deleted"
@@ -224,11 +229,11 @@ def test_approle_relogin_after_revoke_and_revoke_on_close(openbao: OpenBao, kv_m
     auth = {"method": "approle", "role_id_file": str(tmp_path / "role"), "secret_id_file": str(tmp_path / "secret")}
     vs = source(openbao, kv_mount, auth=auth)
     vs.login()
-    first = vs.session._token.value.reveal()  # type: ignore[union-attr]  # noqa: SLF001
+    first = vs.session._token.value.reveal()  # type: ignore[union-attr]
     openbao.client().auth.token.revoke(first)
-    assert [e.ref.path for e in vs.discover(vs._settings.sources[0], 0)] == ["dockerhub/a"]  # noqa: SLF001
+    assert [e.ref.path for e in vs.discover(vs._settings.sources[0], 0)] == ["dockerhub/a"]
     assert metric(vs, "cybedefend_bridge_vault_logins_total", result="ok") == 2
-    second = vs.session._token.value.reveal()  # type: ignore[union-attr]  # noqa: SLF001
+    second = vs.session._token.value.reveal()  # type: ignore[union-attr]
     assert second != first
     vs.close()  # revoke_on_shutdown defaults to true and the bridge logged in itself
     with pytest.raises(hvac.exceptions.Forbidden):
@@ -265,7 +270,7 @@ def test_token_expiring_mid_pass(openbao: OpenBao, kv_mount: str, tmp_path: Path
     clock = FakeClock()  # frozen: no proactive renewal, so the server expires the token under us
     vs = source(openbao, kv_mount, auth=auth, clock=clock, concurrency=1)  # lazy: one read per next()
     vs.login()
-    it = iter(vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
+    it = iter(vs.discover(vs._settings.sources[0], 0))
     got = [next(it)]
     time.sleep(2.5)
     got += list(it)
@@ -277,7 +282,7 @@ def test_token_expiring_mid_pass(openbao: OpenBao, kv_mount: str, tmp_path: Path
     vs2.login()
     time.sleep(1.5)
     with pytest.raises(VaultAuthError, match="refused the configured token") as info:
-        list(vs2.discover(vs2._settings.sources[0], 0))  # noqa: SLF001
+        list(vs2.discover(vs2._settings.sources[0], 0))
     assert static not in str(info.value)
     vs.close()
     vs2.close()
@@ -294,10 +299,53 @@ def test_token_file_is_reread_when_it_changes(openbao: OpenBao, kv_mount: str, t
     assert vs.healthy()
     tf.write_text(second + "\n")  # what a Vault Agent sink does after re-authenticating
     openbao.client().auth.token.revoke(first)
-    assert [e.ref.path for e in vs.discover(vs._settings.sources[0], 0)] == ["dockerhub/a"]  # noqa: SLF001
-    assert vs.session._token.value.reveal() == second  # type: ignore[union-attr]  # noqa: SLF001
+    assert [e.ref.path for e in vs.discover(vs._settings.sources[0], 0)] == ["dockerhub/a"]
+    assert vs.session._token.value.reveal() == second  # type: ignore[union-attr]
     vs.close()
     openbao.client().auth.token.lookup(second)  # a given token is not ours to revoke
+
+
+def _signed_jwt(claims: dict[str, Any]) -> tuple[str, str]:
+    """An RS256 JWT and the PEM public key that verifies it (no JWT library needed)."""
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    signing_input = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return signing_input + "." + b64(signature), pem.decode()
+
+
+def test_jwt_login(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
+    now = int(time.time())
+    token, pem = _signed_jwt({"sub": "bridge", "aud": "cybedefend-bridge", "iat": now, "exp": now + 300})
+    c = openbao.client()
+    mount = f"jwt-{kv_mount}"
+    c.sys.enable_auth_method("jwt", path=mount)
+    c.write(f"auth/{mount}/config", jwt_validation_pubkeys=[pem])
+    c.write(
+        f"auth/{mount}/role/bridge",
+        role_type="jwt",
+        bound_audiences=["cybedefend-bridge"],
+        user_claim="sub",
+        token_policies=allow_all(openbao),
+        token_ttl="1h",
+    )
+    (tmp_path / "jwt").write_text(token)
+    auth = {"method": "jwt", "mount": mount, "role": "bridge", "jwt_file": str(tmp_path / "jwt")}
+    vs = source(openbao, kv_mount, auth=auth)
+    vs.login()
+    assert vs.healthy() and vs.token_ttl() == pytest.approx(3600, abs=5)
+    vs.close()
+    c.sys.disable_auth_method(path=mount)
 
 
 def test_login_failure_backs_off(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
@@ -335,7 +383,7 @@ def test_works_with_only_the_shipped_policy(openbao: OpenBao, kv_mount: str, cap
     vs = source(openbao, kv_mount, token)
     vs.login()
     assert vs.healthy()
-    entries = list(vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
+    entries = list(vs.discover(vs._settings.sources[0], 0))
     assert [e.ref.path for e in entries] == ["dockerhub/a/b"]
     assert vs.read_value(entries[0].ref, entries[0].version)["accessToken"] == "dckr_pat_policytest"
     assert vs.write_state("key", {"k": "v"}, cas=0) == 1
@@ -354,7 +402,7 @@ def test_less_than_the_policy_fails_clearly(openbao: OpenBao, kv_mount: str) -> 
     token = openbao.create_token(["bridge-less"], no_default_policy=True)
     vs = source(openbao, kv_mount, token)
     with pytest.raises(VaultPermissionDenied, match=f"metadata {kv_mount}/metadata/dockerhub/a") as info:
-        list(vs.discover(vs._settings.sources[0], 0))  # noqa: SLF001
+        list(vs.discover(vs._settings.sources[0], 0))
     assert token not in str(info.value)
     rows = {label: ok for label, ok, _ in vs.check_capabilities()}
     assert rows[f"read {kv_mount}/metadata/dockerhub/*"] is False

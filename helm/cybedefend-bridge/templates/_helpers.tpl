@@ -80,6 +80,9 @@ app.kubernetes.io/part-of: cybedefend-bridge
 {{- if and (eq ($ledger.key_source | default "vault") "file") (not .Values.persistence.enabled) -}}
 {{- fail "config.ledger.key_source: file needs persistence.enabled: true (the key must survive restarts)" -}}
 {{- end -}}
+{{- if and .Values.auditSocket.enabled (not .Values.auditSocket.allowedPeers) -}}
+{{- fail "auditSocket.enabled needs auditSocket.allowedPeers (the CIDRs of the Vault pods); the bridge refuses other peers" -}}
+{{- end -}}
 {{- if and .Values.vault.ca.secretName .Values.vault.ca.configMapName -}}
 {{- fail "set either vault.ca.secretName or vault.ca.configMapName, not both" -}}
 {{- end -}}

@@ -1,0 +1,152 @@
+"""The bench's laboratory: a real OpenBao dev server, the CybeDefend double, seeded secrets, settings.
+
+One `Lab` per run. It starts `bao server -dev` (through `tests.openbao.OpenBao`, the same
+launcher the test suite uses), writes N tagged KV v2 secrets quickly over a pooled client, and
+hands out bridge settings pointing at a given double. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bridge.app import Bridge, build
+from bridge.config import Settings, parse_settings
+from bridge.simulator import Simulator
+from tests.openbao import OpenBao
+
+ORG = "5b0c6d7e-1f2a-4b3c-8d4e-5f6a7b8c9d0e"
+PROJECTS = [str(uuid.UUID(int=0x2000 + i, version=4)) for i in range(8)]
+PAT = "cdp_" + hashlib.sha256(b"bench-pat").hexdigest()
+PREFIX = "dockerhub"
+# Both HTTP paths get a rate cap far above what a pass can reach, so the cap is never what we measure.
+API_RATE = 1_000_000.0
+API_CONCURRENCY = 4  # cybedefend.max_concurrency: the default
+
+
+def token(i: int, generation: int = 0) -> str:
+    """A DockerHub-shaped token, unique per (secret, generation); never a real one."""
+    return "dckr_pat_" + hashlib.sha256(f"bench/{i}/{generation}".encode()).hexdigest()[:27]
+
+
+def name(i: int) -> str:
+    return f"team-{i:05d}"
+
+
+def new_simulator() -> Simulator:
+    sim = Simulator()
+    sim.add_organization(ORG)
+    for p in PROJECTS:
+        sim.add_project(ORG, p)
+    sim.add_pat(PAT, {ORG: "manage"})
+    sim.start()
+    return sim
+
+
+class Lab:
+    """OpenBao + a KV v2 mount + a work directory; secrets `dockerhub/team-NNNNN` seeded on demand."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.bao = OpenBao("dev", workdir=workdir / "bao")
+        self.mount = "bench"
+        self.seeded = 0
+        self.generation: dict[int, int] = {}
+        self._http: httpx.Client | None = None
+
+    def __enter__(self) -> Lab:
+        (self.workdir / "bao").mkdir(parents=True, exist_ok=True)
+        self.bao.start()
+        self.bao.enable_kv(self.mount, 2)
+        (self.workdir / "pat").write_text(PAT + "\n")
+        (self.workdir / "vault-token").write_text(self.bao.root_token)
+        (self.workdir / "vault-token").chmod(0o600)
+        self._http = httpx.Client(
+            base_url=f"{self.bao.addr}/v1/",
+            headers={"X-Vault-Token": self.bao.root_token},
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
+            timeout=30,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._http is not None:
+            self._http.close()
+        self.bao.cleanup()
+
+    @property
+    def http(self) -> httpx.Client:
+        assert self._http is not None, "use the Lab as a context manager"
+        return self._http
+
+    # --- secrets -------------------------------------------------------------------------
+    def path(self, i: int) -> str:
+        return f"{PREFIX}/{name(i)}"
+
+    def key(self, i: int) -> str:
+        return f"{self.mount}/{self.path(i)}"
+
+    def write(self, i: int, *, tag: bool = True) -> None:
+        """One secret's next version (metadata tags first, so the data write is the last call)."""
+        gen = self.generation.get(i, -1) + 1
+        self.generation[i] = gen
+        if tag:
+            meta = {"custom_metadata": {"cybedefend-project-id": PROJECTS[i % len(PROJECTS)]}}
+            self.http.post(f"{self.mount}/metadata/{self.path(i)}", json=meta).raise_for_status()
+        body = {"data": {"accessToken": token(i, gen), "dockerhubUsername": f"u-{name(i)}"}}
+        self.http.post(f"{self.mount}/data/{self.path(i)}", json=body).raise_for_status()
+
+    def seed(self, total: int) -> None:
+        """Grow the mount to `total` tagged secrets (indices 0..total-1), 8 writers at once."""
+        self._each(self.write, range(self.seeded, total))
+        self.seeded = max(self.seeded, total)
+
+    def rotate(self, indices: Iterable[int]) -> None:
+        """A new version of each given secret (a rotated token)."""
+        self._each(lambda i: self.write(i, tag=False), list(indices))
+
+    @staticmethod
+    def _each(fn: Any, items: Iterable[int]) -> None:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for _ in pool.map(fn, items):
+                pass
+
+    # --- the bridge ----------------------------------------------------------------------
+    def raw_settings(self, sim_url: str, tag: str, **sections: dict[str, Any]) -> dict[str, Any]:
+        """Bridge settings as a config file would hold them; `tag` names this bridge's ledger."""
+        raw: dict[str, Any] = {
+            "vault": {"address": self.bao.addr, "auth": {"method": "token", "token_file": str(self.workdir / "vault-token")}},
+            "sources": [{"mount": self.mount, "path": PREFIX}],
+            "cybedefend": {
+                "api_url": sim_url, "auth_url": sim_url, "organization_id": ORG,
+                "auth": {"credential_file": str(self.workdir / "pat")},
+                "max_concurrency": API_CONCURRENCY, "max_requests_per_second": API_RATE,
+            },
+            "ledger": {"key_source": "file", "key_file": str(self.workdir / "fingerprint.key"),
+                       "path": str(self.workdir / f"ledger-{tag}.sqlite3")},
+            "logging": {"level": "warning", "format": "json"},
+        }
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return raw
+
+    def settings(self, sim_url: str, tag: str, **sections: dict[str, Any]) -> Settings:
+        return parse_settings(self.raw_settings(sim_url, tag, **sections), env={})
+
+    def bridge(self, sim_url: str, tag: str | None = None) -> Bridge:
+        """A bridge built by the composition root, with a ledger of its own unless `tag` is reused."""
+        return build(self.settings(sim_url, tag or secrets.token_hex(4)))
+
+    # --- raw access for the floors ---------------------------------------------------------
+    def metadata_urls(self, count: int) -> list[str]:
+        return [f"{self.bao.addr}/v1/{self.mount}/metadata/{self.path(i)}" for i in range(count)]
+
+    def data_urls(self, count: int) -> list[str]:
+        return [f"{self.bao.addr}/v1/{self.mount}/data/{self.path(i)}" for i in range(count)]
