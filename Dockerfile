@@ -23,8 +23,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 RUN python3 -m venv /opt/venv
-COPY pyproject.toml README.md ./
-COPY bridge ./bridge
+# .dockerignore admits only pyproject.toml, README.md and bridge/.
+COPY . ./
 # A TLS-intercepting proxy's CA can be given as a build secret: --secret id=pip_ca,src=ca.pem
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \

@@ -314,11 +314,19 @@ class Daemon:
     def _hand_over(self, request: PassRequest, lease: LeasePort) -> None:
         paths = sorted(request.paths) if request.paths is not None else None
         address = lease.leader_address()
-        if address is not None and self._forward is not None and self._forward(address, paths):
+        if request.trigger == "forwarded":
+            why = "already forwarded once"  # two replicas with stale views must not ping-pong
+        elif address is None:
+            why = "no leader known"
+        elif self._forward is None:
+            why = "no webhook token to forward with"
+        elif self._forward(address, paths):
             log.info("forwarded_to_leader", paths=len(paths) if paths is not None else "all")
             return
+        else:
+            why = "forward failed"
         self._p.metrics.trigger_dropped.labels(source="forwarded").inc(len(paths) if paths else 1)
-        log.warning("forward_dropped", reason="no leader known" if address is None else "forward failed")
+        log.warning("forward_dropped", reason=why)
 
     def _on_gain(self) -> None:
         if self._scheduler is not None:

@@ -246,6 +246,16 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # A redirect would carry the Authorization header to wherever it points: refuse it.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+# No proxy (replicas talk pod to pod; HTTP_PROXY is meant for the outside world) and no redirects.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+
 def forward_to_leader(address: str, paths: Sequence[str] | None, token: Sensitive, *, timeout: float = 2.0) -> bool:
     """POST `paths` (None: a full pass) to the leader's `/v1/sync` with the webhook token.
 
@@ -276,7 +286,7 @@ def forward_to_leader(address: str, paths: Sequence[str] | None, token: Sensitiv
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            with _OPENER.open(request, timeout=timeout) as response:
                 ok = ok and 200 <= response.status < 300
         except urllib.error.HTTPError as exc:
             log.warning("forward_failed", status=exc.code)

@@ -72,6 +72,7 @@ class SecretRegistry:
         self._limit = limit
         self._values: dict[str, None] = {}  # insertion-ordered set: oldest first
         self._matcher: re.Pattern[str] | None = None
+        self._stale = False  # values changed since the matcher was built
 
     def add(self, value: str) -> None:
         if len(value) < MIN_SECRET_LENGTH:
@@ -82,16 +83,26 @@ class SecretRegistry:
             self._values[value] = None
             while len(self._values) > self._limit:
                 del self._values[next(iter(self._values))]
-            # Longest first, so a secret containing another is replaced whole.
-            alternatives = sorted(self._values, key=len, reverse=True)
-            self._matcher = re.compile("|".join(re.escape(v) for v in alternatives))
+            # Built on the next redact, not here: compiling N alternatives on each of N adds made
+            # registering a pass's values O(N^2) (1,000 tokens: 22 s; see docs/benchmarks.md).
+            self._stale = True
+
+    def _current(self) -> re.Pattern[str] | None:
+        if self._stale:
+            with self._lock:
+                if self._stale:
+                    # Longest first, so a secret containing another is replaced whole.
+                    alternatives = sorted(self._values, key=len, reverse=True)
+                    self._matcher = re.compile("|".join(re.escape(v) for v in alternatives)) if alternatives else None
+                    self._stale = False
+        return self._matcher
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._values)
 
     def redact(self, text: str) -> str:
-        matcher = self._matcher  # one read of an immutable compiled pattern: no lock needed
+        matcher = self._current()  # an immutable compiled pattern: no lock needed once built
         if matcher is not None:
             text = matcher.sub(REDACTED, text)
         return _SHAPES.sub(_shape_sub, text)

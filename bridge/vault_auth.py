@@ -278,11 +278,11 @@ class VaultSession:
         self._metrics.vault_renewals.labels(result="ok").inc()
         tok.ttl, tok.expires_at = ttl, (now + ttl if ttl > 0 else None)
         tok.renew_at = now + ttl * self.settings.renew_fraction if ttl > 2 else None
-        if ttl + 1 < increment:  # capped by the max TTL: renewing will not get us further
+        if ttl < increment:  # capped by the max TTL: renewing will not get us further (as Vault Agent judges)
             tok.relogin_due = self.can_login
             if tok.relogin_due and tok.renew_at is None:
                 tok.renew_at = now
-        log.info("vault_token_renewed", ttl=ttl, max_ttl_near=ttl + 1 < increment)
+        log.info("vault_token_renewed", ttl=ttl, max_ttl_near=ttl < increment)
 
     def _relogin_soft(self, tok: _Token, reason: str) -> None:
         """Log in again ahead of expiry; if that fails, keep the old token while it lasts."""

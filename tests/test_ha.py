@@ -5,14 +5,16 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from bridge.config import HASettings, parse_settings
 from bridge.errors import CasConflict, VaultUnavailable
-from bridge.ha import Lease
+from bridge.ha import FORWARD_HEADER, Lease, forward_to_leader
 from bridge.metrics import Metrics
+from bridge.model import Sensitive
 from tests.openbao import OpenBao
 
 TTL = 15.0
@@ -258,3 +260,60 @@ def test_lease_against_real_openbao(openbao: OpenBao, kv_mount: str) -> None:
         path=f"{settings.state_path}/leader", mount_point=kv_mount, raise_on_deleted_version=True
     )["data"]["data"]
     assert doc["holder"] == "b" and doc["address"] == "http://b:8080"
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen: list[dict[str, str]] = []
+    redirect_to: str | None = None
+
+    def do_POST(self) -> None:
+        type(self).seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.redirect_to:
+            self.send_response(302)
+            self.send_header("Location", self.redirect_to)
+        else:
+            self.send_response(202)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def test_forward_sends_the_token_and_batches_paths() -> None:
+    rec = type("Rec", (_Recorder,), {"seen": [], "redirect_to": None})
+    httpd, url = _serve(rec)
+    try:
+        assert forward_to_leader(url, [f"secret/p{i}" for i in range(1200)], Sensitive("tok-123456789"))
+        assert forward_to_leader(url, None, Sensitive("tok-123456789"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert len(rec.seen) == 3 + 1  # 500 + 500 + 200, then a full pass
+    assert all(h["authorization"] == "Bearer tok-123456789" and h[FORWARD_HEADER.lower()] == "1" for h in rec.seen)
+
+
+def test_forward_never_follows_a_redirect_with_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    elsewhere = type("Elsewhere", (_Recorder,), {"seen": [], "redirect_to": None})
+    target, target_url = _serve(elsewhere)
+    bouncer = type("Bouncer", (_Recorder,), {"seen": [], "redirect_to": target_url + "/steal"})
+    httpd, url = _serve(bouncer)
+    try:
+        assert forward_to_leader(url, ["secret/a"], Sensitive("tok-123456789")) is False
+        assert forward_to_leader("http://127.0.0.1:9", ["secret/a"], Sensitive("tok-123456789"), timeout=1) is False
+        assert forward_to_leader("file:///etc/passwd", ["secret/a"], Sensitive("tok-123456789")) is False
+    finally:
+        for s in (httpd, target):
+            s.shutdown()
+            s.server_close()
+    assert len(bouncer.seen) == 1 and elsewhere.seen == []
+    assert "tok-123456789" not in caplog.text

@@ -1,0 +1,115 @@
+"""The floors: the same work as the bridge, done by the leanest client we know, in the same run.
+
+- `curl_fetch`: N GETs with `curl --parallel --parallel-max 8` (one process, keep-alive), the
+  floor for a steady pass's metadata reads.
+- `httpx_posts`: the bridge's create POSTs, sent by a bare `httpx.Client` on as many threads
+  as `cybedefend.max_concurrency`, after one token exchange; the floor for cold registration.
+- `three_calls`: metadata GET, value GET, create POST, one after the other on warm
+  connections; the floor for write-to-registered latency.
+Every floor checks its answers, so a floor that failed fast cannot pass for a fast floor.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+CURL_PARALLEL = 8
+CREATE_PATH = "/integrations/dockerhub/container-registry/organization/{org}/credentials"
+TOKEN_EXCHANGE_FORM = {
+    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+    "subject_token_type": "urn:logto:token-type:personal_access_token",
+}
+
+
+def curl_version() -> str:
+    out = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=True).stdout
+    return out.split("\n", 1)[0].split(" (", 1)[0]
+
+
+def curl_fetch(urls: Sequence[str], vault_token: str, parallel: int = CURL_PARALLEL) -> float:
+    """Seconds for one `curl --parallel` process to GET every URL (all must answer 200)."""
+    if shutil.which("curl") is None:
+        raise RuntimeError("curl is needed for the floor: apt-get install curl")
+    # The token goes in a 0600 config file, never on the command line where `ps` would show it.
+    fd, cfg = tempfile.mkstemp(prefix="bench-curl-", suffix=".cfg")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f'header = "X-Vault-Token: {vault_token}"\n')
+            for url in urls:
+                fh.write(f'url = "{url}"\noutput = "/dev/null"\n')
+        args = ["curl", "--silent", "--parallel", "--parallel-max", str(parallel), "--write-out", "%{http_code}\\n", "-K", cfg]
+        started = time.perf_counter()
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+        elapsed = time.perf_counter() - started
+    finally:
+        os.unlink(cfg)
+    codes = done.stdout.split()
+    if done.returncode != 0 or len(codes) != len(urls) or set(codes) != {"200"}:
+        raise RuntimeError(f"curl floor failed: rc={done.returncode}, {len(codes)} answers, codes {sorted(set(codes))}")
+    return elapsed
+
+
+class ApiFloor:
+    """A bare client for the double: one PAT exchange, then plain POSTs on pooled connections."""
+
+    def __init__(self, base_url: str, pat: str, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.http = httpx.Client(
+            base_url=base_url,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            timeout=30,
+        )
+        app_id = self.http.get("/client-apps").json()["cli"]["appId"]
+        form = {**TOKEN_EXCHANGE_FORM, "client_id": app_id, "subject_token": pat, "resource": base_url}
+        resp = self.http.post("/oidc/token", data=form)
+        resp.raise_for_status()
+        self.http.headers["Authorization"] = f"Bearer {resp.json()['access_token']}"
+
+    def create(self, org: str, body: dict[str, Any]) -> None:
+        resp = self.http.post(CREATE_PATH.format(org=org), json=body)
+        if resp.status_code != 201:
+            raise RuntimeError(f"floor create answered {resp.status_code}")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def httpx_posts(floor: ApiFloor, org: str, bodies: Sequence[dict[str, Any]]) -> float:
+    """Seconds to send every create body with `floor.concurrency` threads (all must answer 201)."""
+    items = iter(bodies)
+    take = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with take:
+                body = next(items, None)
+            if body is None:
+                return
+            floor.create(org, body)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=floor.concurrency) as pool:
+        for fut in [pool.submit(worker) for _ in range(floor.concurrency)]:
+            fut.result()
+    return time.perf_counter() - started
+
+
+def three_calls(vault: httpx.Client, mount: str, path: str, floor: ApiFloor, org: str, body: dict[str, Any]) -> None:
+    """Metadata GET, value GET, create POST: what any client must do to register one write."""
+    meta = vault.get(f"{mount}/metadata/{path}")
+    meta.raise_for_status()
+    version = meta.json()["data"]["current_version"]
+    value = vault.get(f"{mount}/data/{path}", params={"version": version})
+    value.raise_for_status()
+    data = value.json()["data"]["data"]
+    floor.create(org, {**body, "accessToken": data["accessToken"], "dockerhubUsername": data["dockerhubUsername"]})

@@ -1,0 +1,1 @@
+"""Fault, load and security suite (issue 6): crashes, outages, throttling, hostile input, HA."""

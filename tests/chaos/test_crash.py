@@ -1,0 +1,105 @@
+"""Scenario 1, crash anywhere: `kill -9` a `cybedefend-bridge sync --once` at random moments
+while it registers and rotates 200 secrets, restart it, twenty times with different seeds.
+
+Each round changes Vault (rotations, moves, untags, deletions, new secrets), starts the bridge
+as a real subprocess and kills it with SIGKILL at a moment drawn from the round's seeded
+random source: after a random delay (which may land in start-up, Vault login, discovery or
+execution), or right after the k-th create or k-th delete reached the double (mid-registration,
+mid-rotation). The double is slowed down (Fault.delay on create and delete) so that a pass lasts
+seconds and kills land inside it. Between rounds no marker revision may be held twice; after
+the last round one clean pass must converge to the invariant and the next pass must be quiet.
+
+The base seed comes from CHAOS_SEED (default below); every assertion message names the seed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import pytest
+
+from bridge.simulator import Fault
+from tests.chaos.rig import ChaosRig, Expect
+from tests.helpers import PROJECTS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BASE_SEED = int(os.environ.get("CHAOS_SEED", "20261130"))
+ROUNDS = 20
+SECRETS = 200
+
+
+def mutate(rig: ChaosRig, rng: random.Random, rnd: int) -> None:
+    """One operator's worth of changes between two bridge runs."""
+    for name in sorted(rig.secrets):
+        sec = rig.secrets[name]
+        r = rng.random()
+        if sec.expect is Expect.GONE:
+            if r < 0.3:
+                rig.put(name, f"back-{rnd}-{rng.random()}", rng.choice(PROJECTS[:4]))
+            continue
+        if r < 0.22:
+            rig.put(name, f"rot-{rnd}-{rng.random()}", sec.project or PROJECTS[0])
+        elif r < 0.25:
+            rig.retag(name, rng.choice([p for p in PROJECTS[:4] if p != sec.project]))
+        elif r < 0.27:
+            rig.untag(name)
+        elif r < 0.28:
+            rig.delete(name)
+        elif r < 0.29:
+            rig.soft_delete(name)
+    for j in range(3):
+        rig.put(f"new-{rnd:02d}-{j}", f"new-{rnd}-{j}", rng.choice(PROJECTS[:4]))
+
+
+def kill_at_random(rig: ChaosRig, rng: random.Random, seed: int) -> dict[str, Any]:
+    """Start `sync --once` and SIGKILL it at a random moment; report where the kill landed."""
+    rig.sim.reset_requests()
+    mode = rng.choice(["time", "time", "create", "delete"])
+    k = rng.randint(1, 40) if mode == "create" else rng.randint(1, 8)
+    delay = rng.uniform(0.05, 4.0)
+    run = rig.spawn("sync", "--once")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run.returncode is None:
+        if mode == "time" and time.monotonic() - run.started >= delay:
+            break
+        if mode != "time" and sum(1 for r in rig.sim.requests if r.endpoint == mode) >= k:
+            break
+        time.sleep(0.005)
+    crashed = run.kill9()
+    writes = sum(1 for r in rig.sim.requests if r.endpoint in ("create", "delete"))
+    assert run.returncode is not None, f"seed={seed}: the bridge survived SIGKILL"
+    if not crashed:
+        assert run.returncode in (0, 1), f"seed={seed}: sync --once exited {run.returncode}: {run.stderr[-1500:]}"
+    return {"seed": seed, "mode": mode, "crashed": crashed, "mid_pass": crashed and writes > 0}
+
+
+def test_kill_9_anywhere_twenty_seeds_then_converge(make_rig: Any) -> None:
+    rig: ChaosRig = make_rig(policy="delete")
+    rig.sim.inject("create", Fault.delay(0.05), times=10**6)
+    rig.sim.inject("delete", Fault.delay(0.03), times=10**6)
+    for i in range(SECRETS):
+        rig.put(f"s{i:03d}", i, PROJECTS[i % 4])
+    results = []
+    for rnd in range(ROUNDS):
+        seed = BASE_SEED + rnd
+        rng = random.Random(seed)
+        if rnd:
+            mutate(rig, rng, rnd)
+        results.append(kill_at_random(rig, rng, seed))
+        rig.assert_no_duplicates(f"seed={seed} after kill ({results[-1]['mode']})")
+    mid = sum(1 for r in results if r["mid_pass"])
+    crashed = sum(1 for r in results if r["crashed"])
+    print(f"\ncrash rounds: {crashed}/{ROUNDS} killed while running, {mid} of them mid-write; base seed {BASE_SEED}")
+    assert mid >= ROUNDS // 2, f"base seed {BASE_SEED}: only {mid} kills landed mid-pass: {results}"
+
+    rig.sim.clear_faults()
+    assert rig.sync_once() == 0, f"base seed {BASE_SEED}: the clean pass after the crashes did not succeed"
+    rig.sim.reset_requests()
+    assert rig.sync_once() == 0
+    writes = [r for r in rig.sim.requests if r.endpoint in ("create", "delete", "set_links")]
+    assert writes == [], f"base seed {BASE_SEED}: the pass after convergence still wrote {len(writes)} times"
+    rig.assert_invariant(f"base seed {BASE_SEED}", cli_outputs=True)
