@@ -60,7 +60,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /var/lib/cybedefend-bridge
 EXPOSE 8080
-# No curl in the image: the venv's python asks /healthz (liveness only: never fails because Vault or
+# No HTTP client binary in the image: the venv's python asks /healthz (liveness only: never fails because Vault or
 # CybeDefend is down). Kubernetes ignores HEALTHCHECK and uses the chart's probes instead.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['BRIDGE_HEALTHCHECK_URL'], timeout=4)"]

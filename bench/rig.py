@@ -53,12 +53,13 @@ def new_simulator() -> Simulator:
 class Lab:
     """OpenBao + a KV v2 mount + a work directory; secrets `dockerhub/team-NNNNN` seeded on demand."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, audit: bool = False) -> None:
         self.workdir = workdir
-        self.bao = OpenBao("dev", workdir=workdir / "bao")
+        self.audit_log = workdir / "audit.log" if audit else None
+        self.bao = OpenBao("dev", workdir=workdir / "bao", audit_log=self.audit_log)
         self.mount = "bench"
-        self.seeded = 0
-        self.generation: dict[int, int] = {}
+        self.seeded: dict[str, int] = {}  # prefix -> secrets written there (indices 0..n-1)
+        self.generation: dict[tuple[str, int], int] = {}
         self._http: httpx.Client | None = None
 
     def __enter__(self) -> Lab:
@@ -87,30 +88,36 @@ class Lab:
         return self._http
 
     # --- secrets -------------------------------------------------------------------------
-    def path(self, i: int) -> str:
-        return f"{PREFIX}/{name(i)}"
+    @staticmethod
+    def path(i: int, prefix: str = PREFIX) -> str:
+        return f"{prefix}/{name(i)}"
 
-    def key(self, i: int) -> str:
-        return f"{self.mount}/{self.path(i)}"
+    def key(self, i: int, prefix: str = PREFIX) -> str:
+        return f"{self.mount}/{self.path(i, prefix)}"
 
-    def write(self, i: int, *, tag: bool = True) -> None:
-        """One secret's next version (metadata tags first, so the data write is the last call)."""
-        gen = self.generation.get(i, -1) + 1
-        self.generation[i] = gen
+    def write(self, i: int, prefix: str = PREFIX, *, tag: bool = True) -> str:
+        """One secret's next version (metadata tags first, so the data write is the last call).
+
+        Returns the sha256 of the token written, as the double's request records show it."""
+        gen = self.generation.get((prefix, i), -1) + 1
+        self.generation[(prefix, i)] = gen
+        path = self.path(i, prefix)
         if tag:
             meta = {"custom_metadata": {"cybedefend-project-id": PROJECTS[i % len(PROJECTS)]}}
-            self.http.post(f"{self.mount}/metadata/{self.path(i)}", json=meta).raise_for_status()
+            self.http.post(f"{self.mount}/metadata/{path}", json=meta).raise_for_status()
         body = {"data": {"accessToken": token(i, gen), "dockerhubUsername": f"u-{name(i)}"}}
-        self.http.post(f"{self.mount}/data/{self.path(i)}", json=body).raise_for_status()
+        self.http.post(f"{self.mount}/data/{path}", json=body).raise_for_status()
+        return hashlib.sha256(token(i, gen).encode()).hexdigest()
 
-    def seed(self, total: int) -> None:
-        """Grow the mount to `total` tagged secrets (indices 0..total-1), 8 writers at once."""
-        self._each(self.write, range(self.seeded, total))
-        self.seeded = max(self.seeded, total)
+    def seed(self, total: int, prefix: str = PREFIX) -> None:
+        """Grow `prefix` to `total` tagged secrets (indices 0..total-1), 8 writers at once."""
+        done = self.seeded.get(prefix, 0)
+        self._each(lambda i: self.write(i, prefix), range(done, total))
+        self.seeded[prefix] = max(done, total)
 
-    def rotate(self, indices: Iterable[int]) -> None:
+    def rotate(self, indices: Iterable[int], prefix: str = PREFIX) -> None:
         """A new version of each given secret (a rotated token)."""
-        self._each(lambda i: self.write(i, tag=False), list(indices))
+        self._each(lambda i: self.write(i, prefix, tag=False), list(indices))
 
     @staticmethod
     def _each(fn: Any, items: Iterable[int]) -> None:
@@ -119,11 +126,11 @@ class Lab:
                 pass
 
     # --- the bridge ----------------------------------------------------------------------
-    def raw_settings(self, sim_url: str, tag: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    def raw_settings(self, sim_url: str, tag: str, prefix: str = PREFIX, **sections: dict[str, Any]) -> dict[str, Any]:
         """Bridge settings as a config file would hold them; `tag` names this bridge's ledger."""
         raw: dict[str, Any] = {
             "vault": {"address": self.bao.addr, "auth": {"method": "token", "token_file": str(self.workdir / "vault-token")}},
-            "sources": [{"mount": self.mount, "path": PREFIX}],
+            "sources": [{"mount": self.mount, "path": prefix}],
             "cybedefend": {
                 "api_url": sim_url, "auth_url": sim_url, "organization_id": ORG,
                 "auth": {"credential_file": str(self.workdir / "pat")},
@@ -137,16 +144,16 @@ class Lab:
             raw.setdefault(section, {}).update(values)
         return raw
 
-    def settings(self, sim_url: str, tag: str, **sections: dict[str, Any]) -> Settings:
-        return parse_settings(self.raw_settings(sim_url, tag, **sections), env={})
+    def settings(self, sim_url: str, tag: str, prefix: str = PREFIX, **sections: dict[str, Any]) -> Settings:
+        return parse_settings(self.raw_settings(sim_url, tag, prefix, **sections), env={})
 
-    def bridge(self, sim_url: str, tag: str | None = None) -> Bridge:
-        """A bridge built by the composition root, with a ledger of its own unless `tag` is reused."""
-        return build(self.settings(sim_url, tag or secrets.token_hex(4)))
+    def bridge(self, sim_url: str, tag: str | None = None, prefix: str = PREFIX) -> Bridge:
+        """A bridge built by the composition root in this process (the smoke test uses it)."""
+        return build(self.settings(sim_url, tag or secrets.token_hex(4), prefix))
 
     # --- raw access for the floors ---------------------------------------------------------
-    def metadata_urls(self, count: int) -> list[str]:
-        return [f"{self.bao.addr}/v1/{self.mount}/metadata/{self.path(i)}" for i in range(count)]
+    def metadata_urls(self, count: int, prefix: str = PREFIX) -> list[str]:
+        return [f"{self.bao.addr}/v1/{self.mount}/metadata/{self.path(i, prefix)}" for i in range(count)]
 
-    def data_urls(self, count: int) -> list[str]:
-        return [f"{self.bao.addr}/v1/{self.mount}/data/{self.path(i)}" for i in range(count)]
+    def data_urls(self, count: int, prefix: str = PREFIX) -> list[str]:
+        return [f"{self.bao.addr}/v1/{self.mount}/data/{self.path(i, prefix)}" for i in range(count)]

@@ -8,6 +8,8 @@ own transport instead of calling this module.
 from __future__ import annotations
 
 import random
+import secrets
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from bridge.ledger import SqliteLedger
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
+from bridge.retry import backoff_delay
 from bridge.sync import SyncEngine
 from bridge.vault import VaultSource
 
@@ -104,3 +107,105 @@ def build(
         raise
     engine = SyncEngine(settings, vault, client, ledger, keyring, metrics, stop=stop, rng=rng)
     return Bridge(settings, metrics, vault, client, ledger, keyring, engine, stop, closers)
+
+
+def _read_token_file(path: Path | None, key: str) -> Sensitive | None:
+    if path is None:
+        return None
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(key, f"{path} is empty")
+    register_secret(value)
+    return Sensitive(value)
+
+
+def _build_with_retry(settings: Settings, metrics: Metrics, stop: threading.Event) -> Bridge:
+    """Start even when Vault or CybeDefend is still coming up: retry transient failures with backoff."""
+    attempt = 0
+    rng = random.Random()
+    while True:
+        try:
+            return build(settings, metrics=metrics, stop=stop)
+        except ConfigError:
+            raise
+        except BridgeError as exc:
+            if not exc.retryable:
+                raise
+            attempt += 1
+            wait = backoff_delay(attempt, 1.0, 30.0, rng) + 0.5
+            log.warning("start-up waiting for a dependency", error=str(exc), retry_in_s=round(wait, 1))
+            if stop.wait(wait):
+                raise
+
+
+def run_daemon(config_path: Path) -> int:
+    """`cybedefend-bridge run`: build everything, then hand over to `Daemon.run()` (main thread)."""
+    from bridge.audit import AuditFileTailer
+    from bridge.audit_socket import AuditSocketListener
+    from bridge.config import load_settings
+    from bridge.daemon import Daemon, DaemonParts, ServerHooks
+    from bridge.ha import Lease
+    from bridge.logs import configure
+    from bridge.scheduler import Scheduler
+    from bridge.server import HttpServer, make_audit_ingest
+    from bridge.triggers import AuditMatcher, TriggerQueue, line_handler
+
+    settings = load_settings(config_path)
+    configure(settings.logging.level, settings.logging.format)
+    metrics = Metrics()
+    stop = threading.Event()
+    webhook_token = _read_token_file(settings.server.webhook_token_file, "server.webhook_token_file")
+    bridge = _build_with_retry(settings, metrics, stop)
+    renewer_stop = threading.Event()
+    renewer = threading.Thread(target=bridge.vault.run_renewer, args=(renewer_stop,), name="vault-renewer", daemon=True)
+    renewer.start()
+
+    queue = TriggerQueue(settings.triggers.debounce_seconds, settings.triggers.queue_size, metrics)
+    kv_versions = {}
+    for src in settings.sources:
+        try:
+            kv_versions[src.mount] = bridge.vault.kv_version(src.mount)
+        except BridgeError as exc:
+            log.warning("kv version unknown; audit lines are matched by shape", mount=src.mount, error=str(exc))
+    # The bridge's own state path changes on every lease renewal: never a trigger.
+    matcher = AuditMatcher(settings.sources, kv_versions, namespace=settings.vault.namespace,
+                           exclude=[f"{settings.state_mount}/{settings.state_path}"])
+    services_stop = threading.Event()
+    services: list[AuditFileTailer | AuditSocketListener] = []
+    if settings.triggers.audit_file is not None:
+        services.append(AuditFileTailer(settings.triggers.audit_file.path, line_handler(matcher, queue, "audit_file"),
+                                        poll_seconds=settings.triggers.audit_file.poll_seconds, stop=services_stop))
+    if settings.triggers.audit_socket is not None:
+        sock = settings.triggers.audit_socket
+        services.append(AuditSocketListener(sock.bind, sock.port, sock.allowed_peers,
+                                            line_handler(matcher, queue, "audit_socket"), services_stop, metrics=metrics))
+    ingest = make_audit_ingest(matcher.match, max_lines=10_000) if settings.triggers.audit_ingest else None
+    lease = None
+    if settings.ha.enabled:
+        identity = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        lease = Lease(bridge.vault, settings.ha, identity=identity, address=settings.ha.advertise_address, metrics=metrics)
+
+    def make_server(hooks: ServerHooks) -> HttpServer:
+        return HttpServer(settings.server, metrics=metrics, live=hooks.live, ready=hooks.ready, status=hooks.status,
+                          on_sync=hooks.on_sync, on_audit=hooks.on_audit, webhook_token=webhook_token)
+
+    def reload() -> Settings:
+        new = load_settings(config_path)
+        configure(new.logging.level, new.logging.format)
+        return new
+
+    def on_shutdown() -> None:
+        services_stop.set()
+        renewer_stop.set()
+        bridge.close()
+
+    parts = DaemonParts(
+        engine=bridge.engine, queue=queue, stop=stop, metrics=metrics,
+        make_scheduler=lambda sched, tick: Scheduler(sched, tick, metrics, rng=random.Random()),
+        make_server=make_server, vault_healthy=bridge.vault.healthy, lease=lease, webhook_token=webhook_token,
+        audit_ingest=ingest, services=services, reload=reload, on_shutdown=on_shutdown,
+    )
+    return Daemon(settings, parts).run()

@@ -162,7 +162,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         actions = bridge.engine.plan(PassRequest(trigger="manual", dry_run=True))
     finally:
         bridge.close()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"path": a.ref.key, "action": a.kind.value, "version": a.version, "project_id": a.project_id,
          "organization_id": a.organization_id, "reason": a.reason, "reject_code": a.reject_code}
         for a in actions

@@ -279,7 +279,7 @@ class ScheduleSettings(_Section):
 
 
 class ServerSettings(_Section):
-    bind: str = Field("0.0.0.0", description="Address the HTTP endpoints listen on.")
+    bind: str = Field("0.0.0.0", description="Address the HTTP endpoints listen on.")  # noqa: S104 - a pod's port; probes and Prometheus come from outside
     port: int = Field(8080, ge=0, le=65535, description="Port for /metrics, /healthz, /readyz, /v1/*. 0: any free port.")
     webhook_token_file: Path | None = Field(
         None, description="File holding the bearer token for POST /v1/sync and /v1/audit. Unset: those endpoints are off."

@@ -91,11 +91,13 @@ def _narrate(out: TextIO, base: str, bao: DevOpenBao, sim: Simulator, exit_after
             say(f"  {row['path']:<24s} v{row['version']}  -> project {row['project_id']}  credential {row['credential_id']}")
         say("\nrotating secret/dockerhub/team-a in Vault (a new token, version 2) …")
         before = {c.id for c in sim.credentials(ORG)}
-        written = time.monotonic()
+        written, wall = time.monotonic(), time.time()
         bao.kv_put("secret", "dockerhub/team-a", {"dockerhubUsername": "team-a", "accessToken": _token("team-a", 2)})
         row = _wait("the rotation", lambda: _row(base, "secret/dockerhub/team-a", version=2), timeout=30)
         took = time.monotonic() - written
-        trigger = (_get_json(f"{base}/v1/status").get("last_pass") or {}).get("trigger", "?")
+        # The row is written mid-pass; the pass's report (and the old credential's deletion) come at its end.
+        done = _wait("the rotation pass to finish", lambda: _pass_since(base, wall), timeout=30)
+        trigger = str(done.get("trigger", "?"))
         gone = before - {c.id for c in sim.credentials(ORG)}
         say(f"rotated secret/dockerhub/team-a: version 2 registered {took:.2f} s after the write, "
             f"heard through the {'audit stream' if trigger.startswith('audit') else trigger} "
@@ -116,6 +118,11 @@ def _rows(base: str) -> list[dict[str, Any]]:
 def _registered(base: str, n: int) -> list[dict[str, Any]] | None:
     rows = [r for r in _rows(base) if r["state"] == "registered"]
     return rows if len(rows) >= n else None
+
+
+def _pass_since(base: str, wall: float) -> dict[str, Any] | None:
+    last = _get_json(f"{base}/v1/status").get("last_pass")
+    return last if last and last.get("started_at", 0) >= wall else None
 
 
 def _row(base: str, path: str, version: int) -> dict[str, Any] | None:

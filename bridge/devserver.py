@@ -146,7 +146,7 @@ class DevOpenBao:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as a whole in stop(); no Ctrl-C echo
             env=env,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - started from the main thread only
+            preexec_fn=_die_with_parent,  # started from the main thread only
         )
         try:
             self._wait_up(timeout)

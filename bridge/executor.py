@@ -12,6 +12,7 @@ The order of steps is what makes crashes harmless (docs/adr/0003-create-before-d
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -139,9 +140,10 @@ class Executor:
         if current:
             cred, kind = current[0], ActionKind.ADOPT
         else:
-            cred = self._create(cand, marker)
-            if cred is None:  # the POST's fate was unknown, and a fresh listing found it
+            created = self._create(cand, marker)
+            if created is None:  # the POST's fate was unknown, and a fresh listing found it
                 return self._register(action, deletes_allowed)
+            cred = created
         extras = current[1:]  # earlier duplicates carrying our own marker: ours to remove
         for c in [*superseded, *extras]:
             self._ledger.add_pending_delete(PendingDelete(c.id, cand.organization_id, cand.ref.key, "superseded"))
@@ -150,10 +152,8 @@ class Executor:
         links = {cand.project_id}
         for old_id, old_org in replaced:
             if old_org == cand.organization_id and (old_id != action.old_credential_id or action.kind == ActionKind.ROTATE):
-                try:
+                with contextlib.suppress(NotFound):  # already gone: nothing to copy
                     links.update(self._api.linked_projects(old_org, old_id))
-                except NotFound:
-                    pass  # already gone: nothing to copy
         if links != {cand.project_id}:
             self._api.set_linked_projects(cand.organization_id, cred.id, sorted(links))
         self._put_registered(cand, cred.id, action, kind.value)
@@ -216,9 +216,9 @@ class Executor:
         if item is None:
             return True
         rec = self._ledger.get(item.key)
-        if rec is not None and rec.credential_id == credential_id and rec.state != State.RETIRED:
-            if item.reason in ("rotate", "move", "superseded"):
-                return False  # the replacement never happened (yet): keep the old one
+        still_current = rec is not None and rec.credential_id == credential_id and rec.state != State.RETIRED
+        if still_current and item.reason in ("rotate", "move", "superseded"):
+            return False  # the replacement never happened (yet): keep the old one
         if not allowed:
             return False
         try:

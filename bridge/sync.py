@@ -100,12 +100,12 @@ class SyncEngine:
             return entries, Scope(sources=frozenset(ok))
         keys: set[str] = set()
         for key in sorted(request.paths):
-            idx = source_of(key, self._s.sources)
-            if idx is None:
+            found = source_of(key, self._s.sources)
+            if found is None:
                 log.debug("trigger outside every source", path=key)
                 continue
-            src = self._s.sources[idx]
-            entry = self._source.describe(src, idx, key[len(src.mount) + 1 :])
+            src = self._s.sources[found]
+            entry = self._source.describe(src, found, key[len(src.mount) + 1 :])
             keys.add(key)
             if entry is not None:
                 entries.append(entry)

@@ -232,6 +232,7 @@ def test_chunked_bodies_need_a_length(served: tuple[HttpServer, int]) -> None:
         json.dumps({"paths": ["secret/" + "a" * 2000]}).encode(),
         json.dumps({"paths": [f"secret/{i}" for i in range(MAX_SYNC_PATHS + 1)]}).encode(),
     ],
+    ids=["not-json", "array", "string", "empty", "number", "no-slash", "dotdot", "control", "extra-key", "too-long", "too-many"],
 )
 def test_malformed_sync_bodies_are_400(served: tuple[HttpServer, int], hooks: Hooks, body: bytes) -> None:
     assert call(served[1], "POST", "/v1/sync", body, auth())[0] == 400

@@ -40,7 +40,7 @@ def bao(chaos_bao: OpenBao) -> Iterator[OpenBao]:
     # Repair whatever a scenario left behind, so one failure does not cascade.
     if not chaos_bao.running:
         chaos_bao.start(timeout=60)
-    if chaos_bao._health() == 503:  # noqa: SLF001 - sealed
+    if chaos_bao._health() == 503:
         chaos_bao.unseal()
 
 

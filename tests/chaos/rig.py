@@ -21,7 +21,6 @@ as a real `cybedefend-bridge` subprocess that can be killed with SIGKILL, and en
 from __future__ import annotations
 
 import base64
-import enum
 import hashlib
 import json
 import os
@@ -42,9 +41,10 @@ from bridge.cybedefend import CybeDefendClient
 from bridge.fingerprint import Keyring
 from bridge.ledger import SqliteLedger
 from bridge.metrics import Metrics
-from bridge.model import Marker, SecretRef, Sensitive, State
+from bridge.model import SecretRef, Sensitive
 from bridge.ports import PassReport, PassRequest
-from bridge.simulator import Simulator, StoredCredential
+from bridge.simulator import Simulator
+from tests.chaos.invariant import Cred, Expect, Want, check_invariant, check_no_duplicates
 from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
 from tests.openbao import OpenBao
 
@@ -52,12 +52,6 @@ PAT = "cdp_" + hashlib.sha256(b"chaos-pat").hexdigest()
 ROOT = Path(__file__).resolve().parents[2]
 FULL = PassRequest(trigger="manual")
 PREFIX = "dockerhub"
-
-
-class Expect(enum.Enum):
-    LIVE = "live"  # tagged and valid: registered exactly once, latest version
-    GONE = "gone"  # untagged, deleted or destroyed: handled by the deletion policy
-    REJECTED = "rejected"  # tagged but invalid: never registered
 
 
 @dataclass
@@ -104,10 +98,6 @@ class Run:
         return self.err_path.read_text(encoding="utf-8", errors="replace")
 
 
-def foreign_snapshot(cred: StoredCredential) -> tuple[Any, ...]:
-    return (cred.id, cred.description, cred.username, cred.linked_projects, cred.token.reveal())
-
-
 class ChaosRig:
     """A KV v2 mount on a real OpenBao, the double, and the bridge's config (file + dict)."""
 
@@ -151,7 +141,7 @@ class ChaosRig:
         self.runs: list[Run] = []
         self.bridge: Bridge | None = None
         self.metrics: Metrics | None = None
-        self.foreign: dict[str, tuple[Any, ...]] = {}
+        self.foreign: dict[str, Cred] = {}
         self._n = 0
 
     # -- configuration ----------------------------------------------------------------------
@@ -241,7 +231,7 @@ class ChaosRig:
                     client.set_linked_projects(ORG, cred.id, [PROJECTS[0], PROJECTS[1], PROJECTS[5]])
         finally:
             client.close()
-        self.foreign = {c.id: foreign_snapshot(c) for c in self.sim.credentials(ORG) if c.id in made}
+        self.foreign = {c.id: c for c in self.creds() if c.id in made}
 
     # -- the bridge, in-process ---------------------------------------------------------------
     def start(self) -> Bridge:
@@ -303,98 +293,42 @@ class ChaosRig:
             self.extra_secrets.append(doc["data"]["data"]["key"])
         return Keyring(key)
 
-    def ours(self) -> list[tuple[StoredCredential, Marker]]:
-        instance = self.settings.sync.instance
-        out = []
-        for c in self.sim.credentials(ORG):
-            m = Marker.parse(c.description)
-            if m is not None and m.instance == instance and c.id not in self.foreign:
-                out.append((c, m))
-        return out
+    def creds(self) -> list[Cred]:
+        return [Cred(c.id, c.description, c.username, c.linked_projects, c.token.reveal()) for c in self.sim.credentials(ORG)]
 
     def assert_no_duplicates(self, context: str = "") -> None:
-        """At any moment, even between two crashes: no marker revision is held twice in a project.
+        """At any moment, even between two crashes: no duplicate, hand-made credentials intact."""
+        check_no_duplicates(self.creds(), self.settings.sync.instance, self.foreign, context)
 
-        (A move creates the credential in the new project before deleting the one in the old
-        project: both carry the same revision for a moment, in different projects, by design.)
-        """
-        held: dict[tuple[str, str], list[frozenset[str]]] = {}
-        for cred, m in self.ours():
-            held.setdefault((m.path_digest, m.revision), []).append(cred.linked_projects)
-        dups = {
-            k: [sorted(PROJECTS.index(p) if p in PROJECTS else p for p in links) for links in v]
-            for k, v in held.items()
-            if len(v) > 1 and any(a & b for i, a in enumerate(v) for b in v[i + 1:])
-        }
-        assert not dups, f"{context}: duplicated credentials (project indexes) {dups}"
-        self.assert_foreign_untouched(context)
-
-    def assert_foreign_untouched(self, context: str = "") -> None:
-        now = {c.id: foreign_snapshot(c) for c in self.sim.credentials(ORG) if c.id in self.foreign}
-        assert now == self.foreign, f"{context}: a credential without the bridge's marker was changed or deleted"
-
-    # -- the invariant ------------------------------------------------------------------------
-    def assert_invariant(self, context: str = "", *, texts: Iterable[str] = (), cli_outputs: bool = False) -> None:
-        """The one invariant every chaos scenario ends with (see the module docstring)."""
-        ctx = context or "invariant"
+    def wants(self) -> list[Want]:
         keys = self.keyring()
-        by_digest: dict[str, list[tuple[StoredCredential, Marker]]] = {}
-        for cred, marker in self.ours():
-            by_digest.setdefault(marker.path_digest, []).append((cred, marker))
-        digests = {keys.path_digest(SecretRef(self.mount, self.path(n))): n for n in self.secrets}
-        strays = [d for d in by_digest if d not in digests]
-        assert not strays, f"{ctx}: {len(strays)} credentials carry our marker for no known secret"
-        self.assert_no_duplicates(ctx)
-        ledger = self._ledger_rows()
-        for digest, name in sorted(digests.items(), key=lambda kv: kv[1]):
-            sec = self.secrets[name]
-            held = by_digest.get(digest, [])
+        out = []
+        for name, sec in self.secrets.items():
+            digest = keys.path_digest(SecretRef(self.mount, self.path(name)))
             key = f"{self.mount}/{self.path(name)}"
             if sec.expect is Expect.LIVE:
                 version, data = self.latest(name)
-                current = [(c, m) for c, m in held if m.revision == f"v{version}"]
-                assert len(current) == 1, f"{ctx}: {name} v{version} is registered {len(current)} times"
-                cred = current[0][0]
-                assert cred.token.reveal() == data["accessToken"], f"{ctx}: {name}: the registered token is not Vault's latest"
-                assert sec.project in cred.linked_projects, f"{ctx}: {name}: not linked to its project"
-                others = [c for c, m in held if c.id != cred.id]
-                if self.policy == "delete":
-                    assert not others, f"{ctx}: {name}: {len(others)} stale credentials left: " + self._explain(name, held)
-                else:  # retain keeps what a move left in the old project, never a stale one beside the live one
-                    assert all(sec.project not in c.linked_projects for c in others), f"{ctx}: {name}: stale credential in its project"
-                if ledger is not None:
-                    row = ledger.get(key)
-                    assert row is not None and row.state == State.REGISTERED and row.credential_id == cred.id, \
-                        f"{ctx}: {name}: ledger row {row.state if row else None} does not name the live credential"
-            elif sec.expect is Expect.GONE:
-                if self.policy == "delete":
-                    assert not held, f"{ctx}: {name} is gone from Vault but {len(held)} credentials remain"
-                if ledger is not None and key in ledger:
-                    assert ledger[key].state in (State.ORPHANED, State.RETIRED), \
-                        f"{ctx}: {name}: ledger state {ledger[key].state} for a gone secret"
+                out.append(Want(key, digest, sec.expect, sec.project, version, data["accessToken"]))
             else:
-                assert not held, f"{ctx}: rejected secret {name} was registered"
-                if ledger is not None and sec.reject_code is not None:
-                    row = ledger.get(key)
-                    assert row is not None and row.state == State.REJECTED and row.last_result == sec.reject_code, \
-                        f"{ctx}: {name}: expected rejected/{sec.reject_code}, ledger has {row.state if row else None}/{row.last_result if row else None}"
-        self.assert_no_leak(ctx, texts=texts, cli_outputs=cli_outputs)
+                out.append(Want(key, digest, sec.expect, sec.project, reject_code=sec.reject_code))
+        return out
 
-    def _explain(self, name: str, held: list[tuple[StoredCredential, Marker]]) -> str:
-        """Ids, revisions, links and ledger facts (never a token) for a failing assertion."""
-        rows = self._ledger_rows() or {}
-        row = rows.get(f"{self.mount}/{self.path(name)}")
+    # -- the invariant ------------------------------------------------------------------------
+    def assert_invariant(self, context: str = "", *, texts: Iterable[str] = (), cli_outputs: bool = False) -> None:
+        """The one invariant every chaos scenario ends with (tests/chaos/invariant.py)."""
+        ctx = context or "invariant"
         pending: list[str] = []
         if self.ledger_path.exists():
             led = SqliteLedger(self.ledger_path)
             try:
-                pending = [f"{p.credential_id}:{p.reason}:{p.key == (row.key if row else None)}" for p in led.pending_deletes()]
+                pending = [f"{p.credential_id[:8]}:{p.reason}" for p in led.pending_deletes()]
             finally:
                 led.close()
-        creds = [(c.id, m.revision, sorted(PROJECTS.index(p) for p in c.linked_projects if p in PROJECTS)) for c, m in held]
-        facts = None if row is None else (row.state, row.version, row.seen_version, row.credential_id, row.project_id,
-                                         row.last_action, row.reason)
-        return f"credentials={creds} ledger={facts} pending_deletes={pending}"
+        check_invariant(
+            self.creds(), self.wants(), instance=self.settings.sync.instance, policy=self.policy,
+            ledger=self._ledger_rows(), foreign=self.foreign, context=ctx, pending=pending,
+            texts=self.outputs(ctx, texts=texts, cli_outputs=cli_outputs), secrets=self.all_secrets(),
+        )
 
     def _ledger_rows(self) -> dict[str, Any] | None:
         if not self.ledger_path.exists():
@@ -411,6 +345,10 @@ class ChaosRig:
         return [*self.tokens, *self.extra_secrets]
 
     def assert_no_leak(self, context: str = "", *, texts: Iterable[str] = (), cli_outputs: bool = False) -> None:
+        assert_no_leak(self.outputs(context, texts=texts, cli_outputs=cli_outputs), self.all_secrets())
+
+    def outputs(self, context: str = "", *, texts: Iterable[str] = (), cli_outputs: bool = False) -> list[str]:
+        """Everything the bridge printed or wrote so far (plus `plan`/`status` when cli_outputs)."""
         collected = [*self.texts, *texts]
         if cli_outputs:
             for args in (("plan",), ("plan", "-o", "json"), ("status", "-o", "json"), ("status",)):
@@ -425,5 +363,4 @@ class ChaosRig:
             if side.exists():
                 collected.append(side.read_bytes().decode("latin-1"))
         collected.append(repr(self.sim.requests))
-        assert_no_leak(collected, self.all_secrets())
-        assert collected, "nothing was scanned"
+        return collected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
 
 
 def test_every_required_alert_exists() -> None:
-    assert REQUIRED_ALERTS <= {a["alert"] for a in _alerts()}
+    assert {a["alert"] for a in _alerts()} >= REQUIRED_ALERTS
 
 
 def test_every_alert_has_a_firing_and_a_silent_case() -> None:
@@ -98,7 +99,7 @@ def test_rules_use_only_exported_metrics() -> None:
 
 def test_down_alert_uses_only_prometheus_up() -> None:
     down = next(a for a in _alerts() if a["alert"] == "CybeDefendBridgeDown")
-    assert "up{" in down["expr"] and PROMETHEUS_SERIES == {"up"}
+    assert set(re.findall(r"\b([a-z_]+)\{", down["expr"])) <= PROMETHEUS_SERIES
 
 
 def test_thresholds_follow_the_schedule_interval() -> None:

@@ -1,0 +1,109 @@
+"""The parent side of `bench.worker`: start a bridge (or a floor client) in its own process.
+
+The bench process hosts the CybeDefend double (its request records are read in-process);
+the bridge under test and the floor clients each get a process of their own, as the daemon
+has in production, so neither is slowed by sharing a GIL with the double.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat (fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class BridgeProcess:
+    """`python -m bench.worker bridge CONFIG` (or another `command`), driven line by line."""
+
+    def __init__(self, raw_settings: dict[str, Any], workdir: Path, tag: str, command: Sequence[str] = ("bench.worker", "bridge")) -> None:
+        self.config = workdir / f"config-{tag}.yaml"
+        self.config.write_text(json.dumps(raw_settings))  # JSON is YAML
+        self._log: IO[bytes] = open(workdir / f"bridge-{tag}.log", "ab")  # noqa: SIM115 - closed in close()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", *command, str(self.config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT, env=_env(),
+        )
+        self.ready = self._read()
+        self.pid = int(self.ready["pid"])
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the bridge worker exited ({self._proc.wait()}); see {self._log.name}")
+        doc: dict[str, Any] = json.loads(line)
+        if "error" in doc:
+            raise RuntimeError(doc["error"])
+        return doc
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def full_pass(self) -> dict[str, Any]:
+        doc = self.ask("pass")
+        if doc["result"] != "ok":
+            raise RuntimeError(f"a bridge pass ended {doc['result']}: {doc['counts']}")
+        return doc
+
+    def targeted(self, keys: Sequence[str]) -> dict[str, Any]:
+        return self.ask("targeted " + " ".join(keys))
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.pid)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(RuntimeError, BrokenPipeError):
+                self.ask("quit")
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> BridgeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def posts_floor(url: str, pat_file: Path, bodies: list[dict[str, Any]], concurrency: int, org: str, workdir: Path) -> float:
+    """Seconds for a bare httpx client, in its own process, to send `bodies` as creates."""
+    path = workdir / "floor-bodies.json"
+    path.write_text(json.dumps(bodies))
+    path.chmod(0o600)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.worker", "posts", url, str(pat_file), str(path), str(concurrency), org],
+            capture_output=True, text=True, cwd=ROOT, env=_env(), check=False, timeout=600,
+        )
+    finally:
+        path.unlink()
+    if done.returncode != 0:
+        raise RuntimeError(f"the floor client failed: {done.stderr.strip()[-500:]}")
+    return float(json.loads(done.stdout.splitlines()[-1])["seconds"])

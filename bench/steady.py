@@ -1,0 +1,116 @@
+"""Benchmarks 1, 4 and 5: steady passes at growing N against the curl floor, k changed among N,
+and the resources of the bridge process that tracked them all.
+
+One bridge process (`bench.worker`) follows the mount as it grows: at each size it first
+registers the new secrets, then alternates a steady pass with the curl floor `repeats` times
+(alternating, so drifting machine load hits both sides alike).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.floors import curl_fetch
+from bench.procs import BridgeProcess
+from bench.rig import Lab
+from bench.stats import median
+from bridge.simulator import Simulator
+
+LISTING = ("scan", "list")
+AUTH_ENDPOINTS = ("client_apps", "token_exchange")
+
+
+@dataclass
+class SizeResult:
+    n: int
+    pass_s: list[float] = field(default_factory=list)
+    curl_s: list[float] = field(default_factory=list)
+    vault_requests: dict[str, int] = field(default_factory=dict)  # of the last steady pass
+    api_requests: int = 0  # CybeDefend requests during the steady passes, auth excluded
+    k: int = 0
+    k_vault_requests: dict[str, int] = field(default_factory=dict)
+    k_api: dict[str, int] = field(default_factory=dict)
+    k_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return median(self.pass_s) / median(self.curl_s)
+
+    @property
+    def listing(self) -> int:
+        return sum(self.vault_requests.get(k, 0) for k in LISTING)
+
+    @property
+    def total_vault(self) -> int:
+        return sum(self.vault_requests.values())
+
+
+@dataclass
+class Resources:
+    n: int
+    peak_rss_kib: int
+    rss_after_idle_kib: int
+    idle_seconds: float
+    idle_cpu_seconds: float
+    what: str
+
+
+def _api_counts(sim: Simulator) -> Counter[str]:
+    return Counter(r.endpoint for r in sim.requests if r.endpoint not in AUTH_ENDPOINTS)
+
+
+def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeats: int, k: int, rng: random.Random) -> SizeResult:
+    lab.seed(n)
+    bridge.full_pass()  # registers what was just seeded
+    bridge.full_pass()  # warms caches and connections as a long-running daemon has them
+    out = SizeResult(n)
+    urls = lab.metadata_urls(n)
+    sim.reset_requests()
+    for _ in range(repeats):
+        out.curl_s.append(curl_fetch(urls, lab.bao.root_token))
+        doc = bridge.full_pass()
+        out.pass_s.append(float(doc["seconds"]))
+        out.vault_requests = dict(doc["vault_requests"])
+        if doc["counts"]["skipped"] != n:
+            raise RuntimeError(f"a steady pass over {n} did not skip them all: {doc['counts']}")
+    out.api_requests = sum(_api_counts(sim).values())
+    # k rotated tokens among n: the pass must cost n metadata reads plus O(k), never O(n).
+    out.k = k
+    lab.rotate(rng.sample(range(n), k))
+    sim.reset_requests()
+    doc = bridge.full_pass()
+    out.k_vault_requests = dict(doc["vault_requests"])
+    out.k_counts = {name: c for name, c in doc["counts"].items() if c and name != "skipped"}
+    out.k_api = dict(_api_counts(sim))
+    return out
+
+
+def measure_idle(bridge: BridgeProcess, n: int, idle_seconds: float) -> Resources:
+    peak = int(bridge.ask("resources")["vm_hwm_kib"])
+    bridge.ask("idle")
+    time.sleep(1.0)  # let the scheduler and the renewer settle into their waits
+    before = bridge.cpu_seconds()
+    time.sleep(idle_seconds)
+    used = bridge.cpu_seconds() - before
+    after = bridge.ask("resources")
+    return Resources(
+        n=n, peak_rss_kib=max(peak, int(after["vm_hwm_kib"])), rss_after_idle_kib=int(after["vm_rss_kib"]),
+        idle_seconds=idle_seconds, idle_cpu_seconds=used,
+        what="bench.worker process holding the built Bridge, the APScheduler scheduler and the Vault token renewer "
+             "(bridge.app.run_daemon was not available)",
+    )
+
+
+def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeats: int, k: int,
+               idle_seconds: float, seed: int = 7) -> tuple[list[SizeResult], Resources]:
+    rng = random.Random(seed)
+    raw: dict[str, Any] = lab.raw_settings(sim.url, "steady")
+    with BridgeProcess(raw, workdir, "steady") as bridge:
+        results = [measure_size(lab, sim, bridge, n, repeats, k, rng) for n in sorted(sizes)]
+        resources = measure_idle(bridge, max(sizes), idle_seconds)
+    return results, resources

@@ -1,0 +1,238 @@
+"""Scenario 5b, property-based: for any sequence of Vault operations, passes converge.
+
+Planner + executor + sync engine run on the in-memory fakes (FakeSecretSource, FakeRegistrar,
+SqliteLedger(":memory:")). Hypothesis draws a sequence of operator actions — put a new secret,
+rotate, move to another project, untag, tag again, soft-delete the latest version, delete the
+secret with all its versions — interleaved with passes and with *crashes between steps* (the
+next create, delete, link copy or listing raises a non-bridge exception before or after it took
+effect, which unwinds the engine like a SIGKILL would, and the engine is rebuilt on the same
+ledger). After the sequence, clean passes must converge to the shared invariant
+(tests/chaos/invariant.py) under both deletion policies.
+
+Runs are derandomized so CI sees the same examples every time. The examples that break the
+invariant today are pinned as strict xfails at the bottom, with the reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.fingerprint import Keyring
+from bridge.ledger import SqliteLedger
+from bridge.metrics import Metrics
+from bridge.model import SecretRef, Sensitive
+from bridge.ports import PassRequest
+from bridge.sync import SyncEngine
+from tests.chaos.invariant import Cred, Expect, Want, check_invariant
+from tests.fake_source import FakeSecretSource
+from tests.fakes import FakeRegistrar
+from tests.helpers import ORG, PROJECTS, settings as make_settings, tagged, token
+
+FULL = PassRequest(trigger="manual")
+NAMES = ("a", "b", "c", "d")
+CRASH_OPS = ("create", "delete", "set_linked_projects", "list_project")
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: not a BridgeError, so nothing in the bridge catches it."""
+
+
+@dataclass
+class Known:
+    expect: Expect
+    project: str | None = None
+    version: int = 0
+    token: str | None = None
+
+
+@dataclass
+class FakeWorld:
+    policy: str = "delete"
+    t: float = 1_700_000_000.0
+    known: dict[str, Known] = field(default_factory=dict)
+    tokens: list[str] = field(default_factory=list)
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.s = make_settings(sync={"deletion_policy": self.policy, "retry_base_seconds": 1, "retry_cap_seconds": 5,
+                                     "max_deletes_per_pass": 1000})
+        self.vault = FakeSecretSource()
+        self.api = FakeRegistrar({ORG: PROJECTS}, clock=lambda: self.t)
+        self.ledger = SqliteLedger(":memory:")
+        self.keys = Keyring(b"chaos-property-key-0123456789abcdef")
+        self.metrics = Metrics()
+        self.engine = self._engine()
+        self.foreign: dict[str, Cred] = {}
+        for i, desc in enumerate(["made by hand", "[cybedefend-bridge:other:0123456789ab:v1]"]):
+            tok = token(i, "hand")
+            self.tokens.append(tok)
+            self.api.create(ORG, PROJECTS[i], f"human{i}", Sensitive(tok), desc)
+        self.foreign = {c.id: c for c in self.creds()}
+
+    def _engine(self) -> SyncEngine:
+        return SyncEngine(self.s, self.vault, self.api, self.ledger, self.keys, self.metrics,
+                          stop=threading.Event(), clock=lambda: self.t)
+
+    def creds(self) -> list[Cred]:
+        return [Cred(c.id, c.description, c.username, frozenset(c.links), c.token.reveal())
+                for c in self.api.credentials(ORG)]
+
+    # -- operator actions ---------------------------------------------------------------------
+    def put(self, name: str, project: str) -> None:
+        self.n += 1
+        tok = token(self.n, name)
+        self.tokens.append(tok)
+        version = self.vault.put("secret", f"dockerhub/{name}", {"accessToken": tok, "dockerhubUsername": f"u-{name}"},
+                                 tagged(project))
+        self.known[name] = Known(Expect.LIVE, project, version, tok)
+
+    def retag(self, name: str, project: str) -> None:
+        k = self.known.get(name)
+        if k is None or k.version == 0 or k.token is None:
+            return
+        if k.expect is Expect.GONE and k.project is None:
+            return  # soft-deleted: its latest version is gone, tags alone do not bring it back
+        self.vault.set_tags("secret", f"dockerhub/{name}", tagged(project))
+        self.known[name] = Known(Expect.LIVE, project, k.version, k.token)
+
+    def untag(self, name: str) -> None:
+        k = self.known.get(name)
+        if k is None or k.version == 0:
+            return
+        self.vault.set_tags("secret", f"dockerhub/{name}", {"owner": "x"})
+        self.known[name] = Known(Expect.GONE, k.project, k.version, k.token)
+
+    def soft_delete(self, name: str) -> None:
+        k = self.known.get(name)
+        if k is None or k.version == 0:
+            return
+        self.vault.delete_current("secret", f"dockerhub/{name}")
+        self.known[name] = Known(Expect.GONE, None, k.version, None)
+
+    def destroy(self, name: str) -> None:
+        if name not in self.known or self.known[name].version == 0:
+            return
+        self.vault.delete_all("secret", f"dockerhub/{name}")
+        self.known[name] = Known(Expect.GONE, None, 0, None)
+
+    # -- the bridge ---------------------------------------------------------------------------
+    def run(self, crash: tuple[str, bool] | None = None) -> None:
+        self.t += 60
+        if crash is not None:
+            self.api.inject(crash[0], Crash(), after=crash[1])
+        try:
+            self.engine.run(FULL)
+        except Crash:
+            self.engine = self._engine()  # a restarted process, same ledger file
+        finally:
+            self.api._injected.clear()  # noqa: SLF001 - a crash fault unused this pass must not fire later
+
+    def converge(self, passes: int = 3) -> None:
+        for _ in range(passes):
+            self.t += 3600
+            self.engine.run(FULL)
+
+    def check(self, context: str) -> None:
+        wants = []
+        for name, k in self.known.items():
+            ref = SecretRef("secret", f"dockerhub/{name}")
+            wants.append(Want(ref.key, self.keys.path_digest(ref), k.expect, k.project, k.version, k.token))
+        ledger = {r.key: r for r in self.ledger.all()}
+        texts = [repr(ledger), self.metrics.exposition().decode(), repr(self.engine.status())]
+        check_invariant(self.creds(), wants, instance=self.s.sync.instance, policy=self.policy, ledger=ledger,
+                        foreign=self.foreign, texts=texts, secrets=self.tokens, context=context,
+                        pending=[f"{p.credential_id[:8]}:{p.reason}" for p in self.ledger.pending_deletes()])
+
+
+names = st.sampled_from(NAMES)
+projects = st.sampled_from(PROJECTS[:3])
+SAFE_OPS = st.one_of(
+    st.tuples(st.just("put"), names, projects),
+    st.tuples(st.just("retag"), names, projects),
+    st.tuples(st.just("untag"), names, st.none()),
+    st.tuples(st.just("soft_delete"), names, st.none()),
+    st.tuples(st.just("destroy"), names, st.none()),
+    st.tuples(st.just("pass"), st.none(), st.none()),
+)
+CRASH = st.tuples(st.just("crash"), st.sampled_from(CRASH_OPS), st.booleans())
+PUTS = st.one_of(st.tuples(st.just("put"), names, projects), st.tuples(st.just("pass"), st.none(), st.none()))
+
+
+def play(world: FakeWorld, ops: list[tuple[str, Any, Any]]) -> None:
+    for op, a, b in ops:
+        if op == "crash":
+            world.run(crash=(a, b))
+        elif op == "pass":
+            world.run()
+        else:
+            getattr(world, op)(a, b) if b is not None else getattr(world, op)(a)
+    world.converge()
+    world.check(f"ops={ops}")
+
+
+PROPS = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("policy", ["delete", "retain"])
+@PROPS
+@given(ops=st.lists(SAFE_OPS, max_size=14))
+def test_any_sequence_of_vault_operations_converges(policy: str, ops: list[tuple[str, Any, Any]]) -> None:
+    play(FakeWorld(policy), ops)
+
+
+@pytest.mark.parametrize("policy", ["delete", "retain"])
+@PROPS
+@given(ops=st.lists(st.one_of(PUTS, CRASH), max_size=14))
+def test_crashes_between_any_two_steps_of_registration_and_rotation_converge(
+    policy: str, ops: list[tuple[str, Any, Any]]
+) -> None:
+    play(FakeWorld(policy), ops)
+
+
+# --- the gaps these tests found, pinned until the bridge closes them ----------------------
+
+CROSS_PROJECT_GAP = (
+    "BUG (issue 6 finding): a credential created by a pass that crashed before its ledger write is "
+    "only found again by listing the project the *current* tags name. If the operator moves, untags "
+    "or deletes the secret before the next pass, that credential is never adopted nor deleted: "
+    "it stays with our marker and a live token (ADR 3's known gap, without any ledger loss)."
+)
+
+
+@pytest.mark.xfail(strict=True, reason=CROSS_PROJECT_GAP)
+@pytest.mark.parametrize("then", ["retag", "untag", "destroy"])
+def test_crash_after_the_post_then_a_tag_change_leaves_no_stray(then: str) -> None:
+    world = FakeWorld("delete")
+    world.put("a", PROJECTS[0])
+    world.run()
+    world.retag("a", PROJECTS[1])
+    world.run(crash=("create", True))  # the move's create landed in project 1, then the bridge died
+    if then == "retag":
+        world.retag("a", PROJECTS[2])
+    else:
+        getattr(world, then)("a")
+    world.converge()
+    world.check(f"move crashed, then {then}")
+
+
+@pytest.mark.xfail(strict=True, reason=CROSS_PROJECT_GAP)
+def test_crash_after_the_first_post_then_untag_leaves_no_stray() -> None:
+    world = FakeWorld("delete")
+    world.put("a", PROJECTS[0])
+    world.run(crash=("create", True))
+    world.untag("a")
+    world.converge()
+    world.check("first create crashed, then untag")
+
+
+@pytest.mark.xfail(strict=True, reason=CROSS_PROJECT_GAP)
+@PROPS
+@given(ops=st.lists(st.one_of(SAFE_OPS, CRASH), max_size=14))
+def test_any_sequence_with_crashes_converges(ops: list[tuple[str, Any, Any]]) -> None:
+    play(FakeWorld("delete"), ops)

