@@ -1,7 +1,8 @@
 """Benchmark 3: write-to-registered latency through the audit-stream trigger.
 
-A second OpenBao, with a file audit device, holds `secrets` tagged secrets that a bridge
-(`bench.trigger_worker`: tailer -> matcher -> debounced queue -> targeted pass) has registered.
+A second OpenBao, with a file audit device, holds `secrets` tagged secrets that the daemon
+(`python -m bridge run`, with `triggers.audit_file` following that log: tailer -> matcher ->
+debounced queue -> targeted pass) has registered in its first pass.
 The bench rewrites them round-robin at random spacing; each latency runs from the moment the
 Vault write returned to the moment the double received the create POST carrying the new token
 (both stamped with `time.time()` in this process: one clock). The floor: the same writes to
@@ -16,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.daemon_proc import DaemonProcess
 from bench.floors import ApiFloor, three_calls
-from bench.procs import BridgeProcess
 from bench.rig import API_CONCURRENCY, ORG, PAT, PROJECTS, Lab, name, new_simulator
 from bench.stats import percentile
 from bridge.simulator import Simulator
@@ -64,7 +65,7 @@ def run_latency(workdir: Path, writes: int, *, secrets: int = 1000, poll_seconds
             assert lab.audit_log is not None
             raw = lab.raw_settings(sim.url, tag, LAT, triggers={
                 "audit_file": {"path": str(lab.audit_log), "poll_seconds": poll_seconds}, "debounce_seconds": debounce_seconds})
-            with BridgeProcess(raw, lab_dir, tag, command=("bench.trigger_worker",)):
+            with DaemonProcess(raw, lab_dir, tag):
                 written: dict[str, float] = {}
                 for w in range(writes):
                     time.sleep(rng.uniform(*spacing))

@@ -33,14 +33,14 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 class BridgeProcess:
-    """`python -m bench.worker bridge CONFIG` (or another `command`), driven line by line."""
+    """`python -m bench.worker bridge CONFIG`, driven line by line."""
 
-    def __init__(self, raw_settings: dict[str, Any], workdir: Path, tag: str, command: Sequence[str] = ("bench.worker", "bridge")) -> None:
+    def __init__(self, raw_settings: dict[str, Any], workdir: Path, tag: str) -> None:
         self.config = workdir / f"config-{tag}.yaml"
         self.config.write_text(json.dumps(raw_settings))  # JSON is YAML
         self._log: IO[bytes] = open(workdir / f"bridge-{tag}.log", "ab")  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", *command, str(self.config)],
+            [sys.executable, "-m", "bench.worker", "bridge", str(self.config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT, env=_env(),
         )
         self.ready = self._read()

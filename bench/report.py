@@ -144,9 +144,12 @@ def render(r: Results, bao: str) -> str:
         "round-robin over them. "
         "The first row is the shipped defaults (`triggers.audit_file.poll_seconds`, `triggers.debounce_seconds`).",
         "", "## 4. Resources", "",
-        f"Peak RSS (VmHWM) {res.peak_rss_kib / MIB:.1f} MiB of the bridge process after registering and passing over "
-        f"{res.n:,} secrets; RSS after idling {res.rss_after_idle_kib / MIB:.1f} MiB; CPU used over {res.idle_seconds:.0f} s "
-        f"idle (from /proc/<pid>/stat) {res.idle_cpu_seconds:.2f} s. Measured process: {res.what}.",
+        f"The daemon (`python -m bridge run`) started on the ledger of the {res.n:,} registered secrets: its start-up "
+        f"pass over them, then {res.idle_seconds:.0f} s idle before the next scheduled pass. Peak RSS (VmHWM) "
+        f"{res.peak_rss_kib / MIB:.1f} MiB, RSS after idling {res.rss_after_idle_kib / MIB:.1f} MiB, CPU used while idle "
+        f"{res.idle_cpu_seconds:.2f} s (utime + stime from /proc/<pid>/stat). The bench worker that registered all "
+        f"{res.n:,} from scratch (in steps, then {len(r.sizes)} x (k rotations + steady passes)) peaked at "
+        f"{res.worker_peak_rss_kib / MIB:.1f} MiB.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.daemon_proc import DaemonProcess
 from bench.floors import curl_fetch
 from bench.procs import BridgeProcess
 from bench.rig import Lab
@@ -57,7 +58,7 @@ class Resources:
     rss_after_idle_kib: int
     idle_seconds: float
     idle_cpu_seconds: float
-    what: str
+    worker_peak_rss_kib: int  # the bench worker that registered all n from scratch, then passed over them
 
 
 def _api_counts(sim: Simulator) -> Counter[str]:
@@ -90,20 +91,16 @@ def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeat
     return out
 
 
-def measure_idle(bridge: BridgeProcess, n: int, idle_seconds: float) -> Resources:
-    peak = int(bridge.ask("resources")["vm_hwm_kib"])
-    bridge.ask("idle")
-    time.sleep(1.0)  # let the scheduler and the renewer settle into their waits
-    before = bridge.cpu_seconds()
-    time.sleep(idle_seconds)
-    used = bridge.cpu_seconds() - before
-    after = bridge.ask("resources")
-    return Resources(
-        n=n, peak_rss_kib=max(peak, int(after["vm_hwm_kib"])), rss_after_idle_kib=int(after["vm_rss_kib"]),
-        idle_seconds=idle_seconds, idle_cpu_seconds=used,
-        what="bench.worker process holding the built Bridge, the APScheduler scheduler and the Vault token renewer "
-             "(bridge.app.run_daemon was not available)",
-    )
+def measure_daemon(raw: dict[str, Any], workdir: Path, n: int, idle_seconds: float, worker_peak_kib: int) -> Resources:
+    """The daemon on the ledger the worker filled: its start-up pass over n, then idle."""
+    with DaemonProcess(raw, workdir, "resources") as daemon:
+        time.sleep(1.0)  # let the pass's threads wind down and the scheduler settle into its wait
+        before = daemon.cpu_seconds()
+        time.sleep(idle_seconds)
+        used = daemon.cpu_seconds() - before
+        status = daemon.status_kib()
+    return Resources(n=n, peak_rss_kib=status["VmHWM"], rss_after_idle_kib=status["VmRSS"], idle_seconds=idle_seconds,
+                     idle_cpu_seconds=used, worker_peak_rss_kib=worker_peak_kib)
 
 
 def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeats: int, k: int,
@@ -112,5 +109,5 @@ def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeat
     raw: dict[str, Any] = lab.raw_settings(sim.url, "steady")
     with BridgeProcess(raw, workdir, "steady") as bridge:
         results = [measure_size(lab, sim, bridge, n, repeats, k, rng) for n in sorted(sizes)]
-        resources = measure_idle(bridge, max(sizes), idle_seconds)
-    return results, resources
+        worker_peak = int(bridge.ask("resources")["vm_hwm_kib"])
+    return results, measure_daemon(raw, workdir, max(sizes), idle_seconds, worker_peak)

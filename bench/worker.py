@@ -1,11 +1,10 @@
 """Subprocesses of the bench, so nothing measured shares a GIL with the CybeDefend double.
 
 `python -m bench.worker bridge CONFIG`: builds the bridge with `bridge.app.build` and answers
-commands on stdin, one JSON line each on stdout:
+commands on stdin, one JSON line each on stdout (the daemon itself has no such control channel,
+and a pass must be timed exactly):
   pass                  -> a full pass: {"seconds", "result", "counts", "vault_requests"}
   targeted KEY [KEY...] -> a targeted pass over `mount/path` keys (what an audit trigger runs)
-  idle                  -> start the scheduler (interval from the config) and the token renewer,
-                           as the daemon runs them between passes: {"idle": true}
   resources             -> {"vm_hwm_kib", "vm_rss_kib", "cpu_seconds"} of this process
   quit                  -> close the bridge and exit
 `python -m bench.worker posts URL PAT_FILE BODIES_FILE CONCURRENCY ORG`: the create floor; prints
@@ -16,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,6 @@ from bridge.config import load_settings
 from bridge.logs import configure
 from bridge.metrics import Metrics
 from bridge.ports import PassRequest
-from bridge.scheduler import Scheduler
 
 
 def proc_status() -> dict[str, int]:
@@ -58,8 +54,6 @@ def serve_bridge(config: Path) -> int:
     configure(settings.logging.level, settings.logging.format, stream=sys.stderr)
     metrics = Metrics()
     bridge = build(settings, metrics=metrics)
-    stop = threading.Event()
-    scheduler: Scheduler | None = None
     _say({"ready": True, "pid": os.getpid()})
     try:
         for line in sys.stdin:
@@ -73,21 +67,12 @@ def serve_bridge(config: Path) -> int:
                 report = bridge.engine.run(request)
                 _say({"seconds": time.perf_counter() - started, "result": report.result,
                       "counts": dict(report.counts), "vault_requests": dict(report.vault_requests)})
-            elif cmd == "idle":
-                # What the daemon keeps running between passes; a tick only requests a pass.
-                scheduler = Scheduler(settings.schedule, lambda: None, metrics, rng=random.Random(1))
-                scheduler.start()
-                threading.Thread(target=bridge.vault.run_renewer, args=(stop,), daemon=True).start()
-                _say({"idle": True})
             elif cmd == "resources":
                 status = proc_status()
                 _say({"vm_hwm_kib": status["VmHWM"], "vm_rss_kib": status["VmRSS"], "cpu_seconds": cpu_seconds()})
             else:
                 _say({"error": f"unknown command {cmd!r}"})
     finally:
-        stop.set()
-        if scheduler is not None:
-            scheduler.shutdown(wait=False)
         bridge.close(revoke=False)
     return 0
 

@@ -2,7 +2,8 @@
 
 The YAML file is the only source of settings, plus the usual Vault environment variables
 (`VAULT_ADDR`, `VAULT_TOKEN`, `VAULT_NAMESPACE`, `VAULT_CACERT`, `VAULT_CLIENT_CERT`,
-`VAULT_CLIENT_KEY`, `VAULT_SKIP_VERIFY`), which fill a key the file leaves unset. A wrong
+`VAULT_CLIENT_KEY`, `VAULT_SKIP_VERIFY`) and `BRIDGE_HA_ADVERTISE_ADDRESS` (a pod's own IP cannot
+be written in a file), which fill a key the file leaves unset. A wrong
 setting raises `ConfigError` naming the dotted key and what was expected; the CLI turns that
 into exit code 2. Secrets are never settings: only paths to files (or Vault paths) that hold them.
 """

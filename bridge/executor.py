@@ -134,7 +134,12 @@ class Executor:
             self._ledger.add_pending_delete(PendingDelete(cred_id, org, cand.ref.key, action.kind.value))
 
         mine = self._ours(cand.project_id, marker, fresh=False)
-        current = sorted((c for c, m in mine if m.revision == marker.revision), key=lambda c: c.created_at or "")
+        # The credential a rotation replaces holds the old token even when its marker names the
+        # same revision (KV v2 numbers versions from 1 again once a secret was destroyed and
+        # written anew): adopting it would leave the stale token registered.
+        stale = action.old_credential_id if action.kind == ActionKind.ROTATE else None
+        current = sorted((c for c, m in mine if m.revision == marker.revision and c.id != stale),
+                         key=lambda c: c.created_at or "")
         superseded = [c for c, m in mine if m.revision != marker.revision and c.id != action.old_credential_id]
         kind = action.kind
         if current:

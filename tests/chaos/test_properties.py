@@ -165,13 +165,27 @@ PUTS = st.one_of(st.tuples(st.just("put"), names, projects), st.tuples(st.just("
 
 
 def play(world: FakeWorld, ops: list[tuple[str, Any, Any]]) -> None:
+    """Apply `ops`, then converge and check. Two orderings are settled by a clean pass first,
+    because each hits a gap pinned by a strict xfail below (and would hide any other finding):
+    a move/untag/delete right after a crash (CROSS_PROJECT_GAP), and writing a secret anew
+    before any pass saw that it was destroyed (SAME_VERSION_GAP)."""
+    crashed, destroyed = False, set()
     for op, a, b in ops:
+        if (crashed and op in ("retag", "untag", "soft_delete", "destroy")) or (op == "put" and a in destroyed):
+            world.run()
+            crashed, destroyed = False, set()
         if op == "crash":
             world.run(crash=(a, b))
+            crashed = True
         elif op == "pass":
             world.run()
+            crashed, destroyed = False, set()
+        elif b is not None:
+            getattr(world, op)(a, b)
         else:
-            getattr(world, op)(a, b) if b is not None else getattr(world, op)(a)
+            getattr(world, op)(a)
+            if op == "destroy":
+                destroyed.add(a)
     world.converge()
     world.check(f"ops={ops}")
 
@@ -231,8 +245,44 @@ def test_crash_after_the_first_post_then_untag_leaves_no_stray() -> None:
     world.check("first create crashed, then untag")
 
 
-@pytest.mark.xfail(strict=True, reason=CROSS_PROJECT_GAP)
+@pytest.mark.parametrize("policy", ["delete", "retain"])
 @PROPS
 @given(ops=st.lists(st.one_of(SAFE_OPS, CRASH), max_size=14))
-def test_any_sequence_with_crashes_converges(ops: list[tuple[str, Any, Any]]) -> None:
-    play(FakeWorld("delete"), ops)
+def test_any_sequence_with_crashes_converges(policy: str, ops: list[tuple[str, Any, Any]]) -> None:
+    play(FakeWorld(policy), ops)
+
+
+SAME_VERSION_GAP = (
+    "BUG (issue 6 finding): a pass compares KV v2 version *numbers* only. When a secret is destroyed "
+    "(metadata and all versions deleted) and written anew before the next pass, the new token is again "
+    "version 1, the ledger says v1 registered, the value is never read: the old token stays registered. "
+    "Fix: keep the version's created_time (in metadata) in the ledger and compare it too."
+)
+
+
+@pytest.mark.xfail(strict=True, reason=SAME_VERSION_GAP)
+@pytest.mark.parametrize("policy", ["delete", "retain"])
+def test_destroyed_and_written_anew_between_two_passes_registers_the_new_token(policy: str) -> None:
+    play(FakeWorld(policy), [("put", "a", PROJECTS[0]), ("pass", None, None), ("destroy", "a", None)])
+    world = FakeWorld(policy)
+    world.put("a", PROJECTS[0])
+    world.run()
+    world.destroy("a")
+    world.put("a", PROJECTS[0])  # version 1 again, another token
+    world.converge()
+    world.check("destroyed and written anew between two passes")
+
+
+@pytest.mark.parametrize("policy", ["delete", "retain"])
+def test_an_orphan_with_the_same_revision_is_not_adopted(policy: str) -> None:
+    """Regression (found by the property test above, fixed in bridge/executor.py): the secret was
+    destroyed (retain: its credential orphaned, marker v1), then written anew as version 1 with
+    another token. The rotation used to adopt the orphan, leaving the old token registered."""
+    world = FakeWorld(policy)
+    world.put("a", PROJECTS[0])
+    world.run()
+    world.destroy("a")
+    world.run()
+    world.put("a", PROJECTS[0])
+    world.converge()
+    world.check("destroyed, seen, written anew")
