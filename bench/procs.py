@@ -83,6 +83,9 @@ class BridgeProcess:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None:
+                pipe.close()
         self._log.close()
 
     def __enter__(self) -> BridgeProcess:

@@ -131,10 +131,14 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         bridge = build(settings)
     except BridgeError as exc:
         return _fatal(exc)
+    if args.output == "table" and sys.stderr.isatty():
+        bridge.engine.progress = _ProgressBar(sys.stderr)
     try:
         report = bridge.engine.run(PassRequest(trigger="manual", force_drift_check=args.check_drift))
     finally:
         bridge.close()
+        if isinstance(bridge.engine.progress, _ProgressBar):
+            bridge.engine.progress.finish()
     if args.output == "json":
         print(json.dumps({"result": report.result, "counts": dict(report.counts), "error": report.error,
                           "vault_requests": dict(report.vault_requests),
@@ -239,3 +243,27 @@ def _summary(counts: Any, out: TextIO) -> None:
     print("pass summary", file=out)
     for key in SUMMARY_KEYS:
         print(f"  {key:10s} {counts.get(key, 0):6d}", file=out)
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal, redrawn at most ten times a second."""
+
+    def __init__(self, out: TextIO, width: int = 30) -> None:
+        self._out, self._width, self._last, self._drawn = out, width, 0.0, False
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if total < 20 or (now - self._last < 0.1 and done < total):
+            return  # short passes need no bar
+        self._last = now
+        filled = int(self._width * done / max(total, 1))
+        self._out.write(f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done}/{total} secrets")
+        self._out.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self._drawn:
+            self._out.write("\n")
+            self._out.flush()

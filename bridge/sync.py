@@ -58,8 +58,10 @@ class SyncEngine:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self._s = settings
+        self.progress = progress  # (done, total) after each action; the CLI draws a bar on a terminal
         self._source = source
         self._api = registrar
         self._ledger = ledger
@@ -229,6 +231,9 @@ class SyncEngine:
         quiet = [a for a in actions if a.kind in (ActionKind.SKIP,)]
         busy = [a for a in actions if a.kind not in (ActionKind.SKIP,)]
         outcomes = [self._exec.execute(a, deletes_allowed=allowed) for a in quiet]
+        total = len(actions)
+        if self.progress is not None:
+            self.progress(len(outcomes), total)
         if not busy:
             return outcomes
         abort: PassAbort | None = None
@@ -249,6 +254,8 @@ class SyncEngine:
                         continue
                     outcomes.append(outcome)
                     self._observe_latency(outcome, request)
+                    if self.progress is not None:
+                        self.progress(len(outcomes), total)
             for action in queue:  # not started: stop requested or the pass aborted
                 outcomes.append(Outcome(action, Result.DEFERRED, action.kind, reason="not started this pass"))
         if abort is not None:
