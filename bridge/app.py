@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bridge.config import Settings
 from bridge.cybedefend import CybeDefendClient, read_credential_file
+from bridge.dockerhub import DockerHubVerifier
 from bridge.errors import BridgeError, ConfigError
 from bridge.fingerprint import Keyring, load_key_file, load_key_from_vault
 from bridge.ledger import SqliteLedger
@@ -105,7 +106,11 @@ def build(
             closer()
         vault.close()
         raise
-    engine = SyncEngine(settings, vault, client, ledger, keyring, metrics, stop=stop, rng=rng)
+    verifier = None
+    if settings.sync.verify_with_dockerhub:
+        verifier = DockerHubVerifier(settings.sync.dockerhub_auth_url, timeout=settings.cybedefend.timeout_seconds)
+        closers.append(verifier.close)
+    engine = SyncEngine(settings, vault, client, ledger, keyring, metrics, stop=stop, rng=rng, verifier=verifier)
     return Bridge(settings, metrics, vault, client, ledger, keyring, engine, stop, closers)
 
 

@@ -33,7 +33,7 @@ from bridge.fingerprint import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Action, ActionKind, Candidate, Marker, Outcome, RemoteCredential, Result, State
-from bridge.ports import Ledger, LedgerRecord, PendingDelete, Registrar
+from bridge.ports import Ledger, LedgerRecord, PendingDelete, Registrar, TokenVerifier
 from bridge.retry import backoff_delay
 
 log = get_logger(__name__)
@@ -54,8 +54,10 @@ class Executor:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self._s = settings
+        self._verifier = verifier
         self._api = registrar
         self._ledger = ledger
         self._keys = keyring
@@ -121,6 +123,10 @@ class Executor:
     def _register(self, action: Action, deletes_allowed: bool) -> Outcome:
         cand = action.candidate
         assert cand is not None
+        if self._verifier is not None and not self._verifier.accepts(cand.username, cand.token):
+            reason = "DockerHub does not accept this token for this username (sync.verify_with_dockerhub)"
+            self._record_reject(action, "dockerhub_rejected", reason)
+            return Outcome(action, Result.OK, ActionKind.REJECT, reason=reason)
         marker = self._keys.marker(self._s.sync.instance, cand.ref, cand.version, cand.fingerprint)
         replaced: list[tuple[str, str]] = []  # (credential id, organization) to delete once replaced
         if action.old_credential_id and action.old_organization_id:

@@ -57,6 +57,12 @@ class Registrar(Protocol):
     def set_linked_projects(self, organization_id: str, credential_id: str, project_ids: Sequence[str]) -> None: ...
 
 
+class TokenVerifier(Protocol):
+    """Optional: asks DockerHub whether a token is valid before it is registered."""
+
+    def accepts(self, username: str, token: Sensitive) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerRecord:
     """One row of the ledger: what the bridge believes about one source secret. No values."""

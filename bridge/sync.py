@@ -24,7 +24,7 @@ from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Action, ActionKind, Outcome, Result, State, VaultEntry
 from bridge.planner import Scope, count_deletions, plan, source_of, values_to_read
-from bridge.ports import Ledger, LedgerRecord, PassReport, PassRequest, Registrar, SecretSource
+from bridge.ports import Ledger, LedgerRecord, PassReport, PassRequest, Registrar, SecretSource, TokenVerifier
 
 log = get_logger(__name__)
 
@@ -59,6 +59,7 @@ class SyncEngine:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         progress: Callable[[int, int], None] | None = None,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self._s = settings
         self.progress = progress  # (done, total) after each action; the CLI draws a bar on a terminal
@@ -70,7 +71,7 @@ class SyncEngine:
         self._stop = stop or threading.Event()
         self._clock = clock
         self._mono = monotonic
-        self._exec = Executor(settings, registrar, ledger, keyring, metrics, clock=clock, rng=rng)
+        self._exec = Executor(settings, registrar, ledger, keyring, metrics, clock=clock, rng=rng, verifier=verifier)
         self._lock = threading.Lock()
         self._last: PassReport | None = None
         self._last_full: PassReport | None = None
