@@ -162,8 +162,24 @@ def run_daemon(config_path: Path) -> int:
     configure(settings.logging.level, settings.logging.format)
     metrics = Metrics()
     stop = threading.Event()
+    services_stop = threading.Event()
     webhook_token = _read_token_file(settings.server.webhook_token_file, "server.webhook_token_file")
-    bridge = _build_with_retry(settings, metrics, stop)
+    # Listen for a socket audit device *before* waiting for Vault: a Vault whose config declares
+    # one refuses to start until this address accepts connections, so binding only after Vault
+    # answered would deadlock a joint start. Until the daemon starts the listener's thread,
+    # Vault's lines wait in the kernel; the handler is bound below, before that thread runs.
+    socket_handler: list[Callable[[bytes], None]] = []
+    listener: AuditSocketListener | None = None
+    if settings.triggers.audit_socket is not None:
+        sock = settings.triggers.audit_socket
+        listener = AuditSocketListener(sock.bind, sock.port, sock.allowed_peers, lambda line: socket_handler[0](line),
+                                       services_stop, metrics=metrics)
+    try:
+        bridge = _build_with_retry(settings, metrics, stop)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
     renewer_stop = threading.Event()
     renewer = threading.Thread(target=bridge.vault.run_renewer, args=(renewer_stop,), name="vault-renewer", daemon=True)
     renewer.start()
@@ -178,15 +194,13 @@ def run_daemon(config_path: Path) -> int:
     # The bridge's own state path changes on every lease renewal: never a trigger.
     matcher = AuditMatcher(settings.sources, kv_versions, namespace=settings.vault.namespace,
                            exclude=[f"{settings.state_mount}/{settings.state_path}"])
-    services_stop = threading.Event()
     services: list[AuditFileTailer | AuditSocketListener] = []
     if settings.triggers.audit_file is not None:
         services.append(AuditFileTailer(settings.triggers.audit_file.path, line_handler(matcher, queue, "audit_file"),
                                         poll_seconds=settings.triggers.audit_file.poll_seconds, stop=services_stop))
-    if settings.triggers.audit_socket is not None:
-        sock = settings.triggers.audit_socket
-        services.append(AuditSocketListener(sock.bind, sock.port, sock.allowed_peers,
-                                            line_handler(matcher, queue, "audit_socket"), services_stop, metrics=metrics))
+    if listener is not None:
+        socket_handler.append(line_handler(matcher, queue, "audit_socket"))
+        services.append(listener)
     ingest = make_audit_ingest(matcher.match, max_lines=10_000) if settings.triggers.audit_ingest else None
     lease = None
     if settings.ha.enabled:

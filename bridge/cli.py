@@ -8,9 +8,10 @@ second interrupt. Heavy imports happen inside the commands so `--help` stays fas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -102,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  fix the configuration (docs/configuration.md lists every key), then run `cybedefend-bridge check`.",
               file=sys.stderr)
         return EXIT_CONFIG
+    except BridgeError as exc:
+        print(f"cybedefend-bridge: {exc}", file=sys.stderr)
+        print("  run `cybedefend-bridge check` to see which connection fails.", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -122,23 +127,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(args.config)
 
 
-def _cmd_sync(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _bridge(args: argparse.Namespace) -> Iterator[Any]:
+    """The built bridge for one command, closed (and its Vault token revoked) afterwards."""
     from bridge.app import build
-    from bridge.ports import PassRequest
 
-    settings = _settings(args)
+    bridge = build(_settings(args))
     try:
-        bridge = build(settings)
-    except BridgeError as exc:
-        return _fatal(exc)
-    if args.output == "table" and sys.stderr.isatty():
-        bridge.engine.progress = _ProgressBar(sys.stderr)
-    try:
-        report = bridge.engine.run(PassRequest(trigger="manual", force_drift_check=args.check_drift))
+        yield bridge
     finally:
         bridge.close()
-        if isinstance(bridge.engine.progress, _ProgressBar):
-            bridge.engine.progress.finish()
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from bridge.ports import PassRequest
+
+    bar = _ProgressBar(sys.stderr) if args.output == "table" and sys.stderr.isatty() else None
+    with _bridge(args) as bridge:
+        bridge.engine.progress = bar
+        try:
+            report = bridge.engine.run(PassRequest(trigger="manual", force_drift_check=args.check_drift))
+        finally:
+            if bar is not None:
+                bar.finish()
     if args.output == "json":
         print(json.dumps({"result": report.result, "counts": dict(report.counts), "error": report.error,
                           "vault_requests": dict(report.vault_requests),
@@ -154,18 +165,10 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from bridge.app import build
     from bridge.ports import PassRequest
 
-    settings = _settings(args)
-    try:
-        bridge = build(settings)
-    except BridgeError as exc:
-        return _fatal(exc)
-    try:
+    with _bridge(args) as bridge:
         actions = bridge.engine.plan(PassRequest(trigger="manual", dry_run=True))
-    finally:
-        bridge.close()
     rows: list[dict[str, Any]] = [
         {"path": a.ref.key, "action": a.kind.value, "version": a.version, "project_id": a.project_id,
          "organization_id": a.organization_id, "reason": a.reason, "reject_code": a.reject_code}
@@ -229,12 +232,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
     return run_demo(workdir=args.workdir, port=args.port, exit_after_rotation=args.exit_after_rotation)
-
-
-def _fatal(exc: BridgeError) -> int:
-    print(f"cybedefend-bridge: {exc}", file=sys.stderr)
-    print("  run `cybedefend-bridge check` to see which connection fails.", file=sys.stderr)
-    return EXIT_FAILED
 
 
 def _summary(counts: Any, out: TextIO) -> None:

@@ -163,9 +163,10 @@ def test_socket_audit_device_with_the_bridge_started_before_vault(stacks: Callab
     try:
         stack = stacks(bao)
         d = stack.daemon(triggers={"audit_socket": {"bind": "127.0.0.1", "port": sock_port}}).start()
-        wait_for(lambda: accepts(sock_port) or not d.alive(), 15)
+        wait_for(lambda: d.events("start-up waiting for a dependency") or not d.alive(), 15)
         assert d.alive(), d.stderr()[-2000:]
-        assert d.events("startup_waiting_for_a_dependency") or d.code("/readyz") is None  # Vault is not up yet
+        assert d.code("/readyz") is None  # the bridge is still waiting for Vault…
+        assert accepts(sock_port)  # …and already listening for it
         bao.start()  # raises if OpenBao cannot reach the socket device
         d.wait_ready()
         wall = time.time()
@@ -181,3 +182,191 @@ def test_socket_audit_device_with_the_bridge_started_before_vault(stacks: Callab
         stack.check_exposure(d)
     finally:
         bao.cleanup()
+
+
+def audit_lines_since(audit: Path, offset: int, needle: str) -> bytes | None:
+    """Audit lines written after `offset`, once a response line naming `needle` is among them."""
+    data = audit.read_bytes()[offset:]
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    hits = [ln for ln in lines if needle.encode() in ln and json.loads(ln).get("type") == "response"]
+    return b"\n".join(lines) + b"\n" if hits else None
+
+
+def test_forwarded_audit_lines_on_v1_audit(openbao_factory: Callable[..., OpenBao],
+                                           stacks: Callable[[OpenBao], Stack], tmp_path: Path) -> None:
+    audit = tmp_path / "audit.log"  # the bridge does not tail it: the test ships its lines, as Vector would
+    stack = stacks(openbao_factory(audit_log=audit))
+    d = stack.daemon(triggers={"audit_ingest": True}, server={"max_body_bytes": 256 << 10}).start()
+    d.wait_ready()
+
+    offset = audit.stat().st_size
+    tok = stack.put("shipped", 1)
+    body = wait_for(lambda: audit_lines_since(audit, offset, "dockerhub/shipped"))
+    assert d.post("/v1/audit", body, {"Content-Type": "application/x-ndjson"})[0] == 401
+    assert d.post("/v1/audit", body, bearer("not-the-token"))[0] == 401
+    assert d.post("/v1/audit", b"{}\n" * (300 << 10 // 3), bearer())[0] == 413
+    time.sleep(1.0)  # a rejected body must not have queued anything
+    assert stack.registered(tok) is None
+
+    wall = time.time()
+    code, answer = d.post("/v1/audit", body, bearer())
+    assert code == 202 and json.loads(answer)["accepted"] == body.count(b"\n")
+    registered_within(stack, tok)
+    assert last_pass_since(d, wall)["trigger"] == "audit_ingest"
+    wait_for(lambda: stack.settled(d, ["shipped"]))
+    stack.assert_registered_once(["shipped"], d.rows())
+    assert d.metric("cybedefend_bridge_trigger_events_total", source="audit_ingest") >= 1
+    stack.check_exposure(d)
+
+
+def test_webhook_triggers_a_targeted_sync_and_rejects_bad_requests(openbao_factory: Callable[..., OpenBao],
+                                                                    stacks: Callable[[OpenBao], Stack]) -> None:
+    stack = stacks(openbao_factory())
+    d = stack.daemon(server={"max_body_bytes": 1024}).start()  # no audit trigger: only the webhook can tell it
+    d.wait_ready()
+    tok = stack.put("ci", 1)
+    body = json.dumps({"paths": [stack.key("ci")]}).encode()
+    json_only = {"Content-Type": "application/json"}
+    assert d.post("/v1/sync", body, json_only)[0] == 401
+    assert d.post("/v1/sync", body, bearer(WEBHOOK_TOKEN[:-1]))[0] == 401
+    assert d.post("/v1/sync", body, bearer(WEBHOOK_TOKEN + "x"))[0] == 401
+    assert d.post("/v1/sync", body, {**json_only, "Authorization": WEBHOOK_TOKEN})[0] == 401  # no scheme
+    big = json.dumps({"paths": [stack.key("ci")] * 100}).encode()
+    assert len(big) > 1024
+    assert d.post("/v1/sync", big, bearer())[0] == 413
+    assert d.get("/v1/sync")[0] == 405
+    time.sleep(1.0)
+    assert stack.registered(tok) is None, "a rejected request caused a sync"
+    assert d.metric("cybedefend_bridge_trigger_events_total", source="webhook") == 0
+
+    wall = time.time()
+    code, answer = d.post("/v1/sync", body, bearer())
+    assert code == 202 and json.loads(answer) == {"accepted": True, "full": False, "paths": 1}
+    registered_within(stack, tok)
+    last = last_pass_since(d, wall)
+    assert last["trigger"] == "webhook" and last["full"] is False
+    # No paths: a full pass, still on the webhook's account.
+    stack.put("ci-2", 1)
+    wall = time.time()
+    assert d.post("/v1/sync", b"", bearer())[0] == 202
+    assert last_pass_since(d, wall, full=True)["trigger"] == "webhook"
+    wait_for(lambda: stack.settled(d, ["ci", "ci-2"]))
+    stack.assert_registered_once(["ci", "ci-2"], d.rows())
+    stack.check_exposure(d)
+
+
+def test_readiness_follows_vault_while_liveness_stays(openbao_factory: Callable[..., OpenBao],
+                                                      stacks: Callable[[OpenBao], Stack]) -> None:
+    bao = openbao_factory("file")  # durable storage: it can be stopped and started with its data
+    stack = stacks(bao)
+    d = stack.daemon().start()
+    assert wait_for(lambda: d.code("/healthz") == 200, 20)
+    d.wait_ready()
+    assert d.metric("cybedefend_bridge_ready") == 1
+
+    bao.stop()
+    outage: list[int | None] = []
+
+    def not_ready() -> bool:
+        outage.append(d.code("/healthz"))
+        return d.code("/readyz") == 503
+
+    wait_for(not_ready, 15, 0.2)
+    code, reason = d.get("/readyz")
+    assert code == 503 and b"vault" in reason.lower()
+    assert d.metric("cybedefend_bridge_ready") == 0
+    assert d.status()["daemon"]["ready"] is False
+    for _ in range(5):
+        outage.append(d.code("/healthz"))
+        time.sleep(0.2)
+    assert outage and set(outage) == {200}, "liveness must not depend on Vault"
+
+    bao.start()  # same data, unsealed again; the bridge's token still works
+    wait_for(lambda: d.code("/readyz") == 200, 20, 0.2)
+    assert d.metric("cybedefend_bridge_ready") == 1
+    registered = stack.put("after-outage", 1)
+    assert d.post("/v1/sync", json.dumps({"paths": [stack.key("after-outage")]}).encode(), bearer())[0] == 202
+    registered_within(stack, registered)
+    stack.check_exposure(d)
+
+
+def test_sigterm_mid_pass_then_restart_nothing_lost_nothing_duplicated(openbao_factory: Callable[..., OpenBao],
+                                                                       stacks: Callable[[OpenBao], Stack]) -> None:
+    stack = stacks(openbao_factory())
+    names = [f"many-{i:03d}" for i in range(150)]
+    for i, name in enumerate(names):
+        stack.put(name, 1, PROJECTS[i % 4])
+    stack.sim.inject("create", Fault.delay(0.2), times=1000)
+    d = stack.daemon(sync={"shutdown_grace_seconds": 8}).start()
+    wait_for(lambda: len(stack.creds()) >= 20, 30)
+
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0
+    took = time.monotonic() - t0
+    assert took < 8, f"exit took {took:.1f} s, longer than the grace period"
+    done = len(stack.creds())
+    assert 20 <= done < 150, "the signal did not arrive mid-pass"
+    [stopped] = d.events("stopped")
+    assert stopped["in_flight_finished"] is True
+    assert not d.events("shutdown_grace_exceeded")
+
+    # While it is down, some tokens are rotated (some of them were registered, some not yet).
+    rotated = names[:5] + names[-5:]
+    for name in rotated:
+        stack.put(name, 2, PROJECTS[names.index(name) % 4])
+    stack.sim.clear_faults()
+    d.start()
+    d.wait_ready(60)
+    wait_for(lambda: stack.settled(d, names) and len(stack.creds()) == 150, 30, 0.2)
+    stack.assert_registered_once(names, d.rows())
+    assert wait_for(lambda: d.status()["pending_deletes"] == 0)
+    assert sorted(d.rows()) == sorted(stack.key(n) for n in names)
+    stack.check_exposure(d)
+
+
+def test_sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_invalid(openbao_factory: Callable[..., OpenBao],
+                                                                           stacks: Callable[[OpenBao], Stack]) -> None:
+    stack = stacks(openbao_factory())
+    d = stack.daemon().start()
+    d.wait_ready()
+
+    def next_full_in() -> float:
+        return float(d.status()["daemon"]["next_full_pass_at"]) - time.time()
+
+    assert next_full_in() > 500
+    d.get("/healthz")
+    assert not d.events("http_request")  # info level: no access log
+
+    raw = json.loads(json.dumps(d.raw))
+    raw["schedule"]["interval_seconds"] = 5
+    raw["logging"]["level"] = "debug"
+    d.write_config(raw)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.events("config_reloaded"))
+    assert next_full_in() <= 5.5
+    wall = time.time()
+    assert last_pass_since(d, wall, full=True)["trigger"] == "schedule"  # the new interval is in effect
+    d.get("/healthz")
+    assert wait_for(lambda: [e for e in d.events("http_request") if e.get("path") == "/healthz"])  # debug now
+
+    bad = json.loads(json.dumps(raw))
+    bad["schedule"] = {**raw["schedule"], "interval_secs": 600}  # a typo
+    del bad["schedule"]["interval_seconds"]
+    d.write_config(bad)
+    d.signal(signal.SIGHUP)
+    [failed] = wait_for(lambda: d.events("config_reload_failed"))
+    assert failed["key"] == "schedule.interval_secs"
+    bad["schedule"] = {**raw["schedule"], "interval_seconds": 1}  # below the minimum
+    d.write_config(bad)
+    d.signal(signal.SIGHUP)
+    second = wait_for(lambda: d.events("config_reload_failed")[1:])[0]
+    assert second["key"] == "schedule.interval_seconds"
+    assert next_full_in() <= 5.5  # the previous configuration stays
+    wall = time.time()
+    assert last_pass_since(d, wall, full=True)["trigger"] == "schedule"
+    assert d.alive() and d.code("/healthz") == 200 and d.code("/readyz") == 200
+    assert len(d.events("config_reloaded")) == 1
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0
+    stack.check_exposure(d)

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.devserver import DevOpenBao
 from bridge.simulator import Simulator
-from tests.deploy.deploy_tools import NAMESPACE, PROMETHEUS_SERIES, RELEASE, dashboard, dashboard_exprs, metrics_in, rules_spec, tool
+from tests.deploy.deploy_tools import NAMESPACE, RELEASE, dashboard, dashboard_exprs, metrics_in, rules_spec, tool
 from tests.helpers import forms
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
