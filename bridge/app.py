@@ -70,13 +70,13 @@ class Bridge:
             try:
                 closer()
             except BridgeError as exc:
-                log.warning("error while closing", error=str(exc))
+                log.warning("close_failed", error=str(exc))
         self._closers.clear()
         if revoke and self.settings.vault.revoke_on_shutdown:
             try:
                 self.vault.revoke_self()
             except BridgeError as exc:
-                log.warning("could not revoke the Vault token", error=str(exc))
+                log.warning("vault_revoke_failed", error=str(exc))
         self.vault.close()
 
 
@@ -141,7 +141,7 @@ def _build_with_retry(settings: Settings, metrics: Metrics, stop: threading.Even
                 raise
             attempt += 1
             wait = backoff_delay(attempt, 1.0, 30.0, rng) + 0.5
-            log.warning("start-up waiting for a dependency", error=str(exc), retry_in_s=round(wait, 1))
+            log.warning("startup_waiting", error=str(exc), retry_in_s=round(wait, 1))
             if stop.wait(wait):
                 raise
 
@@ -190,7 +190,7 @@ def run_daemon(config_path: Path) -> int:
         try:
             kv_versions[src.mount] = bridge.vault.kv_version(src.mount)
         except BridgeError as exc:
-            log.warning("kv version unknown; audit lines are matched by shape", mount=src.mount, error=str(exc))
+            log.warning("kv_version_unknown", hint="audit lines are matched by the shape of their path", mount=src.mount, error=str(exc))
     # The bridge's own state path changes on every lease renewal: never a trigger.
     matcher = AuditMatcher(settings.sources, kv_versions, namespace=settings.vault.namespace,
                            exclude=[f"{settings.state_mount}/{settings.state_path}"])

@@ -134,7 +134,7 @@ class Executor:
             if not retiring or self._s.sync.deletion_policy == "delete":
                 replaced.append((action.old_credential_id, action.old_organization_id))
             else:
-                log.info("old credential kept", path=cand.ref.key, credential_id=action.old_credential_id,
+                log.info("old_credential_kept", path=cand.ref.key, credential_id=action.old_credential_id,
                          reason="project changed; deletion_policy is retain")
         for cred_id, org in replaced:
             self._ledger.add_pending_delete(PendingDelete(cred_id, org, cand.ref.key, action.kind.value))
@@ -237,10 +237,10 @@ class Executor:
         except BridgeError as exc:
             wait = backoff_delay(item.attempts + 1, self._s.sync.retry_base_seconds, self._s.sync.retry_cap_seconds, self._rng)
             self._ledger.update_pending_delete(replace(item, attempts=item.attempts + 1, next_attempt_at=self._clock() + wait))
-            log.warning("delete failed", credential_id=credential_id, error=str(exc), next_attempt_in_s=round(wait))
+            log.warning("delete_failed", credential_id=credential_id, error=str(exc), next_attempt_in_s=round(wait))
             return False
         self._ledger.remove_pending_delete(credential_id)
-        log.info("credential deleted", credential_id=credential_id, reason=item.reason, already_gone=not gone_now)
+        log.info("credential_deleted", credential_id=credential_id, reason=item.reason, already_gone=not gone_now)
         return True
 
     # -- ledger rows ----------------------------------------------------------------------
@@ -265,7 +265,7 @@ class Executor:
         is_new = rec is None or rec.state != State.REJECTED or rec.last_result != code or rec.seen_version != action.version
         if is_new:
             self._m.rejects.labels(reason=code).inc()
-            log.warning("secret rejected", path=action.ref.key, version=action.version, reject_code=code, reason=reason)
+            log.warning("secret_rejected", path=action.ref.key, version=action.version, reject_code=code, reason=reason)
         base = rec or LedgerRecord(key=action.ref.key, mount=action.ref.mount, path=action.ref.path,
                                    kv_version=action.ref.kv_version, state=State.REJECTED, created_at=now)
         # A rejected secret keeps the credential (and its version) it may have had: bad new

@@ -97,7 +97,7 @@ class SyncEngine:
                     ok.add(idx)
                 except VaultError as exc:
                     errors.append(f"{src.mount}/{src.path}: {exc}")
-                    log.error("source discovery failed", source=f"{src.mount}/{src.path}", error=str(exc))
+                    log.error("source_discovery_failed", source=f"{src.mount}/{src.path}", error=str(exc))
             if not ok and errors:
                 raise VaultError("; ".join(errors))
             return entries, Scope(sources=frozenset(ok))
@@ -105,7 +105,7 @@ class SyncEngine:
         for key in sorted(request.paths):
             found = source_of(key, self._s.sources)
             if found is None:
-                log.debug("trigger outside every source", path=key)
+                log.debug("trigger_outside_sources", path=key)
                 continue
             src = self._s.sources[found]
             entry = self._source.describe(src, found, key[len(src.mount) + 1 :])
@@ -123,7 +123,7 @@ class SyncEngine:
                 values[entry.ref.key] = self._source.read_value(entry.ref, entry.version)
             except VaultError as exc:
                 # The planner sees no value and skips the secret this pass; the next pass retries.
-                log.warning("value read failed", path=entry.ref.key, version=entry.version, error=str(exc))
+                log.warning("value_read_failed", path=entry.ref.key, version=entry.version, error=str(exc))
                 values[entry.ref.key] = None
         return values
 
@@ -145,12 +145,12 @@ class SyncEngine:
             try:
                 present = {c.id for c in self._api.list_project(project)}
             except BridgeError as exc:
-                log.warning("drift check skipped for a project", project=project, error=str(exc))
+                log.warning("drift_check_skipped", project=project, error=str(exc))
                 continue
             for r in recs:
                 if r.credential_id not in present:
                     missing += 1
-                    log.warning("credential missing in CybeDefend", path=r.key, credential_id=r.credential_id)
+                    log.warning("credential_missing", path=r.key, credential_id=r.credential_id)
                     self._ledger.put(replace(r, state=State.MISSING, reason="the credential is gone from CybeDefend",
                                              updated_at=self._clock()))
         self._ledger.set_meta(DRIFT_META, repr(self._clock()))
@@ -192,7 +192,7 @@ class SyncEngine:
             allowed = deletes <= self._s.sync.max_deletes_per_pass
             if not allowed:
                 log.error(
-                    "delete guard rail tripped: deletions paused",
+                    "delete_guard_tripped",
                     deletions_planned=deletes,
                     max_deletes_per_pass=self._s.sync.max_deletes_per_pass,
                     hint="check the source paths and tags; raise sync.max_deletes_per_pass if this is intended",
@@ -215,10 +215,10 @@ class SyncEngine:
                 result = "partial"
         except PassAbort as exc:
             result, error = "failed", str(exc)
-            log.error("pass aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
+            log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
         except BridgeError as exc:
             result, error = "failed", str(exc)
-            log.error("pass failed", error=error)
+            log.error("pass_failed", error=error)
         counts_out = {k: counts.get(k, 0) for k in SUMMARY_KEYS}
         report = PassReport(
             trigger=request.trigger, full=full, started_at=started, finished_at=self._clock(), result=result,
@@ -293,7 +293,7 @@ class SyncEngine:
             self._m.secrets.labels(state=st.value).set(states.get(st.value, 0))
         self._m.pending_deletes.set(len(self._ledger.pending_deletes()))
         log.info(
-            "pass finished", trigger=report.trigger, full=report.full, result=report.result,
+            "pass_finished", trigger=report.trigger, full=report.full, result=report.result,
             duration_s=round(duration, 3), error=report.error, **report.counts,
             vault_requests=dict(report.vault_requests),
         )

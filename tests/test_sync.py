@@ -163,7 +163,7 @@ def test_delete_guard_rail_pauses_deletions_and_says_so(caplog: pytest.LogCaptur
         report = w.run()
     assert report.delete_guard_tripped and report.counts["deferred"] == 5
     assert len(w.creds()) == 5
-    assert "delete guard rail tripped" in caplog.text
+    assert "delete_guard_tripped" in caplog.text
     assert w.engine.status()["delete_guard_tripped"] is True
     assert w.metrics.registry.get_sample_value("cybedefend_bridge_delete_guard_tripped") == 1
 

@@ -137,6 +137,20 @@ def test_vault_sealed_mid_pass(make_rig: Any, bao: OpenBao, logged: Callable[[],
     rig.assert_invariant("vault sealed mid-pass", texts=logged())
 
 
+def test_the_first_pass_after_a_vault_restart_succeeds(rig: ChaosRig, bao: OpenBao, logged: Callable[[], list[str]]) -> None:
+    """Regression (found here, fixed in bridge/vault_http.py): after a restart every pooled
+    keep-alive connection is dead; the retry after a stale connection took another pooled (dead)
+    one, so the first passes after a Vault restart failed with RemoteDisconnected."""
+    rig.raw["vault"]["concurrency"] = 8
+    seed(rig, 40)
+    assert rig.run().result == "ok"  # fills the connection pool
+    bao.restart()
+    rig.put("s000", "after-restart", PROJECTS[0])
+    report = rig.run()
+    assert report.result == "ok", report.error
+    rig.assert_invariant("first pass after a Vault restart", texts=logged())
+
+
 def test_restart_with_the_token_revoked_then_the_operator_writes_a_new_token(
     make_rig: Any, bao: OpenBao, mount: str, logged: Callable[[], list[str]]
 ) -> None:
