@@ -159,7 +159,9 @@ class ConnectionPool:
     def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes | None) -> tuple[int, bytes]:
         for attempt in (0, 1):
             try:
-                conn, reused = self._idle.get_nowait(), True
+                # The retry after a stale connection takes a fresh one: after a Vault restart
+                # every idle pooled connection is dead, not just the first.
+                conn, reused = (self._idle.get_nowait(), True) if attempt == 0 else (self._new(), False)
             except queue.Empty:
                 conn, reused = self._new(), False
             try:

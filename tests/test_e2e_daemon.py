@@ -204,7 +204,7 @@ def test_forwarded_audit_lines_on_v1_audit(openbao_factory: Callable[..., OpenBa
     body = wait_for(lambda: audit_lines_since(audit, offset, "dockerhub/shipped"))
     assert d.post("/v1/audit", body, {"Content-Type": "application/x-ndjson"})[0] == 401
     assert d.post("/v1/audit", body, bearer("not-the-token"))[0] == 401
-    assert d.post("/v1/audit", b"{}\n" * (300 << 10 // 3), bearer())[0] == 413
+    assert d.post("/v1/audit", b"{}\n" * ((300 << 10) // 3), bearer())[0] == 413
     time.sleep(1.0)  # a rejected body must not have queued anything
     assert stack.registered(tok) is None
 
@@ -367,6 +367,7 @@ def test_sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_invalid(open
     assert last_pass_since(d, wall, full=True)["trigger"] == "schedule"
     assert d.alive() and d.code("/healthz") == 200 and d.code("/readyz") == 200
     assert len(d.events("config_reloaded")) == 1
+    stack.check_exposure(d)
     d.signal(signal.SIGTERM)
     assert d.wait(15) == 0
-    stack.check_exposure(d)
+    stack.assert_no_leaks(d)  # debug logging included
