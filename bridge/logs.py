@@ -35,6 +35,7 @@ MAX_REGISTERED_SECRETS = 4096
 NOISY_LOGGERS = ("httpx", "httpcore", "hvac", "urllib3", "requests", "apscheduler", "asyncio")
 
 # Shapes of credentials that must never be printed even if nobody registered them.
+_DOCKERHUB_TOKEN = re.compile(r"dckr_(?:pat|oat)_[A-Za-z0-9_-]+")
 _SHAPES = re.compile(
     r"(?P<dockerhub>dckr_(?:pat|oat)_[A-Za-z0-9_-]+)"
     r"|(?P<bearer_kw>\b(?:[Bb]earer|[Bb]asic)\s+)(?P<bearer>[A-Za-z0-9._~+/=-]+)"
@@ -75,7 +76,9 @@ class SecretRegistry:
         self._stale = False  # values changed since the matcher was built
 
     def add(self, value: str) -> None:
-        if len(value) < MIN_SECRET_LENGTH:
+        if len(value) < MIN_SECRET_LENGTH or _DOCKERHUB_TOKEN.fullmatch(value):
+            # DockerHub-shaped tokens are redacted by shape already. Keeping thousands of them in
+            # the alternation made every newly read token cost a recompile (~0.1 s at 10k).
             return
         with self._lock:
             if value in self._values:

@@ -115,17 +115,22 @@ class SyncEngine:
         return entries, Scope(keys=frozenset(keys))
 
     def _read_values(self, todo: list[VaultEntry]) -> dict[str, Mapping[str, Any] | None]:
-        values: dict[str, Mapping[str, Any] | None] = {}
-        for entry in todo:
+        """Values of the secrets that need a write, `vault.concurrency` at a time."""
+
+        def one(entry: VaultEntry) -> tuple[str, Mapping[str, Any] | None]:
             if self._stop.is_set():
-                break
+                return entry.ref.key, None
             try:
-                values[entry.ref.key] = self._source.read_value(entry.ref, entry.version)
+                return entry.ref.key, self._source.read_value(entry.ref, entry.version)
             except VaultError as exc:
                 # The planner sees no value and skips the secret this pass; the next pass retries.
                 log.warning("value_read_failed", path=entry.ref.key, version=entry.version, error=str(exc))
-                values[entry.ref.key] = None
-        return values
+                return entry.ref.key, None
+
+        if len(todo) <= 1:
+            return dict(map(one, todo))
+        with ThreadPoolExecutor(max_workers=self._s.vault.concurrency, thread_name_prefix="read") as pool:
+            return dict(pool.map(one, todo))
 
     # -- drift ----------------------------------------------------------------------------
     def _drift_due(self, request: PassRequest) -> bool:
@@ -288,7 +293,7 @@ class SyncEngine:
             self._m.last_pass.set(report.finished_at)
             if report.result == "ok":
                 self._m.last_success.set(report.finished_at)
-        states = Counter(r.state.value for r in self._ledger.all())
+        states = self._ledger.counts_by_state()
         for st in State:
             self._m.secrets.labels(state=st.value).set(states.get(st.value, 0))
         self._m.pending_deletes.set(len(self._ledger.pending_deletes()))

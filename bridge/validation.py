@@ -109,7 +109,9 @@ def read_payload(data: Mapping[str, Any] | None, source: SourceSettings, sync: S
             "token_too_long", f"data key {source.token_key!r} is longer than {sync.token_max_length} characters"
         )
     shape = _ANY_TOKEN if sync.allow_any_token_shape else TOKEN_SHAPE
-    if not shape.match(token):
+    # fullmatch: with `match`, `$` also matches before a trailing newline, which then went out
+    # as part of the token.
+    if not shape.fullmatch(token):
         expected = "printable characters without spaces" if sync.allow_any_token_shape else "dckr_pat_… or dckr_oat_…"
         return Rejection("token_shape", f"data key {source.token_key!r} does not look like a DockerHub token ({expected})")
     username = data.get(source.username_key)

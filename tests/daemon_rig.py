@@ -49,18 +49,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
-    """Poll `check` until it returns something truthy; its last value, or AssertionError on timeout."""
+def wait_for(check: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05) -> T:
+    """Poll `check` until it returns something truthy and return that; AssertionError on timeout."""
     deadline = time.monotonic() + timeout
     while True:
+        value: T | None
+        error = ""
         try:
             value = check()
-        except (OSError, ValueError, KeyError):  # the daemon is not answering yet
-            value = None  # type: ignore[assignment]
+        except (OSError, ValueError, KeyError) as exc:  # the daemon is not answering yet
+            value, error = None, f" (last error: {type(exc).__name__})"
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {timeout} s{error}")
         time.sleep(interval)
 
 
@@ -192,8 +194,8 @@ class DaemonProc:
     def wait_ready(self, timeout: float = 30.0) -> None:
         def ready() -> bool:
             if not self.alive():
-                raise AssertionError(f"the daemon exited with {self.proc.returncode if self.proc else None}:\n"
-                                     + self.stderr()[-3000:])
+                # Its log is not quoted here: if it ever leaked a secret, the test output would too.
+                raise AssertionError(f"the daemon exited with {self.proc.returncode if self.proc else None}; see {self.dir}")
             return self.code("/readyz") == 200
 
         wait_for(ready, timeout)
@@ -237,8 +239,8 @@ class Stack:
             raw[section] = {**raw.get(section, {}), **values}
         return raw
 
-    def daemon(self, name: str = "bridge", **sections: dict[str, Any]) -> DaemonProc:
-        d = DaemonProc(self.tmp, self.raw(name, **sections), name)
+    def daemon(self, name: str = "bridge", port: int | None = None, **sections: dict[str, Any]) -> DaemonProc:
+        d = DaemonProc(self.tmp, self.raw(name, port, **sections), name)
         self.daemons.append(d)
         return d
 

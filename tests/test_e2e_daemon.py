@@ -89,6 +89,7 @@ def test_a_vault_write_is_registered_through_the_tailed_audit_file(openbao_facto
     wall = time.time()
     took = registered_within(stack, stack.put("fresh", 1, PROJECTS[1]))
     assert took < PROMPT
+    print(f"write to registered through the audit file: {took:.2f} s")
     last = last_pass_since(d, wall)
     assert last["trigger"] == "audit_file" and last["counts"]["created"] == 1  # type: ignore[index]
     # A rotation takes the same road, and replaces the credential.
@@ -163,10 +164,9 @@ def test_socket_audit_device_with_the_bridge_started_before_vault(stacks: Callab
     try:
         stack = stacks(bao)
         d = stack.daemon(triggers={"audit_socket": {"bind": "127.0.0.1", "port": sock_port}}).start()
-        wait_for(lambda: d.events("start-up waiting for a dependency") or not d.alive(), 15)
-        assert d.alive(), d.stderr()[-2000:]
-        assert d.code("/readyz") is None  # the bridge is still waiting for Vault…
-        assert accepts(sock_port)  # …and already listening for it
+        wait_for(lambda: d.events("startup_waiting") or not d.alive(), 15)
+        assert d.alive(), f"the daemon exited; see {d.dir}"
+        assert accepts(sock_port)  # already listening for the socket device while it waits for Vault
         bao.start()  # raises if OpenBao cannot reach the socket device
         d.wait_ready()
         wall = time.time()

@@ -12,7 +12,8 @@ ledger rows, then call it. It asserts:
 2. each untagged/deleted secret (GONE) is handled by the policy: `delete` leaves no credential
    with its marker; the ledger row (if any) is orphaned or retired;
 3. each tagged-but-invalid secret (REJECTED) has no credential, and the ledger row says
-   rejected with the expected code;
+   rejected with the expected code; a non-candidate (SKIPPED) has neither credential nor ledger
+   row; a secret CybeDefend refuses (FAILED, e.g. 403) has no credential and a failed row;
 4. no marker revision is held twice within a project (no duplicate), no credential carries our
    instance's marker for a secret nobody knows;
 5. the hand-made credentials (no marker, someone else's marker, a forged one) are unchanged;
@@ -34,6 +35,8 @@ class Expect(enum.Enum):
     LIVE = "live"  # tagged and valid: registered exactly once, latest version
     GONE = "gone"  # untagged, deleted or destroyed: handled by the deletion policy
     REJECTED = "rejected"  # tagged but invalid: never registered
+    SKIPPED = "skipped"  # not a candidate (untagged, outside the source): never touched, never tracked
+    FAILED = "failed"  # valid, but CybeDefend refuses it (403): not registered, the ledger says failed
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,13 @@ def check_invariant(
                 assert not held, f"{ctx}: {w.key} is gone from Vault but {len(held)} credentials remain" + explain()
             if row is not None:
                 assert row.state in (State.ORPHANED, State.RETIRED), f"{ctx}: {w.key}: ledger state {row.state} for a gone secret"
+        elif w.expect is Expect.SKIPPED:
+            assert not held, f"{ctx}: {w.key} is not a candidate but was registered" + explain()
+            assert row is None, f"{ctx}: {w.key} is not a candidate but the ledger tracks it ({row.state})"
+        elif w.expect is Expect.FAILED:
+            assert not held, f"{ctx}: {w.key} was refused by CybeDefend but is registered" + explain()
+            if ledger is not None:
+                assert row is not None and row.state == State.FAILED, f"{ctx}: {w.key}: expected failed" + explain()
         else:
             assert not held, f"{ctx}: rejected secret {w.key} was registered" + explain()
             if ledger is not None and w.reject_code is not None:

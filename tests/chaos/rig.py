@@ -178,12 +178,15 @@ class ChaosRig:
         return version
 
     def put_raw(self, name: str, data: dict[str, Any], tags: dict[str, str] | None, expect: Expect,
-                reject_code: str | None = None, project: str | None = None) -> int:
-        """Write anything (the bad-input corpus); the caller says what the bridge should do with it."""
-        for v in data.values():
-            if isinstance(v, str) and len(v) >= 12:
+                reject_code: str | None = None, project: str | None = None, *, write_path: str | None = None) -> int:
+        """Write anything (the bad-input corpus); the caller says what the bridge should do with it.
+
+        Every string under a token-like key joins the leak scan, malformed or not: a malformed
+        token must not reach a log line because it was malformed."""
+        for k, v in data.items():
+            if isinstance(v, str) and k in ("accessToken", "token", "password") and len(v) >= 8:
                 self.tokens.append(v)
-        version = self.bao.write_secret(self.mount, self.path(name), data, tags)
+        version = self.bao.write_secret(self.mount, self.path(write_path or name), data, tags)
         self.secrets[name] = Secret(name, expect, project, reject_code)
         return version
 

@@ -80,15 +80,17 @@ def change(rig: ChaosRig, n: int, rotate_every: int = 3, new: int = 15) -> None:
 
 @pytest.mark.slow
 def test_vault_stopped_mid_pass(make_rig: Any, bao: OpenBao) -> None:
-    rig: ChaosRig = make_rig(vault={"max_requests_per_second": 150})
+    rig: ChaosRig = make_rig(vault={"max_requests_per_second": 60})
     rig.sim.inject("create", Fault.delay(0.01), times=10**6)
     seed(rig, 150)
     assert rig.sync_once() == 0
     rig.start()  # an in-process bridge too, built before the outage: it must recover without a restart
     change(rig, 150)
+    rig.sim.reset_requests()
     run = rig.spawn("sync", "--once", "-o", "json")
-    time.sleep(1.6)
+    time.sleep(2.0)  # start-up ~1 s, then ~3 s of Vault reads at 60 requests/s
     assert run.returncode is None, "the pass ended before Vault was stopped; slow it down"
+    assert not [r for r in rig.sim.requests if r.endpoint == "create"], "Vault was stopped after its part of the pass"
     stopped = time.monotonic()
     bao.stop()
     try:
@@ -164,13 +166,17 @@ def test_restart_with_the_token_revoked_then_the_operator_writes_a_new_token(
     rig.put("s000", "after-restart", PROJECTS[0])
     refused = rig.run()
     assert refused.result == "failed" and refused.counts["retired"] == 0
-    assert refused.error and ("denied" in refused.error.lower() or "403" in refused.error), refused.error
-    code, _, err = rig.cli("sync", "--once")
-    assert code == 1 and "denied" in err.lower(), err[-800:]
+    assert refused.error and "refused the configured token" in refused.error, refused.error
+    code, out, err = rig.cli("sync", "--once")
+    assert code == 1 and "refused the configured token" in out + err, (out + err)[-800:]
     second = bao.create_token([f"bridge-{mount}"], no_default_policy=True)
     rig.extra_secrets.append(second)
     replace_file(rig.tmp / "vault-token", second)
-    assert rig.run().result == "ok"  # the same process picked up the new token file
+    t0 = time.monotonic()
+    while (report := rig.run()).result != "ok" and time.monotonic() - t0 < 10:
+        time.sleep(0.25)  # the login backoff after the refusals (capped, jittered) may still run
+    assert report.result == "ok", report.error  # the same process picked up the new token file
+    print(f"\nnew token file adopted {time.monotonic() - t0:.2f}s after it was written")
     rig.assert_invariant("token revoked, new token file", texts=logged())
 
 

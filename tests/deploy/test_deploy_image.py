@@ -16,15 +16,24 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
+from bridge.devserver import DevOpenBao
+from bridge.simulator import Simulator
 from tests.deploy.deploy_tools import ROOT, run, tool
+from tests.helpers import forms
 
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_TEST = os.environ.get("BRIDGE_IMAGE_TEST") == "1"
+IMAGE_TEST_REASON = "set BRIDGE_IMAGE_TEST=1 to build and run the image (needs root, buildah, podman)"
 GRACE_SECONDS = 5.0
+ORG = str(uuid.uuid4())
+PROJECT = str(uuid.uuid4())
 
 
 def test_hadolint_is_clean() -> None:
@@ -79,71 +88,103 @@ def _get(url: str) -> int:
         return 0
 
 
+def _wait_status(url: str, want: int, timeout: float, alive: Callable[[], bool]) -> int:
+    deadline = time.monotonic() + timeout
+    status = 0
+    while time.monotonic() < deadline and status != want:
+        time.sleep(0.5)
+        status = _get(url)
+        if status != want and not alive():
+            break  # exited: the caller's message carries the logs
+    return status
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not IMAGE_TEST, reason="set BRIDGE_IMAGE_TEST=1 to build and run the image (needs root, buildah, podman)")
+@pytest.mark.skipif(not IMAGE_TEST, reason=IMAGE_TEST_REASON)
 def test_image_builds_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> None:
     build = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh")], capture_output=True, text=True, timeout=840, check=False)
     assert build.returncode == 0, build.stderr[-4000:]
     image = build.stdout.strip().splitlines()[-1]
 
-    port = _free_port()
-    pat = "cdpat_" + secrets.token_hex(16)
-    conf = tmp_path / "etc"
-    conf.mkdir()
-    (conf / "pat").write_text(pat + "\n", encoding="utf-8")
-    (conf / "vault-token").write_text("s." + secrets.token_hex(12) + "\n", encoding="utf-8")
-    dead = _free_port()  # nothing listens there: Vault and CybeDefend are "down"
-    (conf / "config.yaml").write_text(
-        f"""
-vault:
-  address: http://127.0.0.1:{dead}
-  auth: {{method: token, token_file: /etc/cybedefend-bridge/vault-token}}
-sources: [{{mount: secret, path: dockerhub}}]
-cybedefend:
-  api_url: http://127.0.0.1:{dead}
-  auth_url: http://127.0.0.1:{dead}
-  auth: {{credential_file: /etc/cybedefend-bridge/pat}}
-server: {{port: {port}}}
-sync: {{shutdown_grace_seconds: {GRACE_SECONDS}}}
-logging: {{format: json}}
-""",
-        encoding="utf-8",
-    )
-    for f in conf.iterdir():
-        f.chmod(0o644)
-    conf.chmod(0o755)
-    name = "bridge-image-test-" + secrets.token_hex(4)
+    # OpenBao and the CybeDefend double on the host's loopback; the container shares the host network.
+    (tmp_path / "openbao").mkdir()
+    bao = DevOpenBao("dev", workdir=tmp_path / "openbao")
+    sim = Simulator()
     podman = [tool("podman"), "--runtime", "runc"]
-    # Lowered ulimits: podman's defaults exceed what this sandbox lets runc set.
-    start = run([
-        *podman, "run", "-d", "--name", name, "--network", "host", "--read-only",
-        "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096", "--no-healthcheck",
-        "--tmpfs", "/tmp", "--tmpfs", "/var/lib/cybedefend-bridge:rw,mode=1777",
-        "-v", f"{conf}:/etc/cybedefend-bridge:ro", image,
-    ], check=False)
-    assert start.returncode == 0, start.stderr
+    name = "bridge-image-test-" + secrets.token_hex(4)
     try:
+        bao.start()
+        pat = "cdpat_" + secrets.token_hex(16)
+        access_token = "dckr_pat_" + secrets.token_hex(14)[:27]
+        sim.add_organization(ORG)
+        sim.add_project(ORG, PROJECT)
+        sim.add_pat(pat, {ORG: "manage"})
+        sim.start()
+        bao.kv_put("secret", "dockerhub/image-test", {"dockerhubUsername": "image-test", "accessToken": access_token},
+                   {"cybedefend-project-id": PROJECT})
+        port = _free_port()
+        conf = _write_config(tmp_path / "etc", bao, sim.url, port, pat)
+        # Lowered ulimits: podman's defaults exceed what this sandbox lets runc set. The ledger's
+        # tmpfs gets `U` (owned by the container's user, as fsGroup does in Kubernetes): podman
+        # ignores mode= there and would leave it root-owned 0700.
+        start = run([
+            *podman, "run", "-d", "--name", name, "--network", "host", "--read-only",
+            "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096", "--no-healthcheck",
+            "--tmpfs", "/tmp", "--tmpfs", "/var/lib/cybedefend-bridge:rw,U",
+            "-v", f"{conf}:/etc/cybedefend-bridge:ro", image,
+        ], check=False)
+        assert start.returncode == 0, start.stderr
+
+        def alive() -> bool:
+            return run([*podman, "inspect", "--format", "{{.State.Running}}", name], check=False).stdout.strip() == "true"
+
+        def logs() -> str:
+            out = run([*podman, "logs", name], check=False)
+            return out.stdout + out.stderr
+
+        base = f"http://127.0.0.1:{port}"
+        assert _wait_status(f"{base}/healthz", 200, 60, alive) == 200, f"/healthz never answered 200\n{logs()}"
+        # Ready once Vault and CybeDefend answer; the first pass registers the seeded token.
+        assert _wait_status(f"{base}/readyz", 200, 60, alive) == 200, f"/readyz never answered 200\n{logs()}"
         deadline = time.monotonic() + 60
-        status = 0
-        while time.monotonic() < deadline and status != 200:
+        while time.monotonic() < deadline and not sim.credentials(ORG):
             time.sleep(0.5)
-            status = _get(f"http://127.0.0.1:{port}/healthz")
-            running = run([*podman, "inspect", "--format", "{{.State.Running}}", name], check=False)
-            if running.stdout.strip() != "true":
-                break  # exited at start: the logs below say why
-        logs = run([*podman, "logs", name], check=False)
-        assert status == 200, f"/healthz never answered 200\n{logs.stdout}{logs.stderr}"
-        # Readiness may fail (Vault is down); liveness must not.
-        assert _get(f"http://127.0.0.1:{port}/readyz") in (200, 503)
+        assert len(sim.credentials(ORG)) == 1, f"the containerised bridge registered nothing\n{logs()}"
 
         t0 = time.monotonic()
         run([*podman, "kill", "--signal", "TERM", name])
         waited = run([*podman, "wait", name], check=False, timeout=GRACE_SECONDS + 30)
         elapsed = time.monotonic() - t0
-        assert waited.stdout.strip() == "0", f"exit code {waited.stdout.strip()}"
+        assert waited.stdout.strip() == "0", f"exit code {waited.stdout.strip()}\n{logs()}"
         assert elapsed < GRACE_SECONDS + 5, f"took {elapsed:.1f}s to stop"
-        logs = run([*podman, "logs", name], check=False)
-        assert pat not in logs.stdout + logs.stderr
+        text = logs()
+        for value in (pat, access_token, bao.root_token):
+            for form in forms(value):
+                assert form not in text, "a secret appears in the container's log"
     finally:
         subprocess.run([*podman, "rm", "-f", name], capture_output=True, timeout=60, check=False)
+        sim.stop()
+        bao.stop()
+
+
+def _write_config(conf: Path, bao: DevOpenBao, sim_url: str, port: int, pat: str) -> Path:
+    """The config directory mounted read-only at /etc/cybedefend-bridge (readable by UID 10001)."""
+    conf.mkdir()
+    (conf / "pat").write_text(pat + "\n", encoding="utf-8")
+    (conf / "vault-token").write_text(bao.root_token + "\n", encoding="utf-8")
+    config = {
+        "vault": {"address": bao.addr, "auth": {"method": "token", "token_file": "/etc/cybedefend-bridge/vault-token"}},
+        "sources": [{"mount": "secret", "path": "dockerhub"}],
+        "cybedefend": {"api_url": sim_url, "auth_url": sim_url, "organization_id": ORG,
+                       "auth": {"mode": "pat", "credential_file": "/etc/cybedefend-bridge/pat"}},
+        "schedule": {"first_run_max_delay_seconds": 0},
+        "server": {"bind": "127.0.0.1", "port": port},
+        "sync": {"shutdown_grace_seconds": GRACE_SECONDS},
+        "logging": {"format": "json"},
+    }
+    (conf / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    for f in conf.iterdir():
+        f.chmod(0o644)
+    conf.chmod(0o755)
+    return conf

@@ -1,0 +1,114 @@
+"""Two `cybedefend-bridge run` replicas against one OpenBao: one leader, no duplicates, failover.
+
+Both replicas tail the same file audit device (a sidecar each, sharing the audit volume), keep
+their own ledger, share the instance name, the Vault-held fingerprint key and the HA lease
+(TTL 3 s), and advertise their own URL for forwarding.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.simulator import Simulator
+from tests.daemon_rig import DaemonProc, Stack, bearer, free_port, new_simulator, wait_for
+from tests.helpers import PROJECTS
+from tests.openbao import OpenBao
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TTL = 3.0
+LEADER = "cybedefend_bridge_leader"
+FORWARDED = ("cybedefend_bridge_trigger_events_total", "forwarded")
+
+
+@pytest.fixture
+def stack(openbao_factory: Callable[..., OpenBao], tmp_path: Path) -> Iterator[Stack]:
+    sim: Simulator = new_simulator()
+    st = Stack(openbao_factory(audit_log=tmp_path / "audit.log"), sim, tmp_path)
+    try:
+        yield st
+    finally:
+        st.close()
+        sim.stop()
+
+
+def replica(stack: Stack, name: str) -> DaemonProc:
+    port = free_port()
+    return stack.daemon(name, port,
+                        ha={"enabled": True, "ttl_seconds": TTL, "advertise_address": f"http://127.0.0.1:{port}"},
+                        triggers={"audit_file": {"path": str(stack.tmp / "audit.log"), "poll_seconds": 0.05}})
+
+
+def roles(*daemons: DaemonProc) -> list[float]:
+    return [d.metric(LEADER) for d in daemons]
+
+
+def forwarded(d: DaemonProc) -> float:
+    return d.metric(FORWARDED[0], source=FORWARDED[1])
+
+
+def test_two_replicas_one_leader_no_duplicates_failover_and_forwarding(stack: Stack) -> None:
+    names = [f"ha-{i}" for i in range(3)]
+    for i, n in enumerate(names):
+        stack.put(n, 1, PROJECTS[i % 3])
+    a, b = replica(stack, "a").start(), replica(stack, "b").start()
+    wait_for(lambda: sorted(roles(a, b)) == [0.0, 1.0], 30, 0.1)
+    leader, standby = (a, b) if a.metric(LEADER) == 1 else (b, a)
+    leader.wait_ready()
+    for _ in range(3):  # stable: renewals do not flap
+        assert roles(leader, standby) == [1.0, 0.0]
+        code, reason = standby.get("/readyz")
+        assert code == 503 and f"standby (leader: {leader.base})".encode() in reason
+        assert leader.code("/readyz") == 200
+        time.sleep(0.5)
+    assert standby.status()["daemon"]["leader_address"] == leader.base
+
+    # Writes: both replicas hear them; only the leader acts, the standby forwards what it heard.
+    for i in range(3, 6):
+        names.append(f"ha-{i}")
+        stack.put(names[-1], 1, PROJECTS[i % 3])
+    stack.put("ha-0", 2)
+    wait_for(lambda: stack.settled(leader, names) and len(stack.creds()) == len(names), 10)
+    stack.assert_registered_once(names, leader.rows())
+    assert standby.rows() == {}, "a standby ran a pass"
+    assert wait_for(lambda: forwarded(leader) >= 1) and standby.events("forwarded_to_leader")
+
+    # A webhook sent to the standby (say, through a Service before it re-routed) reaches the leader.
+    before, wall = forwarded(leader), time.time()
+    body = json.dumps({"paths": [stack.key("ha-1"), stack.key("ha-2")]}).encode()
+    assert standby.post("/v1/sync", body, bearer())[0] == 202
+    wait_for(lambda: forwarded(leader) >= before + 2)
+    last = wait_for(lambda: (lp := leader.status()["last_pass"]) and lp["started_at"] >= wall and lp)
+    assert last["trigger"] == "forwarded"
+    assert standby.rows() == {}
+    stack.check_exposure(leader, standby)
+
+    # The leader dies without releasing the lease; the standby takes over on its own.
+    t0 = time.monotonic()
+    leader.signal(signal.SIGKILL)
+    leader.wait(5)
+    wait_for(lambda: standby.metric(LEADER) == 1, 3 * TTL + 5, 0.1)
+    took = time.monotonic() - t0
+    assert took < 3 * TTL + 2, f"takeover took {took:.1f} s"
+    print(f"takeover {took:.2f} s after SIGKILL (TTL {TTL:.0f} s)")
+    standby.wait_ready(20)  # its first full pass (own empty ledger) adopts, never duplicates
+    assert len(stack.creds()) == len(names)
+    for i in range(6, 8):
+        names.append(f"ha-{i}")
+        stack.put(names[-1], 1, PROJECTS[i % 3])
+    stack.put("ha-3", 2)
+    wait_for(lambda: stack.settled(standby, names) and len(stack.creds()) == len(names), 10)
+    stack.assert_registered_once(names, standby.rows())
+
+    # The old leader comes back: it sees the live lease and stays standby.
+    leader.start()
+    wait_for(lambda: leader.code("/healthz") == 200, 20)
+    time.sleep(TTL)
+    assert roles(standby, leader) == [1.0, 0.0]
+    assert leader.code("/readyz") == 503
+    stack.check_exposure(standby, leader)
