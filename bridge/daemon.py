@@ -268,7 +268,10 @@ class Daemon:
             except ConfigError as exc:
                 log.error("config_reload_failed", key=exc.key, expected=exc.expected, kept="previous schedule")
                 new = new.model_copy(update={"schedule": old.schedule})
-        restart = [name for name in ("server", "ha", "triggers", "logging") if getattr(new, name) != getattr(old, name)]
+        # Schedule and logging apply live (the composition root reconfigures logging in `reload`);
+        # every other section is wired into long-lived parts, so say so rather than pretend.
+        live = ("schedule", "logging")
+        restart = [name for name in type(new).model_fields if name not in live and getattr(new, name) != getattr(old, name)]
         self._settings = new
         log.info("config_reloaded", needs_restart=restart)
 

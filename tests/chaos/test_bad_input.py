@@ -57,7 +57,8 @@ class Filler:
         self.labels: dict[str, str] = {}
         self.fixed = {f"{{P{i}}}": p for i, p in enumerate(PROJECTS)}
         self.fixed |= {"{ORG}": ORG, "{ORG2}": ORG2, "{P2_UPPER}": PROJECTS[2].upper(),
-                       "{HUGE_TOKEN}": HUGE_TOKEN, "{TOKEN_513}": "dckr_pat_" + "a" * 504, "{LONG_DESCRIPTION}": "long " * 100}
+                       "{HUGE_TOKEN}": HUGE_TOKEN, "{TOKEN_513}": "dckr_pat_" + "a" * 504,
+                       "{USERNAME_256}": "u" * 256, "{LONG_DESCRIPTION}": "long " * 100}
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, dict):
@@ -144,7 +145,9 @@ def test_bad_secrets_reach_their_declared_outcome(make_rig: Any) -> None:
         if "description_max" in want:
             assert len(desc) <= want["description_max"], f"{name}: a {len(desc)}-character description was sent"
     forged = next(c for c in rig.sim.credentials(ORG) if "mine now" in (c.description or ""))
-    assert Marker.parse(forged.description) is not None and "000000000000" not in (forged.description or "")
+    parsed = Marker.parse(forged.description)
+    assert parsed is not None and parsed.path_digest == keys.path_digest(SecretRef(rig.mount, rig.path("tags/desc-forged")))
+    assert "[cybedefend-bridge:default:000000000000" not in (forged.description or ""), "a forged marker went out"
     rig.assert_invariant("bad-input corpus", cli_outputs=True)
 
 

@@ -1,9 +1,11 @@
-"""The container image: hadolint and the Dockerfile's promises; with BRIDGE_IMAGE_TEST=1, a real build and run.
+"""The container image: hadolint and the Dockerfile's promises, and a real build and run.
 
-The build-and-run test uses scripts/build-image.sh (buildah on a debootstrap base, about 1.5 minutes
-the first time, 20 s after) and podman with runc: the container runs with a read-only root
-filesystem, serves /healthz while Vault is unreachable, and exits 0 within the grace period on SIGTERM
-sent to its PID 1.
+The build-and-run test runs in CI (CI=true) and with BRIDGE_IMAGE_TEST=1; BRIDGE_IMAGE_TEST=0 turns
+it off. It uses scripts/build-image.sh (buildah with runc on a debootstrap base: about 100 s from
+nothing, 15 s with the base cached) and podman with runc. The container gets a read-only root
+filesystem, the host network and a read-only config pointing at an OpenBao dev server and the
+CybeDefend double on loopback; it must serve /healthz, become ready, register the seeded token,
+and exit 0 within the grace period on SIGTERM sent to its PID 1, without a secret in its log.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import yaml
 
 from bridge.devserver import DevOpenBao
 from bridge.simulator import Simulator
-from tests.deploy.deploy_tools import ROOT, run, tool
+from tests.deploy.deploy_tools import ROOT, in_ci, run, tool
 from tests.helpers import forms
 
 DOCKERFILE = ROOT / "Dockerfile"
-IMAGE_TEST = os.environ.get("BRIDGE_IMAGE_TEST") == "1"
-IMAGE_TEST_REASON = "set BRIDGE_IMAGE_TEST=1 to build and run the image (needs root, buildah, podman)"
+# Measured reliable in CI (3/3 cold builds, ~100 s each), so CI runs it; elsewhere it is opt-in.
+IMAGE_TEST = os.environ.get("BRIDGE_IMAGE_TEST", "1" if in_ci() else "0") == "1"
+IMAGE_TEST_REASON = "set BRIDGE_IMAGE_TEST=1 to build and run the image (needs root; installs buildah, podman)"
 GRACE_SECONDS = 5.0
 ORG = str(uuid.uuid4())
 PROJECT = str(uuid.uuid4())

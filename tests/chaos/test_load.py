@@ -1,0 +1,92 @@
+"""Scenario 4, load: many secrets, 10 % rotated per pass, 30 passes, one long-lived bridge.
+
+What must hold: every pass converges (the invariant at the end), memory held by the bridge's
+own code does not grow from pass to pass, and the ledger file stays bounded.
+
+Scale: CHAOS_LOAD_SECRETS (default 1,500 to fit the CI budget on 2 cores; the issue's figure is
+5,000: `CHAOS_LOAD_SECRETS=5000 python -m pytest tests/chaos/test_load.py`), CHAOS_LOAD_PASSES
+(default 30). The ratios checked do not depend on the scale.
+
+Memory is measured in-process with tracemalloc (one frame per allocation), counting only what
+is still allocated by code in `bridge/` outside the double (`bridge/simulator*`), after a full
+garbage collection, after pass 5 and after the last pass. The process RSS is printed too, for
+the record (it includes the test, the double and hvac, and the allocator rarely gives memory back).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chaos.rig import ChaosRig
+from tests.helpers import PROJECTS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SECRETS = int(os.environ.get("CHAOS_LOAD_SECRETS", "1500"))
+PASSES = int(os.environ.get("CHAOS_LOAD_PASSES", "30"))
+BASELINE_PASS = 5
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm", encoding="ascii") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def ledger_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def bridge_memory() -> int:
+    gc.collect()
+    snap = tracemalloc.take_snapshot().filter_traces([
+        tracemalloc.Filter(True, "*/bridge/*"),
+        tracemalloc.Filter(False, "*/bridge/simulator*"),
+    ])
+    return sum(stat.size for stat in snap.statistics("filename"))
+
+
+@pytest.mark.timeout(600)
+def test_many_secrets_ten_percent_rotated_per_pass(make_rig: Any) -> None:
+    rig: ChaosRig = make_rig(policy="delete", cybedefend={"max_concurrency": 8})
+    rng = random.Random(5000)
+    for i in range(SECRETS):
+        rig.put(f"load/{i:05d}", i, PROJECTS[i % 8])
+    tracemalloc.start(1)
+    try:
+        rig.start()
+        first = rig.run()
+        assert first.result == "ok" and first.counts["created"] == SECRETS, first.counts
+        memory: dict[int, int] = {}
+        ledger: dict[int, int] = {}
+        rss: dict[int, float] = {}
+        durations = []
+        for n in range(1, PASSES + 1):
+            for i in rng.sample(range(SECRETS), SECRETS // 10):
+                rig.put(f"load/{i:05d}", f"p{n}-{i}", PROJECTS[i % 8])
+            rig.sim.reset_requests()  # the double's request log is the test's memory, not the bridge's
+            t0 = time.monotonic()
+            report = rig.run()
+            durations.append(time.monotonic() - t0)
+            assert report.result == "ok" and report.counts["rotated"] == SECRETS // 10, (n, report.counts)
+            assert report.vault_requests.get("read", 0) == SECRETS // 10, "values read beyond the changed ones"
+            if n in (BASELINE_PASS, PASSES):
+                memory[n], ledger[n], rss[n] = bridge_memory(), ledger_bytes(rig.ledger_path), rss_mib()
+    finally:
+        tracemalloc.stop()
+    grow = memory[PASSES] - memory[BASELINE_PASS]
+    print(f"\nload: {SECRETS} secrets, {PASSES} passes of {SECRETS // 10} rotations; pass time "
+          f"median {sorted(durations)[len(durations) // 2]:.2f}s max {max(durations):.2f}s; bridge memory "
+          f"pass {BASELINE_PASS} {memory[BASELINE_PASS] / 1024:.0f} KiB -> pass {PASSES} {memory[PASSES] / 1024:.0f} KiB; "
+          f"ledger {ledger[BASELINE_PASS] / 1024:.0f} KiB -> {ledger[PASSES] / 1024:.0f} KiB; "
+          f"process RSS {rss[BASELINE_PASS]:.0f} MiB -> {rss[PASSES]:.0f} MiB")
+    assert grow <= max(0.05 * memory[BASELINE_PASS], 256 * 1024), f"the bridge's memory grew by {grow / 1024:.0f} KiB"
+    assert ledger[PASSES] <= 1.25 * ledger[BASELINE_PASS] + 64 * 1024, "the ledger file keeps growing"
+    rig.assert_invariant("load")
