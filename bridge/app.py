@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import random
 import secrets
+import signal
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bridge.config import Settings
 from bridge.cybedefend import CybeDefendClient, read_credential_file
@@ -127,8 +129,11 @@ def _read_token_file(path: Path | None, key: str) -> Sensitive | None:
     return Sensitive(value)
 
 
-def _build_with_retry(settings: Settings, metrics: Metrics, stop: threading.Event) -> Bridge:
-    """Start even when Vault or CybeDefend is still coming up: retry transient failures with backoff."""
+def _build_with_retry(settings: Settings, metrics: Metrics, stop: threading.Event) -> Bridge | None:
+    """Start even when Vault or CybeDefend is still coming up: retry transient failures with backoff.
+
+    Returns None when a stop was requested while waiting.
+    """
     attempt = 0
     rng = random.Random()
     while True:
@@ -143,7 +148,33 @@ def _build_with_retry(settings: Settings, metrics: Metrics, stop: threading.Even
             wait = backoff_delay(attempt, 1.0, 30.0, rng) + 0.5
             log.warning("startup_waiting", error=str(exc), retry_in_s=round(wait, 1))
             if stop.wait(wait):
-                raise
+                return None
+
+
+def _start_up(settings: Settings, metrics: Metrics, stop: threading.Event) -> Bridge | None:
+    """Build the bridge while already answering probes: /healthz 200 (the process is fine), /readyz 503.
+
+    Without this, a pod starting during a Vault outage would fail its liveness probe and be
+    restarted in a loop — the bridge's liveness must not depend on an upstream. SIGTERM/SIGINT
+    during the wait end it cleanly (as PID 1, SIGTERM has no default action).
+    """
+    from bridge.server import HttpServer
+
+    server = HttpServer(settings.server, metrics=metrics, live=lambda: True,
+                        ready=lambda: (False, "starting: waiting for Vault and CybeDefend"),
+                        status=lambda: {"starting": True}, on_sync=lambda paths, source: False,
+                        on_audit=None, webhook_token=None)
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    try:
+        return _build_with_retry(settings, metrics, stop)
+    finally:
+        server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_daemon(config_path: Path) -> int:
@@ -175,11 +206,17 @@ def run_daemon(config_path: Path) -> int:
         listener = AuditSocketListener(sock.bind, sock.port, sock.allowed_peers, lambda line: socket_handler[0](line),
                                        services_stop, metrics=metrics)
     try:
-        bridge = _build_with_retry(settings, metrics, stop)
+        built = _start_up(settings, metrics, stop)
     except BaseException:
         if listener is not None:
             listener.close()
         raise
+    if built is None:  # stopped while waiting for Vault or CybeDefend
+        if listener is not None:
+            listener.close()
+        log.info("stopped", during="start-up")
+        return 0
+    bridge = built
     renewer_stop = threading.Event()
     renewer = threading.Thread(target=bridge.vault.run_renewer, args=(renewer_stop,), name="vault-renewer", daemon=True)
     renewer.start()

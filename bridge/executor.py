@@ -65,11 +65,13 @@ class Executor:
         self._clock = clock
         self._rng = rng or random.Random()
         self._lists: dict[str, list[RemoteCredential]] = {}
+        self._project_locks: dict[str, threading.Lock] = {}
         self._lists_lock = threading.Lock()
 
     def begin_pass(self) -> None:
         with self._lists_lock:
             self._lists.clear()
+            self._project_locks.clear()
 
     # -- one action -----------------------------------------------------------------------
     def execute(self, action: Action, *, deletes_allowed: bool) -> Outcome:
@@ -188,11 +190,15 @@ class Executor:
 
     def _ours(self, project_id: str, marker: Marker, *, fresh: bool) -> list[tuple[RemoteCredential, Marker]]:
         with self._lists_lock:
-            cached = None if fresh else self._lists.get(project_id)
-        if cached is None:
-            cached = self._api.list_project(project_id)
+            project_lock = self._project_locks.setdefault(project_id, threading.Lock())
+        # One listing per project per pass, even when several workers reach it at once.
+        with project_lock:
             with self._lists_lock:
-                self._lists[project_id] = list(cached)
+                cached = None if fresh else self._lists.get(project_id)
+            if cached is None:
+                cached = self._api.list_project(project_id)
+                with self._lists_lock:
+                    self._lists[project_id] = list(cached)
         out = []
         for cred in cached:
             m = Marker.parse(cred.description)

@@ -76,6 +76,8 @@ class SyncEngine:
         self._last: PassReport | None = None
         self._last_full: PassReport | None = None
         self._guard_tripped = False
+        self._unread: set[str] = set()  # keys whose value read failed in the pass being planned
+        self._unread_lock = threading.Lock()
 
     @property
     def last_report(self) -> PassReport | None:
@@ -124,7 +126,11 @@ class SyncEngine:
                 return entry.ref.key, self._source.read_value(entry.ref, entry.version)
             except VaultError as exc:
                 # The planner sees no value and skips the secret this pass; the next pass retries.
+                # The pass counts it as failed: a secret never registered because its value
+                # could not be read (e.g. a policy without `read` on data/) is not a good state.
                 log.warning("value_read_failed", path=entry.ref.key, version=entry.version, error=str(exc))
+                with self._unread_lock:
+                    self._unread.add(entry.ref.key)
                 return entry.ref.key, None
 
         if len(todo) <= 1:
@@ -174,6 +180,7 @@ class SyncEngine:
         now = self._clock()
         retry_now = request.paths or frozenset()
         todo = values_to_read(entries, records, self._s, now, retry_now)
+        self._unread = set()
         values = self._read_values(todo)
         actions = plan(entries, values, records, scope, self._s, self._keys, now, retry_now)
         return actions, len(entries)
@@ -210,6 +217,8 @@ class SyncEngine:
                     counts["failed"] += 1
                 elif outcome.result == Result.DEFERRED:
                     counts["deferred"] += 1
+                elif outcome.kind == ActionKind.SKIP and outcome.action.ref.key in self._unread:
+                    counts["failed"] += 1
                 else:
                     counts[_COUNT_NAMES[outcome.kind]] += 1
             if full and allowed and not self._stop.is_set():

@@ -70,6 +70,26 @@ def error_for_status(status: int, operation: str, path: str, errors: Any = None)
     return VaultInvalidRequest(where)
 
 
+def _tls_detail(exc: BaseException) -> str:
+    """What OpenSSL said, found through requests' and urllib3's wrappers: the verification
+    failure (with a hint) or the SSL reason code. Neither ever holds a token."""
+    todo: list[object] = [exc]
+    seen: set[int] = set()
+    reason = type(exc).__name__
+    while todo:
+        cur = todo.pop(0)
+        if not isinstance(cur, BaseException) or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return (f"certificate verify failed: {cur.verify_message or 'untrusted certificate'}; "
+                    "check vault.tls.ca_cert (the CA that signed Vault's certificate)")
+        if isinstance(cur, ssl.SSLError) and cur.reason:
+            reason = f"{type(cur).__name__}: {cur.reason}"
+        todo.extend([cur.__cause__, cur.__context__, getattr(cur, "reason", None), *cur.args])
+    return reason
+
+
 def translate(exc: BaseException, operation: str, path: str) -> VaultError:
     """Map an hvac, requests or socket exception to the bridge's tree. Never includes a token."""
     if isinstance(exc, VaultError):
@@ -92,7 +112,7 @@ def translate(exc: BaseException, operation: str, path: str) -> VaultError:
     if isinstance(exc, requests.exceptions.Timeout | TimeoutError):
         return VaultUnavailable(f"Vault {operation} {path}: timed out")
     if isinstance(exc, requests.exceptions.SSLError | ssl.SSLError):
-        return VaultUnavailable(f"Vault {operation} {path}: TLS error ({type(exc).__name__})")
+        return VaultUnavailable(f"Vault {operation} {path}: TLS error ({_tls_detail(exc)})")
     if isinstance(exc, requests.exceptions.RequestException | OSError | http.client.HTTPException):
         return VaultUnavailable(f"Vault {operation} {path}: connection failed ({type(exc).__name__})")
     if isinstance(exc, ValueError):  # a JSON body that does not parse: a proxy page, a truncated answer

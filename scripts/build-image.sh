@@ -9,7 +9,7 @@
 #        BRIDGE_SKIP_APT=1      do not apt-get install buildah/debootstrap/runc/podman
 # Needs root (debootstrap, buildah's storage). Prints the image name on its last line.
 # CI runs it through tests/deploy/test_deploy_image.py (.ci/install-tools.sh has installed the tools):
-# about 100 s from nothing (debootstrap ~45 s, pip in the build stage), ~15 s with the base cached.
+# about 100 s from nothing (the debootstrap base is most of it), ~15 s with the base cached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

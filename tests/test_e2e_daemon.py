@@ -184,6 +184,28 @@ def test_socket_audit_device_with_the_bridge_started_before_vault(stacks: Callab
         bao.cleanup()
 
 
+def test_probes_answer_while_vault_is_down_at_start_and_sigterm_ends_the_wait(stacks: Callable[[OpenBao], Stack],
+                                                                              tmp_path: Path) -> None:
+    """Liveness must not depend on an upstream: a pod started during a Vault outage stays alive,
+    unready, and stops promptly when asked."""
+    (tmp_path / "bao").mkdir()
+    bao = OpenBao("dev", workdir=tmp_path / "bao")  # never started: Vault is down for the whole test
+    try:
+        stack = stacks(bao)
+        d = stack.daemon().start()
+        wait_for(lambda: d.events("startup_waiting") or not d.alive(), 15)
+        assert d.alive(), f"the daemon exited; see {d.dir}"
+        wait_for(lambda: d.code("/healthz") == 200, 10)
+        assert d.code("/readyz") == 503
+        started = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait(10) == 0
+        assert time.monotonic() - started < 5
+        stack.assert_no_leaks(d)
+    finally:
+        bao.cleanup()
+
+
 def audit_lines_since(audit: Path, offset: int, needle: str) -> bytes | None:
     """Audit lines written after `offset`, once a response line naming `needle` is among them."""
     data = audit.read_bytes()[offset:]
