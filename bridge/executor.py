@@ -43,6 +43,14 @@ class PassAbort(BridgeError):
     """A failure that every remaining action would hit too (CybeDefend refuses our identity)."""
 
 
+class RemoteRejected(BridgeError):
+    """CybeDefend answered the create POST with 400: the input, not the bridge, must change.
+
+    Only the create's 400 means that; a 400 on a later step (links) is an ordinary failure,
+    retried, since the credential may already exist.
+    """
+
+
 class Executor:
     def __init__(
         self,
@@ -83,8 +91,9 @@ class Executor:
         except RateLimited as exc:
             wait = exc.retry_after if exc.retry_after is not None else self._s.sync.retry_base_seconds
             outcome = self._failed(action, f"rate limited by CybeDefend; next attempt in {wait:.0f} s", wait=wait)
-        except InvalidRequest as exc:
-            self._record_reject(action, "remote_rejected", f"CybeDefend refused the request: {exc.api_message}")
+        except RemoteRejected as exc:
+            self._record_reject(action, "remote_rejected", str(exc),
+                                retry_at=self._clock() + self._s.sync.retry_cap_seconds)
             outcome = Outcome(action, Result.FAILED, ActionKind.REJECT, reason=str(exc))
         except BridgeError as exc:
             outcome = self._failed(action, str(exc))
@@ -153,10 +162,9 @@ class Executor:
         if current:
             cred, kind = current[0], ActionKind.ADOPT
         else:
-            created = self._create(cand, marker)
-            if created is None:  # the POST's fate was unknown, and a fresh listing found it
-                return self._register(action, deletes_allowed)
-            cred = created
+            cred, adopted = self._create(cand, marker, stale=action.old_credential_id)
+            if adopted:  # the POST's fate was unknown, and a fresh listing found it
+                kind = ActionKind.ADOPT
         extras = current[1:]  # earlier duplicates carrying our own marker: ours to remove
         for c in [*superseded, *extras]:
             self._ledger.add_pending_delete(PendingDelete(c.id, cand.organization_id, cand.ref.key, "superseded"))
@@ -170,23 +178,33 @@ class Executor:
         if links != {cand.project_id}:
             self._api.set_linked_projects(cand.organization_id, cred.id, sorted(links))
         self._put_registered(cand, cred.id, action, kind.value)
+        # An adopted credential may still sit in the pending deletes (a retire whose DELETE
+        # failed, then the secret was tagged again): it is current now, so it stays.
+        self._ledger.remove_pending_delete(cred.id)
         for old_id, _ in replaced:
             self.delete_pending(old_id, allowed=True)
         return Outcome(action, Result.OK, kind, credential_id=cred.id, reason=action.reason)
 
-    def _create(self, cand: Candidate, marker: Marker) -> RemoteCredential | None:
-        description = f"{cand.description} {marker.render()}" if cand.description else marker.render()
+    def _create(self, cand: Candidate, marker: Marker, *, stale: str | None) -> tuple[RemoteCredential, bool]:
+        """Create the credential; (credential, adopted). Adopted when the POST's fate was
+        unknown and a fresh listing shows it landed. `stale` (the credential being replaced)
+        never counts as the new one."""
+        # Marker first: if CybeDefend ever cut long descriptions, the marker would survive.
+        description = f"{marker.render()} {cand.description}" if cand.description else marker.render()
         try:
             cred = self._api.create(cand.organization_id, cand.project_id, cand.username, cand.token, description)
+        except InvalidRequest as exc:
+            raise RemoteRejected(f"CybeDefend refused the create: {exc.api_message}") from exc
         except AmbiguousWrite:
             # The POST may have landed: look again before anything else may create.
-            found = [c for c, m in self._ours(cand.project_id, marker, fresh=True) if m.revision == marker.revision]
+            found = [c for c, m in self._ours(cand.project_id, marker, fresh=True)
+                     if m.revision == marker.revision and c.id != stale]
             if found:
-                return None
+                return found[0], True
             raise
         with self._lists_lock:
             self._lists.setdefault(cand.project_id, []).append(cred)
-        return cred
+        return cred, False
 
     def _ours(self, project_id: str, marker: Marker, *, fresh: bool) -> list[tuple[RemoteCredential, Marker]]:
         with self._lists_lock:
@@ -221,10 +239,18 @@ class Executor:
         if not deletes_allowed:
             return Outcome(action, Result.DEFERRED, ActionKind.RETIRE, credential_id=cred,
                            reason="deletion paused: the delete guard rail tripped this pass")
-        self._ledger.add_pending_delete(PendingDelete(cred, rec.organization_id or "", rec.key, "retire"))
+        # Every credential carrying this secret's marker goes, not only the ledger's: an
+        # interrupted rotation may have left a newer one the ledger never recorded.
+        doomed = [cred]
+        if rec.project_id:
+            anyrev = Marker(self._s.sync.instance, self._keys.path_digest(rec.ref), "")
+            doomed += [c.id for c, _ in self._ours(rec.project_id, anyrev, fresh=True) if c.id != cred]
+        for cid in doomed:
+            self._ledger.add_pending_delete(PendingDelete(cid, rec.organization_id or "", rec.key, "retire"))
         self._ledger.put(replace(rec, state=State.RETIRED, credential_id=None, last_action="retire", last_result="ok",
                                  reason=action.reason, attempts=0, next_attempt_at=None, updated_at=now))
-        self.delete_pending(cred, allowed=True)
+        for cid in doomed:
+            self.delete_pending(cid, allowed=True)
         return Outcome(action, Result.OK, ActionKind.RETIRE, credential_id=cred, reason=action.reason)
 
     def delete_pending(self, credential_id: str, *, allowed: bool) -> bool:
@@ -233,9 +259,10 @@ class Executor:
         if item is None:
             return True
         rec = self._ledger.get(item.key)
-        still_current = rec is not None and rec.credential_id == credential_id and rec.state != State.RETIRED
-        if still_current and item.reason in ("rotate", "move", "superseded"):
-            return False  # the replacement never happened (yet): keep the old one
+        if rec is not None and rec.credential_id == credential_id and rec.state != State.RETIRED:
+            # Still (or again) the secret's current credential: the replacement never happened,
+            # or the secret was tagged again and adopted it. Never delete what is in use.
+            return False
         if not allowed:
             return False
         try:
@@ -261,14 +288,16 @@ class Executor:
                 last_action=how, last_result="ok", reason=action.reason, attempts=0, next_attempt_at=None,
                 created_at=rec.created_at if rec else now, updated_at=now,
                 registered_at=now if how != "refresh" or rec is None else rec.registered_at,
-                seen_version=cand.version,
+                seen_version=cand.version, tags_digest=action.tags_digest,
             )
         )
 
-    def _record_reject(self, action: Action, code: str, reason: str) -> None:
+    def _record_reject(self, action: Action, code: str, reason: str, *, retry_at: float | None = None) -> None:
         now = self._clock()
         rec = self._ledger.get(action.ref.key)
         is_new = rec is None or rec.state != State.REJECTED or rec.last_result != code or rec.seen_version != action.version
+        if not is_new and retry_at is None:
+            return  # the same rejection as before: already counted, logged and recorded
         if is_new:
             self._m.rejects.labels(reason=code).inc()
             log.warning("secret_rejected", path=action.ref.key, version=action.version, reject_code=code, reason=reason)
@@ -277,7 +306,8 @@ class Executor:
         # A rejected secret keeps the credential (and its version) it may have had: bad new
         # input must not unregister a good old token.
         self._ledger.put(replace(base, state=State.REJECTED, seen_version=action.version,
-                                 last_action="reject", last_result=code, reason=reason, updated_at=now))
+                                 last_action="reject", last_result=code, reason=reason, updated_at=now,
+                                 next_attempt_at=retry_at, tags_digest=action.tags_digest))
 
     def _failed(self, action: Action, reason: str, *, wait: float | None = None) -> Outcome:
         now = self._clock()

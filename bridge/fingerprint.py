@@ -46,8 +46,9 @@ class Keyring:
         return hmac.new(self._marker_key, ref.key.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
 
     def marker(self, instance: str, ref: SecretRef, version: int | None, fingerprint: str) -> Marker:
-        # KV v1 has no versions: the fingerprint's first 8 hex characters stand in for one.
-        revision = f"v{version}" if version is not None else f"f{fingerprint[:8]}"
+        # KV v1 has no versions: the fingerprint's first 8 hex characters stand in for one. KV v2
+        # carries them too, since versions restart at 1 when a secret is deleted and recreated.
+        revision = f"v{version}.{fingerprint[:8]}" if version is not None else f"f{fingerprint[:8]}"
         return Marker(instance, self.path_digest(ref), revision)
 
 

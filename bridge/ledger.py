@@ -78,6 +78,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE secrets ADD COLUMN seen_version INTEGER",
         "UPDATE secrets SET seen_version = version",
     ),
+    (  # 4: a digest of the tags last evaluated, so a remote rejection is retried when they change
+        "ALTER TABLE secrets ADD COLUMN tags_digest TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -134,6 +134,7 @@ class Action:
     old_credential_id: str | None = None
     old_organization_id: str | None = None
     reject_code: str | None = None  # bounded: used as a metric label
+    tags_digest: str | None = None  # of the tags this decision used (see LedgerRecord.tags_digest)
 
 
 class Result(enum.StrEnum):
@@ -168,7 +169,7 @@ class RemoteCredential:
 MARKER_PREFIX = "cybedefend-bridge"
 _MARKER_RE = re.compile(
     r"\[cybedefend-bridge:(?P<instance>[a-z0-9][a-z0-9-]{0,31}):(?P<path>[0-9a-f]{12}):"
-    r"(?P<kind>[vf])(?P<rev>[0-9a-f]{1,16})\]"
+    r"(?P<rev>v[0-9]{1,10}\.[0-9a-f]{8}|f[0-9a-f]{8})\]"
 )
 
 
@@ -176,15 +177,17 @@ _MARKER_RE = re.compile(
 class Marker:
     """The ownership marker the bridge writes into a credential's description.
 
-    `[cybedefend-bridge:<instance>:<12 hex of HMAC(path)>:v<version>]` for KV v2, or
-    `…:f<8 hex of the token fingerprint>]` for KV v1, which has no versions. It is short,
-    stable and names no Vault path in clear; it is how a credential is recognised after a
-    crash or after the ledger is lost (there is no idempotency key in the API).
+    `[cybedefend-bridge:<instance>:<12 hex of HMAC(path)>:v<version>.<8 hex of the token's
+    fingerprint>]` for KV v2, or `…:f<8 hex of the fingerprint>]` for KV v1, which has no
+    versions. The fingerprint part matters for KV v2 too: a secret deleted and written again
+    restarts at version 1, and its predecessor's credential must not pass for the new token.
+    It is short, stable and names no Vault path in clear; it is how a credential is recognised
+    after a crash or after the ledger is lost (there is no idempotency key in the API).
     """
 
     instance: str
     path_digest: str
-    revision: str  # "v12" or "f1a2b3c4"
+    revision: str  # "v12.1a2b3c4d" (KV v2) or "f1a2b3c4" (KV v1)
 
     def render(self) -> str:
         return f"[{MARKER_PREFIX}:{self.instance}:{self.path_digest}:{self.revision}]"
@@ -196,7 +199,7 @@ class Marker:
         m = _MARKER_RE.search(description)
         if m is None:
             return None
-        return cls(m["instance"], m["path"], f"{m['kind']}{m['rev']}")
+        return cls(m["instance"], m["path"], m["rev"])
 
     def same_secret(self, other: Marker) -> bool:
         return self.instance == other.instance and self.path_digest == other.path_digest

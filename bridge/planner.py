@@ -23,6 +23,12 @@ from bridge.validation import Rejection, Tags, is_tagged, read_payload, read_tag
 TAG_REJECT_CODES = frozenset(
     {"invalid_project_id", "invalid_organization_id", "missing_organization_id", "invalid_description"}
 )
+# ...and a duplicate stops being one when its twin is deleted or rotated away, also without a
+# new version of this secret: re-examined every pass too (one value read each).
+RECHECKED_REJECT_CODES = TAG_REJECT_CODES | {"duplicate_token"}
+# CybeDefend refused the create (400): re-examined after a backoff, or at once when a write
+# to the secret (its tags, say) triggers a targeted sync.
+REMOTE_REJECT_CODE = "remote_rejected"
 _GONE_STATES = frozenset({State.RETIRED, State.ORPHANED})
 
 
@@ -54,6 +60,18 @@ def _tags(entry: VaultEntry, settings: Settings) -> Tags | Rejection:
     return read_tags(entry, src, settings.tags, settings.cybedefend.organization_id, settings.sync)
 
 
+def _waiting(entry: VaultEntry, record: LedgerRecord | None, now: float, retry_now: bool) -> bool:
+    """A failed secret whose backoff has not elapsed, and nothing new to try."""
+    return (
+        not retry_now
+        and record is not None
+        and record.state in (State.PENDING, State.FAILED)
+        and record.seen_version == entry.version
+        and record.next_attempt_at is not None
+        and now < record.next_attempt_at
+    )
+
+
 def needs_value(
     entry: VaultEntry, record: LedgerRecord | None, settings: Settings, now: float, *, retry_now: bool = False
 ) -> bool:
@@ -70,10 +88,14 @@ def needs_value(
         return True
     seen_same = record.seen_version == entry.version
     if record.state in (State.PENDING, State.FAILED):
-        waiting = record.next_attempt_at is not None and now < record.next_attempt_at
-        return retry_now or not (seen_same and waiting)
+        return not _waiting(entry, record, now, retry_now)
     if record.state == State.REJECTED:
-        return not seen_same or record.last_result in TAG_REJECT_CODES
+        if record.last_result in RECHECKED_REJECT_CODES or not seen_same or retry_now:
+            return True
+        if record.last_result == REMOTE_REJECT_CODE:
+            retry_due = record.next_attempt_at is None or now >= record.next_attempt_at
+            return retry_due or record.tags_digest != tags.digest
+        return False
     # registered: a new version, or a new place for the same one
     return record.version != entry.version or (tags.project_id, tags.organization_id) != (
         record.project_id,
@@ -146,8 +168,11 @@ def _decide(
             old_credential_id=old.credential_id if old else None,
             old_organization_id=old.organization_id if old else None,
             reject_code=code,
+            tags_digest=tags.digest,
         )
 
+    if _waiting(entry, record, now, retry_now):  # KV v1 too, whose value always comes with discovery
+        return act(ActionKind.SKIP, "waiting before the next attempt (backoff)")
     if not needs_value(entry, record, settings, now, retry_now=retry_now) and entry.payload is None:
         assert record is not None  # needs_value is True for every unknown secret
         if record.state == State.REJECTED:
@@ -161,7 +186,7 @@ def _decide(
     src = settings.sources[entry.source_index]
     parsed = read_payload(data, src, settings.sync)
     if isinstance(parsed, Rejection):
-        return Action(ActionKind.REJECT, ref, parsed.reason, version=entry.version, reject_code=parsed.code)
+        return act(ActionKind.REJECT, parsed.reason, code=parsed.code)
     fp = keyring.fingerprint(parsed.token)
     twin = claimed.get((fp, tags.organization_id, tags.project_id))
     if twin is not None and twin != ref.key:

@@ -89,6 +89,9 @@ class LedgerRecord:
     # `version` while a new version is rejected or failing; a rejection or a backoff stands
     # until Vault has a version newer than this.
     seen_version: int | None = None
+    # A digest of the (project, organization, description) last evaluated: tags change without
+    # a new KV version, and a rejection by CybeDefend may have been about them.
+    tags_digest: str | None = None
 
     @property
     def ref(self) -> SecretRef:

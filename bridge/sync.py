@@ -123,7 +123,9 @@ class SyncEngine:
             if self._stop.is_set():
                 return entry.ref.key, None
             try:
-                return entry.ref.key, self._source.read_value(entry.ref, entry.version)
+                # Empty: the version was deleted between the metadata read and now. Not a bad
+                # value to reject (an undelete would not lift that): skip it this pass.
+                return entry.ref.key, self._source.read_value(entry.ref, entry.version) or None
             except VaultError as exc:
                 # The planner sees no value and skips the secret this pass; the next pass retries.
                 # The pass counts it as failed: a secret never registered because its value

@@ -7,6 +7,7 @@ up in a log line because it was malformed.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -50,6 +51,12 @@ class Tags:
     project_id: str
     organization_id: str
     description: str | None
+
+    @property
+    def digest(self) -> str:
+        """Identifies these tags (not a secret: tags are plain metadata)."""
+        text = f"{self.project_id}\0{self.organization_id}\0{self.description or ''}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)

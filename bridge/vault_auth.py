@@ -364,6 +364,11 @@ class VaultSession:
         for attempt in (0, 1):
             token, gen = self.current()
             status, doc = self.transport.send(kind, method, path, query, token)
+            if status == 404 and (doc or {}).get("errors"):
+                # "no handler for route": the mount itself is gone (disabled, moved, mid-restore).
+                # A missing secret or empty folder answers 404 with no errors; this must not be
+                # read as "no secrets", or every credential of the source would be retired.
+                raise error_for_status(status, kind, path, (doc or {}).get("errors"))
             if status < 300 or status == 404 or status in passthrough:
                 return Response(status, doc)
             if status in (401, 403) and attempt == 0 and self.on_denied(gen):

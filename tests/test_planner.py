@@ -257,7 +257,7 @@ def test_fingerprints_are_keyed_and_markers_round_trip() -> None:
     assert KEYS.fingerprint(Sensitive("t")) != other.fingerprint(Sensitive("t"))
     m = KEYS.marker("default", ref, 12, "ab" * 32)
     text = f"ops team {m.render()}"
-    assert Marker.parse(text) == m and m.revision == "v12" and len(m.path_digest) == 12
+    assert Marker.parse(text) == m and m.revision == "v12.abababab" and len(m.path_digest) == 12
     assert "dockerhub" not in m.render()
     assert KEYS.marker("default", ref, None, "ab" * 32).revision == "fabababab"
     assert repr(KEYS) == "Keyring(***)"

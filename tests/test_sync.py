@@ -79,7 +79,7 @@ class World:
             found = by_marker.get(digest, [])
             assert len(found) == 1, f"{rec.key}: {len(found)} credentials"
             cred, marker = found[0]
-            assert cred.id == rec.credential_id and marker.revision == f"v{rec.version}"
+            assert cred.id == rec.credential_id and marker.revision == f"v{rec.version}.{rec.fingerprint[:8]}"
             latest = self.vault.peek(rec.mount, rec.path)
             assert self.api.token_of(cred.id).reveal() == latest["accessToken"]
 
@@ -114,7 +114,7 @@ def test_rotation_creates_copies_links_then_deletes_the_old(w: World) -> None:
     assert report.counts["rotated"] == 1
     [new] = w.creds()
     assert new.id != old.id and set(new.links) == {PROJECTS[0], PROJECTS[5]}
-    assert "v2]" in (new.description or "")
+    assert ":v2." in (new.description or "")
     w.assert_exactly_once()
 
 

@@ -131,7 +131,7 @@ def check_invariant(
             return f"; credentials={[(c.id[:8], m.revision, _idx(c.links)) for c, m in held]} ledger={facts} pending={list(pending)}"
 
         if w.expect is Expect.LIVE:
-            current = [c for c, m in held if m.revision == f"v{w.version}"]
+            current = [c for c, m in held if m.revision.startswith(f"v{w.version}.")]
             if policy == "retain":  # a move keeps the old project's credential (same revision) by policy
                 current = [c for c in current if w.project in c.links]
             assert len(current) == 1, f"{ctx}: {w.key} v{w.version} is registered {len(current)} times" + explain()

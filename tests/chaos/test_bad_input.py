@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def write_case(rig: ChaosRig, secret: dict[str, Any], fill: Filler) -> str:
         version, _ = rig.latest(name)
         rig.client().secrets.kv.v2.destroy_secret_versions(path=rig.path(name), versions=[version], mount_point=rig.mount)
         rig.secrets[name].expect = Expect.GONE
-    return name
+    return str(name)
 
 
 def test_the_corpus_has_at_least_forty_cases_each_with_an_outcome() -> None:
@@ -167,17 +168,17 @@ def test_bad_configuration_files_exit_with_a_message_naming_the_key(
     (tmp_path / "pat").write_text("cdp_" + "0" * 40)
     (tmp_path / "vault-token").write_text(chaos_bao.root_token)
     (tmp_path / "garbage-key").write_text("this is not base64 !!!")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    procs = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    procs: list[tuple[str, dict[str, str], str, subprocess.Popen[str]]] = []
     for name, want in config_cases():
         text = (DATA / "configs" / name).read_text(encoding="utf-8")
         text = text.replace("{VAULT_ADDR}", chaos_bao.addr).replace("{TMP}", str(tmp_path)).replace("{SIM}", sim.url)
         cfg = tmp_path / name
         cfg.write_text(text, encoding="utf-8")
-        for cmd in (["check"], ["sync", "--once"]):
-            p = subprocess.Popen([sys.executable, "-m", "bridge", *cmd, "--config", str(cfg)], cwd=ROOT, env=env,
+        for args in (["check"], ["sync", "--once"]):
+            p = subprocess.Popen([sys.executable, "-m", "bridge", *args, "--config", str(cfg)], cwd=ROOT, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            procs.append((name, want, cmd[0], p))
+            procs.append((name, want, args[0], p))
     failures = []
     for name, want, cmd, p in procs:
         out, err = p.communicate(timeout=60)

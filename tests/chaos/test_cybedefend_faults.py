@@ -10,6 +10,7 @@ of when each request arrived, never from the bridge's logs.
 from __future__ import annotations
 
 import email.utils
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -53,7 +54,7 @@ def retry_gaps(rig: ChaosRig, status: int = 429) -> list[float]:
     """For each create answered `status`, how long until the same token was POSTed again."""
     gaps = []
     for reqs in creates_by_token(rig).values():
-        for first, nxt in zip(reqs, reqs[1:], strict=False):
+        for first, nxt in itertools.pairwise(reqs):
             if first.status == status:
                 gaps.append(nxt.at - first.at)
     return gaps
@@ -74,11 +75,12 @@ def test_429_storm_with_retry_after_seconds_is_honoured(rig: ChaosRig, logged: C
     gaps = retry_gaps(rig)
     assert len(gaps) == 6, gaps
     assert min(gaps) >= 0.4 - SLACK, f"a create was retried {min(gaps):.3f}s after a 429 with Retry-After: 0.4"
+    print(f"\n429 + Retry-After 0.4 s: earliest retry of a create {min(gaps):.3f} s after the 429")
     by_path: dict[str, list[RecordedRequest]] = {}
     for r in rig.sim.requests:
         if r.endpoint == "list":
             by_path.setdefault(r.path, []).append(r)
-    list_gaps = [b.at - a.at for v in by_path.values() for a, b in zip(v, v[1:], strict=False) if a.status == 429]
+    list_gaps = [b.at - a.at for v in by_path.values() for a, b in itertools.pairwise(v) if a.status == 429]
     assert len(list_gaps) == 3 and min(list_gaps) >= 0.3 - SLACK, list_gaps
     rig.assert_invariant("429 + Retry-After seconds", texts=logged())
 
@@ -89,8 +91,9 @@ def test_429_with_an_http_date_retry_after_is_honoured(rig: ChaosRig, logged: Ca
     until = time.time() + 2
     rig.sim.inject("create", Fault.status(429, retry_after=email.utils.formatdate(until, usegmt=True)), times=1)
     assert rig.run().result == "ok"
-    [(first, retry)] = [(a, b) for reqs in creates_by_token(rig).values() for a, b in zip(reqs, reqs[1:], strict=False)]
+    [(first, retry)] = [(a, b) for reqs in creates_by_token(rig).values() for a, b in itertools.pairwise(reqs)]
     assert first.status == 429 and retry.at >= int(until) - SLACK, "retried before the advertised HTTP date"
+    print(f"\n429 + HTTP-date: retried {retry.at - int(until):+.3f} s after the advertised time")
     rig.assert_invariant("429 + HTTP-date", texts=logged())
 
 
@@ -108,6 +111,7 @@ def test_retry_after_beyond_the_cap_defers_the_secret_to_a_later_pass(rig: Chaos
     assert converge(rig)[-1].result == "ok"
     gaps = retry_gaps(rig)
     assert gaps and min(gaps) >= 2 - SLACK, f"retried {min(gaps):.2f}s after a 429 with Retry-After: 2"
+    print(f"\n429 + Retry-After 2 s (beyond the cap): the next POST came {min(gaps):.2f} s later, in a later pass")
     rig.assert_invariant("429 beyond the cap", texts=logged())
 
 
@@ -121,6 +125,8 @@ def test_429_storm_without_retry_after_backs_off_and_never_loops(rig: ChaosRig, 
     assert max(per_token) <= max_attempts * len(reports), f"attempts per secret {per_token}: a tight retry loop"
     gaps = retry_gaps(rig)
     assert gaps and min(gaps) > 0, "a 429 was retried with no wait at all"
+    print(f"\n429 storm without Retry-After: {len(reports)} passes, at most {max(per_token)} POSTs per secret, "
+          f"shortest wait {min(gaps) * 1000:.0f} ms")
     rig.assert_invariant("429 storm, no Retry-After", texts=logged())
 
 

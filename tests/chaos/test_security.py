@@ -52,7 +52,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_ca(tmp: Path, label: str) -> tuple[Path, Any, Any]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(_name(f"chaos {label} CA")).issuer_name(_name(f"chaos {label} CA"))
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -70,7 +70,7 @@ def make_ca(tmp: Path, label: str) -> tuple[Path, Any, Any]:
 
 def make_server_cert(tmp: Path, ca_cert: Any, ca_key: Any) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca_cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -131,10 +131,15 @@ WEBHOOK_TOKEN = "whk_" + "7" * 40
 @pytest.fixture
 def webhook() -> Any:
     calls: list[Any] = []
+
+    def on_sync(paths: list[str] | None, source: str) -> bool:
+        calls.append((paths, source))
+        return True
+
     server = HttpServer(
         ServerSettings(bind="127.0.0.1", port=0, max_body_bytes=4096), metrics=Metrics(), live=lambda: True,
         ready=lambda: (True, "ready"), status=lambda: {"ok": True},
-        on_sync=lambda paths, source: calls.append((paths, source)) is None, on_audit=None,
+        on_sync=on_sync, on_audit=None,
         webhook_token=Sensitive(WEBHOOK_TOKEN),
     )
     port = server.start()

@@ -132,7 +132,7 @@ def test_vault_sealed_mid_pass(make_rig: Any, bao: OpenBao, logged: Callable[[],
         assert reports[0].counts["retired"] == 0
         sealed = rig.run()
         assert sealed.result == "failed" and sealed.counts["retired"] == 0
-        assert sealed.error and "seal" in sealed.error.lower() or "unavailable" in (sealed.error or "").lower(), sealed.error
+        assert (sealed.error and "seal" in sealed.error.lower()) or "unavailable" in (sealed.error or "").lower(), sealed.error
     finally:
         bao.unseal()
     assert rig.run().result == "ok"
