@@ -111,6 +111,7 @@ def test_the_corpus_has_at_least_forty_cases_each_with_an_outcome() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_bad_secrets_reach_their_declared_outcome(make_rig: Any) -> None:
     rig: ChaosRig = make_rig(policy="delete")
     fill = Filler()
@@ -162,6 +163,7 @@ def config_cases() -> list[tuple[str, dict[str, str]]]:
     return out
 
 
+@pytest.mark.timeout(300)
 def test_bad_configuration_files_exit_with_a_message_naming_the_key(
     chaos_bao: OpenBao, sim: Simulator, tmp_path: Path
 ) -> None:

@@ -52,6 +52,7 @@ def leader_of(a: DaemonProc, b: DaemonProc) -> DaemonProc | None:
     return a if roles[0] == 1.0 else b if roles[1] == 1.0 else None
 
 
+@pytest.mark.timeout(300)
 def test_kill_the_leader_repeatedly_zero_duplicates_failover_measured(make_rig: Any) -> None:
     rig: ChaosRig = make_rig(policy="delete")
     (rig.tmp / "webhook-token").write_text(WEBHOOK)
