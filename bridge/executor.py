@@ -149,6 +149,14 @@ class Executor:
                          reason="project changed; deletion_policy is retain")
         for cred_id, org in replaced:
             self._ledger.add_pending_delete(PendingDelete(cred_id, org, cand.ref.key, action.kind.value))
+        if self._ledger.get(cand.ref.key) is None:
+            # Known before the first POST, so that a credential created just before a crash can
+            # always be traced back to a secret of ours (the stray sweep only touches those).
+            now = self._clock()
+            self._ledger.put(LedgerRecord(
+                key=cand.ref.key, mount=cand.ref.mount, path=cand.ref.path, kv_version=cand.ref.kv_version,
+                state=State.PENDING, organization_id=cand.organization_id, project_id=cand.project_id,
+                last_action=action.kind.value, reason="registering", created_at=now, updated_at=now))
 
         mine = self._ours(cand.project_id, marker, fresh=False)
         # The credential a rotation replaces holds the old token even when its marker names the
@@ -288,14 +296,15 @@ class Executor:
                 last_action=how, last_result="ok", reason=action.reason, attempts=0, next_attempt_at=None,
                 created_at=rec.created_at if rec else now, updated_at=now,
                 registered_at=now if how != "refresh" or rec is None else rec.registered_at,
-                seen_version=cand.version, tags_digest=action.tags_digest,
+                seen_version=cand.version, tags_digest=action.tags_digest, seen_stamp=cand.stamp,
             )
         )
 
     def _record_reject(self, action: Action, code: str, reason: str, *, retry_at: float | None = None) -> None:
         now = self._clock()
         rec = self._ledger.get(action.ref.key)
-        is_new = rec is None or rec.state != State.REJECTED or rec.last_result != code or rec.seen_version != action.version
+        is_new = (rec is None or rec.state != State.REJECTED or rec.last_result != code
+                  or rec.seen_version != action.version or rec.seen_stamp != action.stamp)
         if not is_new and retry_at is None:
             return  # the same rejection as before: already counted, logged and recorded
         if is_new:
@@ -307,7 +316,7 @@ class Executor:
         # input must not unregister a good old token.
         self._ledger.put(replace(base, state=State.REJECTED, seen_version=action.version,
                                  last_action="reject", last_result=code, reason=reason, updated_at=now,
-                                 next_attempt_at=retry_at, tags_digest=action.tags_digest))
+                                 next_attempt_at=retry_at, tags_digest=action.tags_digest, seen_stamp=action.stamp))
 
     def _failed(self, action: Action, reason: str, *, wait: float | None = None) -> Outcome:
         now = self._clock()
@@ -321,5 +330,6 @@ class Executor:
         state = base.state if action.kind == ActionKind.RETIRE else State.FAILED
         self._ledger.put(replace(base, state=state, last_action=action.kind.value, last_result="failed", reason=reason,
                                  attempts=attempts, next_attempt_at=now + wait, updated_at=now,
-                                 seen_version=action.version if action.kind != ActionKind.RETIRE else base.seen_version))
+                                 seen_version=action.version if action.kind != ActionKind.RETIRE else base.seen_version,
+                                 seen_stamp=action.stamp if action.kind != ActionKind.RETIRE else base.seen_stamp))
         return Outcome(action, Result.FAILED, action.kind, reason=reason, retryable=True)

@@ -81,6 +81,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 4: a digest of the tags last evaluated, so a remote rejection is retried when they change
         "ALTER TABLE secrets ADD COLUMN tags_digest TEXT",
     ),
+    (  # 5: the created_time of the version last evaluated: versions restart at 1 after a destroy
+        "ALTER TABLE secrets ADD COLUMN seen_stamp TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

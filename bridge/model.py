@@ -80,6 +80,9 @@ class VaultEntry:
     deleted: bool = False  # the current KV v2 version is deleted or destroyed
     payload: Mapping[str, Any] | None = field(default=None, repr=False)
     source_index: int = 0
+    # The current KV v2 version's created_time: a secret destroyed and written anew restarts at
+    # version 1, so (version, stamp) is what identifies a version's content.
+    stamp: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,7 @@ class Candidate:
     token: Sensitive = field(repr=False)
     fingerprint: str  # keyed HMAC of the token; safe to store and compare
     description: str | None = None
+    stamp: str | None = None  # VaultEntry.stamp
 
 
 class ActionKind(enum.StrEnum):
@@ -135,6 +139,7 @@ class Action:
     old_organization_id: str | None = None
     reject_code: str | None = None  # bounded: used as a metric label
     tags_digest: str | None = None  # of the tags this decision used (see LedgerRecord.tags_digest)
+    stamp: str | None = None  # VaultEntry.stamp of the version decided on
 
 
 class Result(enum.StrEnum):

@@ -60,13 +60,20 @@ def _tags(entry: VaultEntry, settings: Settings) -> Tags | Rejection:
     return read_tags(entry, src, settings.tags, settings.cybedefend.organization_id, settings.sync)
 
 
+def _seen_same(entry: VaultEntry, record: LedgerRecord) -> bool:
+    """The ledger already evaluated this very version (number and, where known, creation time)."""
+    if record.seen_version != entry.version:
+        return False
+    return entry.stamp is None or record.seen_stamp is None or record.seen_stamp == entry.stamp
+
+
 def _waiting(entry: VaultEntry, record: LedgerRecord | None, now: float, retry_now: bool) -> bool:
     """A failed secret whose backoff has not elapsed, and nothing new to try."""
     return (
         not retry_now
         and record is not None
         and record.state in (State.PENDING, State.FAILED)
-        and record.seen_version == entry.version
+        and _seen_same(entry, record)
         and record.next_attempt_at is not None
         and now < record.next_attempt_at
     )
@@ -86,7 +93,7 @@ def needs_value(
         return False
     if record is None or record.state in (State.MISSING, *_GONE_STATES):
         return True
-    seen_same = record.seen_version == entry.version
+    seen_same = _seen_same(entry, record)
     if record.state in (State.PENDING, State.FAILED):
         return not _waiting(entry, record, now, retry_now)
     if record.state == State.REJECTED:
@@ -97,7 +104,7 @@ def needs_value(
             return retry_due or record.tags_digest != tags.digest
         return False
     # registered: a new version, or a new place for the same one
-    return record.version != entry.version or (tags.project_id, tags.organization_id) != (
+    return record.version != entry.version or not seen_same or (tags.project_id, tags.organization_id) != (
         record.project_id,
         record.organization_id,
     )
@@ -169,6 +176,7 @@ def _decide(
             old_organization_id=old.organization_id if old else None,
             reject_code=code,
             tags_digest=tags.digest,
+            stamp=entry.stamp,
         )
 
     if _waiting(entry, record, now, retry_now):  # KV v1 too, whose value always comes with discovery
@@ -207,6 +215,7 @@ def _decide(
         parsed.token,
         fp,
         tags.description,
+        entry.stamp,
     )
     has_cred = record is not None and record.credential_id is not None and record.state != State.MISSING
     if record is None or not has_cred:
@@ -223,7 +232,7 @@ def _decide(
     if record.fingerprint != fp:
         what = f"version {entry.version}" if entry.version is not None else "the secret"
         return act(ActionKind.ROTATE, f"new token in {what}", cand, record)
-    if record.state != State.REGISTERED or record.version != entry.version:
+    if record.state != State.REGISTERED or record.version != entry.version or not _seen_same(entry, record):
         return act(ActionKind.REFRESH, "metadata-only change (same token)", cand, record)
     return act(ActionKind.SKIP, "up to date")
 

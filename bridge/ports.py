@@ -56,6 +56,10 @@ class Registrar(Protocol):
 
     def set_linked_projects(self, organization_id: str, credential_id: str, project_ids: Sequence[str]) -> None: ...
 
+    def all_credentials(self, organization_id: str) -> list[RemoteCredential]:
+        """Every DockerHub credential of the organization, whatever project it is linked to."""
+        ...
+
 
 class TokenVerifier(Protocol):
     """Optional: asks DockerHub whether a token is valid before it is registered."""
@@ -92,6 +96,7 @@ class LedgerRecord:
     # A digest of the (project, organization, description) last evaluated: tags change without
     # a new KV version, and a rejection by CybeDefend may have been about them.
     tags_digest: str | None = None
+    seen_stamp: str | None = None  # VaultEntry.stamp of `seen_version` (versions restart at 1 after a destroy)
 
     @property
     def ref(self) -> SecretRef:

@@ -22,9 +22,10 @@ from bridge.executor import Executor, PassAbort
 from bridge.fingerprint import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
-from bridge.model import Action, ActionKind, Outcome, Result, State, VaultEntry
+from bridge.model import Action, ActionKind, Marker, Outcome, Result, State, VaultEntry
 from bridge.planner import Scope, count_deletions, plan, source_of, values_to_read
-from bridge.ports import Ledger, LedgerRecord, PassReport, PassRequest, Registrar, SecretSource, TokenVerifier
+from bridge.ports import Ledger, LedgerRecord, PassReport, PassRequest, PendingDelete, Registrar, SecretSource, TokenVerifier
+from bridge.validation import is_tagged
 
 log = get_logger(__name__)
 
@@ -173,10 +174,10 @@ class SyncEngine:
     def plan(self, request: PassRequest) -> list[Action]:
         """What a pass would do now: reads Vault (values only where needed), writes nothing."""
         with self._lock:
-            actions, _ = self._plan(request)
+            actions, _, _ = self._plan(request)
             return actions
 
-    def _plan(self, request: PassRequest) -> tuple[list[Action], int]:
+    def _plan(self, request: PassRequest) -> tuple[list[Action], list[VaultEntry], Scope]:
         entries, scope = self._discover(request)
         records = {r.key: r for r in self._ledger.all()}
         now = self._clock()
@@ -185,7 +186,7 @@ class SyncEngine:
         self._unread = set()
         values = self._read_values(todo)
         actions = plan(entries, values, records, scope, self._s, self._keys, now, retry_now)
-        return actions, len(entries)
+        return actions, entries, scope
 
     def run(self, request: PassRequest) -> PassReport:
         with self._lock:
@@ -201,7 +202,7 @@ class SyncEngine:
         try:
             if full and self._drift_due(request):
                 self._check_drift()
-            actions, _ = self._plan(request)
+            actions, entries, scope = self._plan(request)
             deletes = count_deletions(actions, self._s)
             allowed = deletes <= self._s.sync.max_deletes_per_pass
             if not allowed:
@@ -225,6 +226,9 @@ class SyncEngine:
                     counts[_COUNT_NAMES[outcome.kind]] += 1
             if full and allowed and not self._stop.is_set():
                 self._flush_pending_deletes()
+                if self._s.sync.deletion_policy == "delete" and len(scope.sources) == len(self._s.sources):
+                    budget = self._s.sync.max_deletes_per_pass - deletes
+                    counts["retired"] += self._sweep_strays(entries, budget)
             if self._stop.is_set():
                 result = "aborted"
             elif counts["failed"]:
@@ -285,6 +289,56 @@ class SyncEngine:
             ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE, ActionKind.ADOPT
         ):
             self._m.write_latency.observe(max(0.0, self._mono() - heard))
+
+    def _sweep_strays(self, entries: list[VaultEntry], budget: int) -> int:
+        """Delete credentials of our secrets that nothing accounts for; the number deleted.
+
+        A crash right after a POST, followed by a move, untag or delete before the next pass,
+        leaves a credential no later action looks at (it is in another project, or its secret
+        is gone). Under the delete policy, once every source was discovered, each organization
+        is listed and a credential carrying this instance's marker for a secret the ledger knows
+        is deleted when it is not that secret's current credential (and the secret is settled,
+        or gone). Credentials of secrets this bridge never recorded are not touched: another
+        bridge with the same instance name but another key could own them.
+        """
+        rows = self._ledger.all()
+        by_digest = {self._keys.path_digest(r.ref): r for r in rows}
+        live = {self._keys.path_digest(e.ref) for e in entries if is_tagged(e, self._s.tags) and not e.deleted}
+        current = {r.credential_id for r in rows if r.credential_id and r.state != State.RETIRED}
+        pending = {p.credential_id for p in self._ledger.pending_deletes()}
+        orgs = {r.organization_id for r in rows if r.organization_id}
+        orgs |= {o for o in [self._s.cybedefend.organization_id, *(s.organization_id for s in self._s.sources)] if o}
+        strays: list[tuple[str, str, str]] = []
+        for org in sorted(orgs):
+            try:
+                creds = self._api.all_credentials(org)
+            except BridgeError as exc:
+                log.warning("stray_sweep_skipped", organization=org, error=str(exc))
+                continue
+            for cred in creds:
+                marker = Marker.parse(cred.description)
+                if marker is None or marker.instance != self._s.sync.instance:
+                    continue
+                row = by_digest.get(marker.path_digest)
+                if row is None or cred.id in current or cred.id in pending:
+                    continue
+                if marker.path_digest in live and row.state != State.REGISTERED:
+                    continue  # in flux (failing, rejected, missing): later passes settle it
+                strays.append((org, cred.id, row.key))
+        if not strays:
+            return 0
+        if len(strays) > budget:
+            self._guard_tripped = True
+            self._m.delete_guard.set(1)
+            log.error("delete_guard_tripped", stray_credentials=len(strays), budget=budget,
+                      hint="stray credentials are kept this pass; raise sync.max_deletes_per_pass if this is intended")
+            return 0
+        deleted = 0
+        for org, cred_id, key in strays:
+            log.warning("stray_credential", credential_id=cred_id, path=key, action="delete")
+            self._ledger.add_pending_delete(PendingDelete(cred_id, org, key, "stray"))
+            deleted += int(self._exec.delete_pending(cred_id, allowed=True))
+        return deleted
 
     def _flush_pending_deletes(self) -> None:
         now = self._clock()

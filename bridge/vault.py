@@ -219,7 +219,9 @@ class VaultSource:
         meta = (d.get("versions") or {}).get(str(current)) or {}
         deleted = current == 0 or bool(meta.get("destroyed")) or _past(meta.get("deletion_time"), self._wall())
         tags = {str(k): str(v) for k, v in (d.get("custom_metadata") or {}).items()}
-        return VaultEntry(ref, current or None, tags, deleted=deleted, source_index=index)
+        stamp = meta.get("created_time")
+        return VaultEntry(ref, current or None, tags, deleted=deleted, source_index=index,
+                          stamp=stamp if isinstance(stamp, str) else None)
 
     def _bounded_map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """fn over items on `concurrency` threads; yields results as they come (any order).

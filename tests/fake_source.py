@@ -22,6 +22,7 @@ from bridge.model import SecretRef, VaultEntry
 class _Secret:
     kv: int
     versions: list[dict[str, Any]] = field(default_factory=list)
+    stamps: list[str] = field(default_factory=list)  # each version's created_time
     deleted: set[int] = field(default_factory=set)
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -40,10 +41,13 @@ class FakeSecretSource:
         with self._lock:
             kv = self._kv.get(mount, 2)
             s = self._secrets.setdefault((mount, path), _Secret(kv))
+            self._writes = getattr(self, "_writes", 0) + 1
+            stamp = f"2026-01-01T00:00:{self._writes:06d}Z"  # unique per write, like created_time
             if kv == 1:
                 s.versions = [dict(data)]
             else:
                 s.versions.append(dict(data))
+                s.stamps.append(stamp)
             if tags is not None:
                 s.tags = dict(tags)
             return len(s.versions)
@@ -75,7 +79,8 @@ class FakeSecretSource:
             return VaultEntry(ref, None, {k: v for k, v in data.items() if isinstance(v, str)}, payload=data,
                               source_index=idx)
         current = len(s.versions)
-        return VaultEntry(ref, current, dict(s.tags), deleted=current in s.deleted, source_index=idx)
+        return VaultEntry(ref, current, dict(s.tags), deleted=current in s.deleted, source_index=idx,
+                          stamp=s.stamps[-1] if s.stamps else None)
 
     def discover(self, source: SourceSettings, source_index: int) -> Iterable[VaultEntry]:
         self._count("list")

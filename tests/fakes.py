@@ -23,7 +23,7 @@ from bridge.errors import NotFound, PermissionDenied
 from bridge.model import RemoteCredential, Sensitive
 
 T = TypeVar("T")
-OPERATIONS = ("create", "list_project", "get", "delete", "linked_projects", "set_linked_projects")
+OPERATIONS = ("create", "list_project", "get", "delete", "linked_projects", "set_linked_projects", "all_credentials")
 
 
 @dataclass(slots=True)
@@ -186,6 +186,15 @@ class FakeRegistrar:
             cred.links = wanted
 
         self._call("set_linked_projects", do)
+
+    def all_credentials(self, organization_id: str) -> list[RemoteCredential]:
+        org = organization_id.lower()
+
+        def do() -> list[RemoteCredential]:
+            self._require_org(org)
+            return [c.remote() for c in self.store.values() if c.organization_id == org]
+
+        return self._call("all_credentials", do)
 
     # ---- internals ----------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ def full_record(key: str = "secret/team/a", **changes: object) -> LedgerRecord:
         registered_at=150.5,
         seen_version=8,
         tags_digest="0123456789abcdef",
+        seen_stamp="2026-01-01T00:00:00Z",
     )
     return dataclasses.replace(rec, **changes)  # type: ignore[arg-type]
 
@@ -337,7 +338,7 @@ def test_upgrade_from_a_v1_file(tmp_path: Path) -> None:
     conn.close()
 
     with SqliteLedger(path, clock=FakeClock(77.0)) as led:
-        assert led.schema_version() == SCHEMA_VERSION == 4
+        assert led.schema_version() == SCHEMA_VERSION == 5
         a, b = led.get("secret/a"), led.get("secret/b")
         assert a is not None and (a.state, a.version, a.credential_id) == (State.REGISTERED, 4, "cred-a")
         assert a.registered_at == 42.0  # migration 2 backfills registered rows from updated_at
@@ -353,9 +354,9 @@ def test_upgrade_from_a_v1_file(tmp_path: Path) -> None:
         versions = conn.execute("SELECT version, applied_at FROM schema_version ORDER BY version").fetchall()
     finally:
         conn.close()
-    assert versions == [(1, 5.0), (2, 77.0), (3, 77.0), (4, 77.0)]
+    assert versions == [(1, 5.0), (2, 77.0), (3, 77.0), (4, 77.0), (5, 77.0)]
     with SqliteLedger(path) as led:  # reopening applies nothing more
-        assert led.schema_version() == 4
+        assert led.schema_version() == 5
 
 
 def test_a_file_from_a_newer_bridge_is_refused(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ effect, which unwinds the engine like a SIGKILL would, and the engine is rebuilt
 ledger). After the sequence, clean passes must converge to the shared invariant
 (tests/chaos/invariant.py) under both deletion policies.
 
-Runs are derandomized so CI sees the same examples every time. The examples that break the
-invariant today are pinned as strict xfails at the bottom, with the reason.
+Runs are derandomized so CI sees the same examples every time. The gaps these tests once
+found are kept at the bottom as regression tests.
 """
 
 from __future__ import annotations
@@ -166,27 +166,16 @@ PUTS = st.one_of(st.tuples(st.just("put"), names, projects), st.tuples(st.just("
 
 
 def play(world: FakeWorld, ops: list[tuple[str, Any, Any]]) -> None:
-    """Apply `ops`, then converge and check. Two orderings are settled by a clean pass first,
-    because each hits a gap pinned by a strict xfail below (and would hide any other finding):
-    a move/untag/delete right after a crash (CROSS_PROJECT_GAP), and writing a secret anew
-    before any pass saw that it was destroyed (SAME_VERSION_GAP)."""
-    crashed, destroyed = False, set[str]()
+    """Apply `ops` in any order (crashes included), then converge and check the invariant."""
     for op, a, b in ops:
-        if (crashed and op in ("retag", "untag", "soft_delete", "destroy")) or (op == "put" and a in destroyed):
-            world.run()
-            crashed, destroyed = False, set()
         if op == "crash":
             world.run(crash=(a, b))
-            crashed = True
         elif op == "pass":
             world.run()
-            crashed, destroyed = False, set()
         elif b is not None:
             getattr(world, op)(a, b)
         else:
             getattr(world, op)(a)
-            if op == "destroy":
-                destroyed.add(a)
     world.converge()
     world.check(f"ops={ops}")
 
@@ -210,17 +199,13 @@ def test_crashes_between_any_two_steps_of_registration_and_rotation_converge(
     play(FakeWorld(policy), ops)
 
 
-# --- the gaps these tests found, pinned until the bridge closes them ----------------------
-
-CROSS_PROJECT_GAP = (
-    "BUG (issue 6 finding): a credential created by a pass that crashed before its ledger write is "
-    "only found again by listing the project the *current* tags name. If the operator moves, untags "
-    "or deletes the secret before the next pass, that credential is never adopted nor deleted: "
-    "it stays with our marker and a live token (ADR 3's known gap, without any ledger loss)."
-)
+# --- gaps these tests found, now closed -------------------------------------------------------
+# A credential created by a pass that crashed before its ledger write used to be found only by
+# listing the project the *current* tags name: a move, untag or delete before the next pass left
+# it behind. Closed by recording the secret before its first POST and sweeping the organization
+# for stray credentials of known secrets (bridge/sync.py, delete policy).
 
 
-@pytest.mark.xfail(strict=True, reason=CROSS_PROJECT_GAP)
 @pytest.mark.parametrize("then", ["retag", "untag", "destroy"])
 def test_crash_after_the_post_then_a_tag_change_leaves_no_stray(then: str) -> None:
     world = FakeWorld("delete")
@@ -236,7 +221,6 @@ def test_crash_after_the_post_then_a_tag_change_leaves_no_stray(then: str) -> No
     world.check(f"move crashed, then {then}")
 
 
-@pytest.mark.xfail(strict=True, reason=CROSS_PROJECT_GAP)
 def test_crash_after_the_first_post_then_untag_leaves_no_stray() -> None:
     world = FakeWorld("delete")
     world.put("a", PROJECTS[0])
@@ -253,15 +237,10 @@ def test_any_sequence_with_crashes_converges(policy: str, ops: list[tuple[str, A
     play(FakeWorld(policy), ops)
 
 
-SAME_VERSION_GAP = (
-    "BUG (issue 6 finding): a pass compares KV v2 version *numbers* only. When a secret is destroyed "
-    "(metadata and all versions deleted) and written anew before the next pass, the new token is again "
-    "version 1, the ledger says v1 registered, the value is never read: the old token stays registered. "
-    "Fix: keep the version's created_time (in metadata) in the ledger and compare it too."
-)
+# A pass used to compare KV v2 version *numbers* only: a secret destroyed and written anew
+# before the next pass is version 1 again. Closed by comparing the version's created_time too.
 
 
-@pytest.mark.xfail(strict=True, reason=SAME_VERSION_GAP)
 @pytest.mark.parametrize("policy", ["delete", "retain"])
 def test_destroyed_and_written_anew_between_two_passes_registers_the_new_token(policy: str) -> None:
     world = FakeWorld(policy)
