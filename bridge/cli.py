@@ -167,8 +167,14 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from bridge.ports import PassRequest
 
+    bar = _ProgressBar(sys.stderr, noun="values read") if args.output == "table" and sys.stderr.isatty() else None
     with _bridge(args) as bridge:
-        actions = bridge.engine.plan(PassRequest(trigger="manual", dry_run=True))
+        bridge.engine.progress = bar
+        try:
+            actions = bridge.engine.plan(PassRequest(trigger="manual", dry_run=True))
+        finally:
+            if bar is not None:
+                bar.finish()
     rows: list[dict[str, Any]] = [
         {"path": a.ref.key, "action": a.kind.value, "version": a.version, "project_id": a.project_id,
          "organization_id": a.organization_id, "reason": a.reason, "reject_code": a.reject_code}
@@ -245,8 +251,8 @@ def _summary(counts: Any, out: TextIO) -> None:
 class _ProgressBar:
     """A one-line progress bar on a terminal, redrawn at most ten times a second."""
 
-    def __init__(self, out: TextIO, width: int = 30) -> None:
-        self._out, self._width, self._last, self._drawn = out, width, 0.0, False
+    def __init__(self, out: TextIO, width: int = 30, noun: str = "secrets") -> None:
+        self._out, self._width, self._last, self._drawn, self._noun = out, width, 0.0, False, noun
 
     def __call__(self, done: int, total: int) -> None:
         import time
@@ -256,7 +262,7 @@ class _ProgressBar:
             return  # short passes need no bar
         self._last = now
         filled = int(self._width * done / max(total, 1))
-        self._out.write(f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done}/{total} secrets")
+        self._out.write(f"\r[{'#' * filled}{'.' * (self._width - filled)}] {done}/{total} {self._noun}")
         self._out.flush()
         self._drawn = True
 

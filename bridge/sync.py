@@ -138,8 +138,13 @@ class SyncEngine:
 
         if len(todo) <= 1:
             return dict(map(one, todo))
+        out: dict[str, Mapping[str, Any] | None] = {}
         with ThreadPoolExecutor(max_workers=self._s.vault.concurrency, thread_name_prefix="read") as pool:
-            return dict(pool.map(one, todo))
+            for key, value in pool.map(one, todo):
+                out[key] = value
+                if self.progress is not None:
+                    self.progress(len(out), len(todo))
+        return out
 
     # -- drift ----------------------------------------------------------------------------
     def _drift_due(self, request: PassRequest) -> bool:

@@ -141,3 +141,38 @@ def test_unreachable_vault_fails_with_what_to_do(setup: tuple[Path, Simulator, l
     config.write_text(yaml.safe_dump(raw))
     out = cli("sync", "--once", "--config", str(config), timeout=120)
     assert out.returncode == 1 and "cybedefend-bridge check" in out.stderr
+
+
+def test_progress_bar_on_a_terminal_only(setup: tuple[Path, Simulator, list[str]], openbao: OpenBao,
+                                         kv_mount: str) -> None:
+    import pty
+
+    config, _, secrets = setup
+    for i in range(25):
+        tok = token(i, "bar")
+        secrets.append(tok)
+        openbao.write_secret(kv_mount, f"dockerhub/bar{i}", {"accessToken": tok, "dockerhubUsername": "u"},
+                             tagged(PROJECTS[i % 3]))
+    main_fd, tty_fd = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bridge", "sync", "--once", "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=tty_fd, text=True, timeout=120, env=env, check=False)
+        os.close(tty_fd)
+        chunks = []
+        while True:
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(main_fd)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, proc.stdout
+    assert "\r[" in terminal and "/28 secrets" in terminal  # 3 from the fixture + 25
+    piped = cli("plan", "--config", str(config))
+    assert "\r[" not in piped.stderr
+    assert_no_leak([terminal, proc.stdout, piped.stdout, piped.stderr], secrets)
