@@ -20,6 +20,7 @@ import httpx
 from bridge.app import Bridge, build
 from bridge.config import Settings, parse_settings
 from bridge.simulator import Simulator
+from tests.helpers import seeded_simulator
 from tests.openbao import OpenBao
 
 ORG = "5b0c6d7e-1f2a-4b3c-8d4e-5f6a7b8c9d0e"
@@ -41,11 +42,7 @@ def name(i: int) -> str:
 
 
 def new_simulator() -> Simulator:
-    sim = Simulator()
-    sim.add_organization(ORG)
-    for p in PROJECTS:
-        sim.add_project(ORG, p)
-    sim.add_pat(PAT, {ORG: "manage"})
+    sim = seeded_simulator(PAT, org=ORG, projects=PROJECTS)
     sim.start()
     return sim
 

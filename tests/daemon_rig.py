@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.model import Sensitive
 from bridge.simulator import Simulator, StoredCredential
-from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
+from tests.helpers import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
 from tests.openbao import OpenBao
 
 REPO = Path(__file__).resolve().parent.parent
@@ -336,11 +336,7 @@ class Stack:
 
 
 def new_simulator() -> Simulator:
-    sim = Simulator()
-    sim.add_organization(ORG)
-    for p in PROJECTS:
-        sim.add_project(ORG, p)
-    sim.add_pat(PAT, {ORG: "manage"})
+    sim = seeded_simulator(PAT)
     sim.start()
     return sim
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import Settings, parse_settings
+from bridge.simulator import Simulator
 
 ORG = "5b0c6d7e-1f2a-4b3c-8d4e-5f6a7b8c9d0e"
 ORG2 = "6c1d7e8f-2a3b-4c4d-9e5f-6a7b8c9d0e1f"
@@ -40,6 +41,19 @@ def settings(tmp: Path | None = None, **sections: Any) -> Settings:
         else:
             raw[name] = value
     return parse_settings(raw, env={})
+
+
+def seeded_simulator(pat: str, *, org: str = ORG, projects: Iterable[str] = PROJECTS,
+                     extra_orgs: Iterable[str] = ()) -> Simulator:
+    """The CybeDefend double (not started) with an organization, its projects and a PAT that manages it."""
+    sim = Simulator()
+    sim.add_organization(org)
+    for other in extra_orgs:
+        sim.add_organization(other)
+    for project in projects:
+        sim.add_project(org, project)
+    sim.add_pat(pat, {org: "manage"})
+    return sim
 
 
 def tagged(project: str, org: str | None = None, description: str | None = None) -> dict[str, str]:

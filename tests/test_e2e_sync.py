@@ -20,7 +20,7 @@ from bridge.config import Settings, parse_settings
 from bridge.model import Marker, State
 from bridge.ports import PassRequest
 from bridge.simulator import Fault, Simulator
-from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
+from tests.helpers import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
 from tests.openbao import OpenBao
 
 pytestmark = pytest.mark.integration
@@ -103,11 +103,7 @@ class Rig:
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    with Simulator() as s:
-        s.add_organization(ORG)
-        for p in PROJECTS:
-            s.add_project(ORG, p)
-        s.add_pat(PAT, {ORG: "manage"})
+    with seeded_simulator(PAT) as s:
         yield s
 
 

@@ -18,7 +18,7 @@ from bridge.ledger import SqliteLedger
 from bridge.model import Marker, SecretRef, State
 from bridge.ports import LedgerRecord
 from bridge.simulator import Simulator
-from tests.helpers import ORG, PROJECTS, tagged, token
+from tests.helpers import PROJECTS, seeded_simulator, tagged, token
 from tests.openbao import OpenBao
 from tests.test_sync import FULL, World
 
@@ -190,11 +190,7 @@ def review_sim() -> Iterator[Simulator]:
     """The CybeDefend double with one organization and its projects (as in test_e2e_sync)."""
     from tests.test_e2e_sync import PAT
 
-    with Simulator() as s:
-        s.add_organization(ORG)
-        for p in PROJECTS:
-            s.add_project(ORG, p)
-        s.add_pat(PAT, {ORG: "manage"})
+    with seeded_simulator(PAT) as s:
         yield s
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from bridge.simulator import Simulator
 from tests.chaos.rig import PAT, ChaosRig
-from tests.helpers import ORG, ORG2, PROJECTS
+from tests.helpers import ORG2, seeded_simulator
 from tests.openbao import OpenBao
 
 pytestmark = pytest.mark.integration
@@ -55,12 +55,7 @@ def mount(bao: OpenBao) -> Iterator[str]:
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    with Simulator() as s:
-        s.add_organization(ORG)
-        s.add_organization(ORG2)
-        for p in PROJECTS:
-            s.add_project(ORG, p)
-        s.add_pat(PAT, {ORG: "manage"})
+    with seeded_simulator(PAT, extra_orgs=[ORG2]) as s:
         yield s
 
 
