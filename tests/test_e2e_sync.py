@@ -17,7 +17,7 @@ import pytest
 
 from bridge.app import Bridge, build
 from bridge.config import Settings, parse_settings
-from bridge.model import Marker, State
+from bridge.model import Marker, Sensitive, State
 from bridge.ports import PassRequest
 from bridge.simulator import Fault, Simulator
 from tests.helpers import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
@@ -79,7 +79,7 @@ class Rig:
         seen: dict[str, int] = {}
         for cred in self.sim.credentials(ORG):
             marker = Marker.parse(cred.description)
-            if marker is None:
+            if marker is None or marker.instance != "default":  # another instance's are not ours
                 continue
             seen[marker.path_digest] = seen.get(marker.path_digest, 0) + 1
         for key, rec in ledger.items():
@@ -327,3 +327,33 @@ def test_least_privilege_policy_is_enough(openbao: OpenBao, sim: Simulator, tmp_
         rig.bridge.close(revoke=False)  # type: ignore[union-attr]
         for i in range(3):
             openbao.client().secrets.kv.v2.delete_metadata_and_all_versions(path=f"dockerhub/lp-{i}", mount_point="secret")
+
+
+def test_stray_credential_of_a_known_secret_is_swept_under_the_delete_policy(
+    openbao: OpenBao, kv_mount: str, sim: Simulator, tmp_path: Path
+) -> None:
+    """What a crash right after a POST leaves when the secret then moves away: a credential with
+    our marker in a project no later action lists. The organization-wide sweep removes it; a
+    hand-made credential and another instance's stay."""
+    rig = Rig(openbao, kv_mount, sim, tmp_path, sync={"deletion_policy": "delete"})
+    rig.start()
+    assert rig.bridge is not None
+    try:
+        rig.put("a", 1)
+        rig.put("b", 2)
+        rig.run()
+        rec = rig.bridge.ledger.get(f"{kv_mount}/dockerhub/a")
+        assert rec is not None and rec.fingerprint is not None
+        marker = rig.bridge.keyring.marker("default", rec.ref, rec.version, rec.fingerprint)
+        stray = rig.bridge.client.create(ORG, PROJECTS[5], "u-a", Sensitive(token(1, "a")), marker.render())
+        hand = rig.bridge.client.create(ORG, PROJECTS[5], "human", Sensitive(token(7, "hand")), "made by hand")
+        other = rig.bridge.client.create(ORG, PROJECTS[5], "x", Sensitive(token(8, "other")),
+                                         marker.render().replace(":default:", ":other-bridge:"))
+        rig.tokens += [token(7, "hand"), token(8, "other")]
+        report = rig.run()
+        ids = {c.id for c in sim.credentials(ORG)}
+        assert stray.id not in ids and {hand.id, other.id} <= ids
+        assert report.counts["retired"] == 1
+        rig.assert_invariant()
+    finally:
+        rig.bridge.close(revoke=False)

@@ -136,6 +136,19 @@ def test_create_then_list_and_get(env: Env) -> None:
     assert r.get(P1, UNKNOWN) is None
 
 
+def test_all_credentials_of_an_organization_whatever_their_project(env: Env) -> None:
+    r = env.registrar
+    a = r.create(ORG, P1, "alice", Sensitive(DH_TOKEN), f"a {MARKER}")
+    b = r.create(ORG, P2, "bob", Sensitive(DH_TOKEN + "b"), "hand-made")
+    other = r.create(OTHER_ORG, P_OTHER, "carol", Sensitive(DH_TOKEN + "c"), "elsewhere")
+    got = {c.id: c for c in r.all_credentials(ORG)}
+    assert set(got) == {a.id, b.id}
+    assert got[a.id].description == f"a {MARKER}" and got[b.id].username == "bob"
+    assert [c.id for c in r.all_credentials(OTHER_ORG)] == [other.id]
+    r.delete(ORG, a.id)
+    assert [c.id for c in r.all_credentials(ORG)] == [b.id]
+
+
 def test_no_idempotency_two_creates_make_two_credentials(env: Env) -> None:
     r = env.registrar
     a = r.create(ORG, P1, "alice", Sensitive(DH_TOKEN), MARKER)
