@@ -88,8 +88,11 @@ def needs_value(
     """
     if entry.payload is not None or entry.deleted or not is_tagged(entry, settings.tags):
         return False
-    tags = _tags(entry, settings)
-    if isinstance(tags, Rejection):
+    return _needs_value(entry, record, _tags(entry, settings), now, retry_now)
+
+
+def _needs_value(entry: VaultEntry, record: LedgerRecord | None, tags: Tags | Rejection, now: float, retry_now: bool) -> bool:
+    if entry.payload is not None or entry.deleted or isinstance(tags, Rejection):
         return False
     if record is None or record.state in (State.MISSING, *_GONE_STATES):
         return True
@@ -181,7 +184,7 @@ def _decide(
 
     if _waiting(entry, record, now, retry_now):  # KV v1 too, whose value always comes with discovery
         return act(ActionKind.SKIP, "waiting before the next attempt (backoff)")
-    if not needs_value(entry, record, settings, now, retry_now=retry_now) and entry.payload is None:
+    if not _needs_value(entry, record, tags, now, retry_now) and entry.payload is None:
         assert record is not None  # needs_value is True for every unknown secret
         if record.state == State.REJECTED:
             return act(ActionKind.REJECT, record.reason or "rejected", code=record.last_result)
