@@ -57,8 +57,8 @@ def error(status: int, message: Any = None, headers: dict[str, str] | None = Non
 class FakeClock:
     """Monotonic time that only moves when slept on (or by hand); records every sleep."""
 
-    def __init__(self) -> None:
-        self.now = 100.0
+    def __init__(self, start: float = 100.0) -> None:
+        self.now = start
         self.sleeps: list[float] = []
         self._lock = threading.Lock()
 

@@ -11,25 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.retry import RetryPolicy, TokenBucket, backoff_ceiling, backoff_delay, parse_retry_after
-
-
-class FakeClock:
-    """A clock that only moves when slept on, shared by the bucket's clock and sleep."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += seconds
-
+from tests.cybedefend_mock import FakeClock
 
 # ---- backoff ----------------------------------------------------------------------------------
 
@@ -109,7 +91,7 @@ def test_retry_after_never_raises_and_never_negative(value: str) -> None:
 
 
 def test_bucket_allows_a_burst_then_paces_at_the_rate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     bucket = TokenBucket(rate=2.0, burst=2, clock=clock, sleep=clock.sleep)
     waits = [bucket.acquire() for _ in range(6)]
     assert waits[:2] == [0.0, 0.0]
@@ -118,7 +100,7 @@ def test_bucket_allows_a_burst_then_paces_at_the_rate() -> None:
 
 
 def test_bucket_refills_while_idle_but_not_beyond_burst() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     bucket = TokenBucket(rate=1.0, burst=3, clock=clock, sleep=clock.sleep)
     for _ in range(3):
         assert bucket.try_acquire()
@@ -128,7 +110,7 @@ def test_bucket_refills_while_idle_but_not_beyond_burst() -> None:
 
 
 def test_bucket_default_burst_is_the_rate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     bucket = TokenBucket(rate=10.0, clock=clock, sleep=clock.sleep)
     assert sum(bucket.try_acquire() for _ in range(20)) == 10
 
@@ -141,7 +123,7 @@ def test_bucket_rejects_bad_parameters() -> None:
 
 
 def test_bucket_is_thread_safe_and_never_exceeds_the_rate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     bucket = TokenBucket(rate=5.0, burst=1, clock=clock, sleep=clock.sleep)
     reservations: list[float] = []
     lock = threading.Lock()
