@@ -186,9 +186,11 @@ class Executor:
         if links != {cand.project_id}:
             self._api.set_linked_projects(cand.organization_id, cred.id, sorted(links))
         self._put_registered(cand, cred.id, action, kind.value)
-        # An adopted credential may still sit in the pending deletes (a retire whose DELETE
-        # failed, then the secret was tagged again): it is current now, so it stays.
-        self._ledger.remove_pending_delete(cred.id)
+        if kind == ActionKind.ADOPT:
+            # An adopted credential may still sit in the pending deletes (a retire whose DELETE
+            # failed, then the secret was tagged again): it is current now, so it stays. (A
+            # credential created just now cannot be there.)
+            self._ledger.remove_pending_delete(cred.id)
         for old_id, _ in replaced:
             self.delete_pending(old_id, allowed=True)
         return Outcome(action, Result.OK, kind, credential_id=cred.id, reason=action.reason)
@@ -287,14 +289,16 @@ class Executor:
     # -- ledger rows ----------------------------------------------------------------------
     def _put_registered(self, cand: Candidate, credential_id: str | None, action: Action, how: str) -> None:
         now = self._clock()
-        rec = self._ledger.get(cand.ref.key)
+        # Only a refresh keeps the registration time; created_at=0 keeps the stored one (the
+        # ledger's upsert), so a create or rotation needs no read first.
+        rec = self._ledger.get(cand.ref.key) if how == "refresh" else None
         self._ledger.put(
             LedgerRecord(
                 key=cand.ref.key, mount=cand.ref.mount, path=cand.ref.path, kv_version=cand.ref.kv_version,
                 state=State.REGISTERED, version=cand.version, fingerprint=cand.fingerprint,
                 organization_id=cand.organization_id, project_id=cand.project_id, credential_id=credential_id,
                 last_action=how, last_result="ok", reason=action.reason, attempts=0, next_attempt_at=None,
-                created_at=rec.created_at if rec else now, updated_at=now,
+                created_at=rec.created_at if rec else 0.0, updated_at=now,
                 registered_at=now if how != "refresh" or rec is None else rec.registered_at,
                 seen_version=cand.version, tags_digest=action.tags_digest, seen_stamp=cand.stamp,
             )
