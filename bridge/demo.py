@@ -59,7 +59,9 @@ def _wait(what: str, check: Callable[[], Any], timeout: float = WAIT_SECONDS) ->
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def write_config(workdir: Path, bao: DevOpenBao, sim: Simulator, port: int, pat: str) -> Path:
+def write_config(workdir: Path, bao: DevOpenBao, sim: Simulator, port: int, pat: str, *, org: str = ORG,
+                 **sections: dict[str, Any] | None) -> Path:
+    """The demo's config file (secrets in 0600 files beside it); `sections` replace or (None) drop sections."""
     (workdir / "vault-token").write_text(bao.root_token)
     (workdir / "cybedefend-pat").write_text(pat)
     for name in ("vault-token", "cybedefend-pat"):
@@ -67,7 +69,7 @@ def write_config(workdir: Path, bao: DevOpenBao, sim: Simulator, port: int, pat:
     config = {
         "vault": {"address": bao.addr, "auth": {"method": "token", "token_file": str(workdir / "vault-token")}},
         "sources": [{"mount": "secret", "path": "dockerhub"}],
-        "cybedefend": {"api_url": sim.url, "auth_url": sim.url, "organization_id": ORG,
+        "cybedefend": {"api_url": sim.url, "auth_url": sim.url, "organization_id": org,
                        "auth": {"mode": "pat", "credential_file": str(workdir / "cybedefend-pat")}},
         "ledger": {"path": str(workdir / "ledger.sqlite3")},
         "schedule": {"interval_seconds": 300, "first_run_max_delay_seconds": 0},
@@ -75,6 +77,11 @@ def write_config(workdir: Path, bao: DevOpenBao, sim: Simulator, port: int, pat:
         "triggers": {"audit_file": {"path": str(workdir / "audit.log"), "poll_seconds": 0.1}, "debounce_seconds": 0.1},
         "logging": {"level": "warning", "format": "console"},
     }
+    for name, value in sections.items():
+        if value is None:
+            config.pop(name, None)
+        else:
+            config[name] = value
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -33,6 +33,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.demo import write_config
 from bridge.devserver import DevOpenBao
 from bridge.simulator import Simulator
 from tests.deploy.deploy_tools import NAMESPACE, RELEASE, dashboard, dashboard_exprs, metrics_in, rules_spec, tool
@@ -130,24 +131,12 @@ class Rig:
 
 
 def _write_bridge_config(work: Path, bao: DevOpenBao, sim: Simulator, port: int, pat: str) -> Path:
-    (work / "vault-token").write_text(bao.root_token, encoding="utf-8")
-    (work / "cybedefend-pat").write_text(pat, encoding="utf-8")
-    for name in ("vault-token", "cybedefend-pat"):
-        (work / name).chmod(0o600)
-    config = {
-        "vault": {"address": bao.addr, "auth": {"method": "token", "token_file": str(work / "vault-token")}},
-        "sources": [{"mount": "secret", "path": "dockerhub"}],
-        "cybedefend": {"api_url": sim.url, "auth_url": sim.url, "organization_id": ORG,
-                       "auth": {"mode": "pat", "credential_file": str(work / "cybedefend-pat")}},
-        "ledger": {"path": str(work / "ledger.sqlite3")},
-        # No jitter and no start delay: the alert window below is two exact intervals.
-        "schedule": {"interval_seconds": INTERVAL_SECONDS, "jitter_fraction": 0, "first_run_max_delay_seconds": 0},
-        "server": {"bind": "127.0.0.1", "port": port},
-        "logging": {"level": "info", "format": "json"},
-    }
-    path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
+    # The demo's configuration, without its audit trigger; no jitter and no start delay: the
+    # alert window below is two exact intervals.
+    return write_config(
+        work, bao, sim, port, pat, org=ORG, triggers=None, logging={"level": "info", "format": "json"},
+        schedule={"interval_seconds": INTERVAL_SECONDS, "jitter_fraction": 0, "first_run_max_delay_seconds": 0},
+    )
 
 
 def _write_prometheus_config(work: Path, bridge_port: int) -> tuple[Path, int]:
