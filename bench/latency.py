@@ -21,7 +21,7 @@ from bench.daemon_proc import DaemonProcess
 from bench.floors import ApiFloor, three_calls
 from bench.rig import API_CONCURRENCY, ORG, PAT, PROJECTS, Lab, name, new_simulator
 from bench.stats import percentile
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 
 LAT, FLOOR = "lat", "latfloor"
 

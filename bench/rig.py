@@ -19,7 +19,7 @@ import httpx
 
 from bridge.app import Bridge, build
 from bridge.config import Settings, parse_settings
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 from tests.helpers import seeded_simulator
 from tests.openbao import OpenBao
 

@@ -20,7 +20,7 @@ from bench.floors import curl_fetch
 from bench.procs import BridgeProcess
 from bench.rig import Lab
 from bench.stats import median
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 
 LISTING = ("scan", "list")
 AUTH_ENDPOINTS = ("client_apps", "token_exchange")

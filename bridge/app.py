@@ -18,17 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import Settings
-from bridge.cybedefend import CybeDefendClient, read_credential_file
+from bridge.cybedefend.client import CybeDefendClient, read_credential_file
 from bridge.dockerhub import DockerHubVerifier
+from bridge.engine.sync import SyncEngine
 from bridge.errors import BridgeError, ConfigError
-from bridge.fingerprint import Keyring, load_key_file, load_key_from_vault
+from bridge.keyring import Keyring, load_key_file, load_key_from_vault
 from bridge.ledger import SqliteLedger
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.retry import backoff_delay
-from bridge.sync import SyncEngine
-from bridge.vault import VaultSource
+from bridge.vault.source import VaultSource
 
 log = get_logger(__name__)
 
@@ -158,7 +158,7 @@ def _start_up(settings: Settings, metrics: Metrics, stop: threading.Event) -> Br
     restarted in a loop — the bridge's liveness must not depend on an upstream. SIGTERM/SIGINT
     during the wait end it cleanly (as PID 1, SIGTERM has no default action).
     """
-    from bridge.server import HttpServer
+    from bridge.daemon.server import HttpServer
 
     server = HttpServer(settings.server, metrics=metrics, live=lambda: True,
                         ready=lambda: (False, "starting: waiting for Vault and CybeDefend"),
@@ -179,15 +179,15 @@ def _start_up(settings: Settings, metrics: Metrics, stop: threading.Event) -> Br
 
 def run_daemon(config_path: Path) -> int:
     """`cybedefend-bridge run`: build everything, then hand over to `Daemon.run()` (main thread)."""
-    from bridge.audit import AuditFileTailer
-    from bridge.audit_socket import AuditSocketListener
     from bridge.config import load_settings
-    from bridge.daemon import Daemon, DaemonParts, ServerHooks
-    from bridge.ha import Lease
+    from bridge.daemon.audit_file import AuditFileTailer
+    from bridge.daemon.audit_socket import AuditSocketListener
+    from bridge.daemon.ha import Lease
+    from bridge.daemon.loop import Daemon, DaemonParts, ServerHooks
+    from bridge.daemon.scheduler import Scheduler
+    from bridge.daemon.server import HttpServer, make_audit_ingest
+    from bridge.daemon.triggers import AuditMatcher, TriggerQueue, line_handler
     from bridge.logs import configure
-    from bridge.scheduler import Scheduler
-    from bridge.server import HttpServer, make_audit_ingest
-    from bridge.triggers import AuditMatcher, TriggerQueue, line_handler
 
     settings = load_settings(config_path)
     configure(settings.logging.level, settings.logging.format)

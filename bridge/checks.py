@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from bridge.app import load_api_credential, load_keyring
 from bridge.config import Settings
-from bridge.cybedefend import CybeDefendClient
+from bridge.cybedefend.client import CybeDefendClient
 from bridge.errors import BridgeError
 from bridge.ledger import SqliteLedger
 from bridge.metrics import Metrics
-from bridge.vault import VaultSource
+from bridge.vault.source import VaultSource
 
 Check = tuple[str, bool, str]
 

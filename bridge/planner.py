@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config import Settings, SourceSettings
-from bridge.fingerprint import Keyring
+from bridge.keyring import Keyring
 from bridge.model import Action, ActionKind, Candidate, State, VaultEntry
 from bridge.ports import LedgerRecord
 from bridge.validation import Rejection, Tags, is_tagged, read_payload, read_tags

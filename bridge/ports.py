@@ -15,7 +15,7 @@ from bridge.model import RemoteCredential, SecretRef, Sensitive, State, VaultEnt
 
 
 class SecretSource(Protocol):
-    """Vault, seen by the sync engine. Implemented by `bridge.vault.VaultSource`."""
+    """Vault, seen by the sync engine. Implemented by `bridge.vault.source.VaultSource`."""
 
     def discover(self, source: SourceSettings, source_index: int) -> Iterable[VaultEntry]:
         """List the source recursively and read metadata only (KV v2) or data (KV v1, no metadata).
@@ -38,7 +38,7 @@ class SecretSource(Protocol):
 
 
 class Registrar(Protocol):
-    """CybeDefend, seen by the sync engine. Implemented by `bridge.cybedefend.CybeDefendClient`."""
+    """CybeDefend, seen by the sync engine. Implemented by `bridge.cybedefend.client.CybeDefendClient`."""
 
     def create(
         self, organization_id: str, project_id: str, username: str, token: Sensitive, description: str
@@ -163,7 +163,7 @@ class StateStore(Protocol):
 
     Vault is the one store every replica and every rescheduled pod shares, which is why the
     fingerprint/marker key and the lease live there (docs/adr/0002-key-in-vault.md).
-    Implemented by `bridge.vault.VaultSource`.
+    Implemented by `bridge.vault.source.VaultSource`.
     """
 
     def read_state(self, name: str) -> tuple[dict[str, Any], int] | None:
@@ -194,7 +194,7 @@ class PassReport:
 
 
 class PassRunner(Protocol):
-    """The sync engine as the daemon sees it. Implemented by `bridge.sync.SyncEngine`."""
+    """The sync engine as the daemon sees it. Implemented by `bridge.engine.sync.SyncEngine`."""
 
     def run(self, request: PassRequest) -> PassReport: ...
 

@@ -3,7 +3,7 @@
 It plays the API well enough for unit tests of the client (token exchange, bearer checks, each
 endpoint), and lets a test script the next answers per endpoint: an `httpx.Response`, an
 exception to raise (a transport failure), or a callable. The faithful double over real HTTP is
-`bridge.simulator`; this one exists for failure shapes a real socket cannot produce on demand.
+`cybedefend_double.simulator`; this one exists for failure shapes a real socket cannot produce on demand.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 import httpx
 
 from bridge.config import CybeDefendSettings
-from bridge.cybedefend import CybeDefendClient
+from bridge.cybedefend.client import CybeDefendClient
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 

@@ -28,7 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.model import Sensitive
-from bridge.simulator import Simulator, StoredCredential
+from cybedefend_double.simulator import Simulator, StoredCredential
 from tests.helpers import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
 from tests.openbao import OpenBao
 

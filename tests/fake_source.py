@@ -1,6 +1,6 @@
 """An in-memory `bridge.ports.SecretSource` with KV v1/v2 semantics, for sync engine unit tests.
 
-The integration tests run the same scenarios against the real `bridge.vault.VaultSource` and a
+The integration tests run the same scenarios against the real `bridge.vault.source.VaultSource` and a
 real OpenBao, so what this fake does is kept to what KV really does: versions only grow,
 custom metadata changes do not make a version, deleting the current version hides it.
 """

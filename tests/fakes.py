@@ -1,6 +1,6 @@
 """In-memory fakes of the bridge's ports, for unit tests of the sync engine.
 
-`FakeRegistrar` has the observable semantics of CybeDefend (and of `bridge.simulator`): create
+`FakeRegistrar` has the observable semantics of CybeDefend (and of `cybedefend_double.simulator`): create
 links the new credential to its project, list returns the credentials linked to a project, get
 answers None for a credential not linked to that project, delete answers False when the
 credential is already gone, unknown or forbidden projects answer 403. The same contract tests

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import Settings, parse_settings
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 
 ORG = "5b0c6d7e-1f2a-4b3c-8d4e-5f6a7b8c9d0e"
 ORG2 = "6c1d7e8f-2a3b-4c4d-9e5f-6a7b8c9d0e1f"

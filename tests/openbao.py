@@ -1,6 +1,6 @@
 """Real OpenBao servers for the test suites (never a mock): the product's dev server plus hvac helpers.
 
-The process handling lives in `bridge.devserver.DevOpenBao` (the demo uses it too); this adds
+The process handling lives in `cybedefend_double.openbao.DevOpenBao` (the demo uses it too); this adds
 the conveniences tests want, through hvac. Two modes:
 - `dev`: `bao server -dev`, in memory, unsealed, root token chosen by us, KV v2 at `secret/`.
 - `file`: durable single-node raft storage in a work directory, initialised once with one unseal
@@ -16,7 +16,7 @@ from typing import Any
 
 import hvac
 
-from bridge.devserver import DevOpenBao, Mode, find_bao, free_port_pair
+from cybedefend_double.openbao import DevOpenBao, Mode, find_bao, free_port_pair
 
 __all__ = ["Mode", "OpenBao", "find_bao", "free_port_pair"]
 

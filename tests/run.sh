@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -e '.[test]'
+python -m pip install --quiet -e '.[test]' -e ./cybedefend_double
 bash .ci/install-tools.sh
 export PATH="$PWD/.tools/bin:$PATH"
 echo "== ruff";        ruff check bridge tests bench

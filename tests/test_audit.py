@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bridge.audit import AuditFileTailer, IngestRejected, LineSplitter, decode_audit_line, parse_ingest_body
-from bridge.audit_socket import AuditSocketListener
 from bridge.config import SourceSettings
-from bridge.errors import ConfigError
+from bridge.daemon.audit import LineSplitter, decode_audit_line, parse_ingest_body
+from bridge.daemon.audit_file import AuditFileTailer
+from bridge.daemon.audit_socket import AuditSocketListener
+from bridge.daemon.triggers import AuditMatcher, TriggerQueue, line_handler
+from bridge.errors import ConfigError, IngestRejected
 from bridge.metrics import Metrics
-from bridge.triggers import AuditMatcher, TriggerQueue, line_handler
 from tests.openbao import OpenBao
 
 FIXTURE = Path(__file__).parent / "data" / "audit" / "openbao-file.jsonl"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
 from tests.openbao import OpenBao
 

@@ -1,4 +1,4 @@
-"""bridge.cybedefend over httpx.MockTransport: auth, retries, error translation, no secret leaks."""
+"""bridge.cybedefend.client over httpx.MockTransport: auth, retries, error translation, no secret leaks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from bridge.cybedefend import CybeDefendClient, read_credential_file
+from bridge.cybedefend.client import CybeDefendClient, read_credential_file
 from bridge.errors import (
     AmbiguousWrite,
     AuthenticationError,
@@ -495,7 +495,7 @@ def test_read_credential_file_errors_name_the_key(tmp_path: Path, content: str |
 
 
 def test_bearer_cache_ignores_a_stale_invalidation() -> None:
-    from bridge.cybedefend_auth import BearerCache
+    from bridge.cybedefend.auth import BearerCache
 
     clock = FakeClock()
     issued = iter([Sensitive("tok-one-abcdef"), Sensitive("tok-two-abcdef")])
@@ -509,7 +509,7 @@ def test_bearer_cache_ignores_a_stale_invalidation() -> None:
 
 
 def test_token_response_without_expires_in_gets_a_short_default() -> None:
-    from bridge.cybedefend_auth import DEFAULT_EXPIRES_IN, parse_token_response
+    from bridge.cybedefend.auth import DEFAULT_EXPIRES_IN, parse_token_response
 
     token, expires_in = parse_token_response({"access_token": "abc.def.ghi", "token_type": "Bearer"})
     assert token.reveal() == "abc.def.ghi" and expires_in == DEFAULT_EXPIRES_IN

@@ -24,15 +24,15 @@ from typing import Any
 import pytest
 
 from bridge.config import ScheduleSettings, Settings, load_settings, parse_settings
-from bridge.daemon import Daemon, DaemonParts, ServerHooks
+from bridge.daemon.ha import FORWARD_HEADER
+from bridge.daemon.loop import Daemon, DaemonParts, ServerHooks
+from bridge.daemon.scheduler import Scheduler
+from bridge.daemon.server import HttpServer, make_audit_ingest
+from bridge.daemon.triggers import AuditMatcher, TriggerQueue
 from bridge.errors import ConfigError
-from bridge.ha import FORWARD_HEADER
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.ports import PassReport, PassRequest
-from bridge.scheduler import Scheduler
-from bridge.server import HttpServer, make_audit_ingest
-from bridge.triggers import AuditMatcher, TriggerQueue
 
 TOKEN = "whk_daemon_test_token_0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent

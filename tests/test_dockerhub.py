@@ -55,7 +55,7 @@ def test_unreachable_is_transient_without_the_token() -> None:
 def test_a_token_dockerhub_refuses_is_rejected_not_registered(caplog: pytest.LogCaptureFixture) -> None:
     w = World(sync={"verify_with_dockerhub": True})
     w.vault = FakeSecretSource()
-    from bridge.sync import SyncEngine
+    from bridge.engine.sync import SyncEngine
 
     w.engine = SyncEngine(w.s, w.vault, w.api, w.ledger, w.keys, w.metrics, stop=w.stop, clock=w.clock,
                           verifier=verifier())

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bridge.model import Sensitive
-from bridge.simulator import Fault, Simulator
+from cybedefend_double.simulator import Fault, Simulator
 from tests.daemon_rig import (
     WEBHOOK_TOKEN,
     DaemonProc,

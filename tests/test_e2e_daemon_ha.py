@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 from tests.daemon_rig import DaemonProc, Stack, bearer, free_port, new_simulator, wait_for
 from tests.helpers import PROJECTS
 from tests.openbao import OpenBao

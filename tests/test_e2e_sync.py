@@ -19,7 +19,7 @@ from bridge.app import Bridge, build
 from bridge.config import Settings, parse_settings
 from bridge.model import Marker, Sensitive, State
 from bridge.ports import PassRequest
-from bridge.simulator import Fault, Simulator
+from cybedefend_double.simulator import Fault, Simulator
 from tests.helpers import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
 from tests.openbao import OpenBao
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from bridge.config import HASettings, parse_settings
+from bridge.daemon.ha import FORWARD_HEADER, Lease, forward_to_leader
 from bridge.errors import CasConflict, VaultUnavailable
-from bridge.ha import FORWARD_HEADER, Lease, forward_to_leader
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from tests.openbao import OpenBao
@@ -230,7 +230,7 @@ def test_a_lease_dead_long_ago_is_taken_at_once_by_a_fresh_replica() -> None:
 
 @pytest.mark.integration
 def test_lease_against_real_openbao(openbao: OpenBao, kv_mount: str) -> None:
-    from bridge.vault import VaultSource
+    from bridge.vault.source import VaultSource
 
     settings = parse_settings(
         {

@@ -44,12 +44,12 @@ def fresh_token(kind: str = "pat") -> str:
 def test_json_line_shape() -> None:
     buf = io.StringIO()
     logs.configure("info", "json", buf)
-    logs.get_logger("bridge.sync").info("action", action="create", result="ok", count=3, ratio=0.5, ok=True)
+    logs.get_logger("bridge.engine.sync").info("action", action="create", result="ok", count=3, ratio=0.5, ok=True)
     (line,) = _json_lines(buf)
     assert list(line)[:4] == ["ts", "level", "logger", "event"]
     assert ISO_UTC.match(str(line["ts"]))
     assert line["level"] == "info"
-    assert line["logger"] == "bridge.sync"
+    assert line["logger"] == "bridge.engine.sync"
     assert line["event"] == "action"
     assert line["action"] == "create" and line["count"] == 3 and line["ratio"] == 0.5 and line["ok"] is True
     assert buf.getvalue().count("\n") == 1

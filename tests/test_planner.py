@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bridge.fingerprint import Keyring
+from bridge.keyring import Keyring
 from bridge.model import ActionKind, Marker, SecretRef, Sensitive, State, VaultEntry
 from bridge.planner import Scope, count_deletions, needs_value, plan, source_of
 from bridge.ports import LedgerRecord

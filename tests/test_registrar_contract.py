@@ -1,7 +1,7 @@
 """One Registrar contract, run against the fake and against the real client talking to the double.
 
 Part 1 runs the same tests over (a) `tests.fakes.FakeRegistrar` and (b) `CybeDefendClient`
-against `bridge.simulator.Simulator` over real HTTP, so the sync engine's unit tests (on the
+against `cybedefend_double.simulator.Simulator` over real HTTP, so the sync engine's unit tests (on the
 fake) assume nothing the API does not do. Part 2 drives the real client through the double's
 faults: both auth generations, 429, 5xx, dropped connections, expired tokens, slow answers.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bridge.config import CybeDefendSettings
-from bridge.cybedefend import CybeDefendClient
+from bridge.cybedefend.client import CybeDefendClient
 from bridge.errors import (
     AmbiguousWrite,
     AuthenticationError,
@@ -31,7 +31,7 @@ from bridge.errors import (
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.ports import Registrar
-from bridge.simulator import Fault, Simulator
+from cybedefend_double.simulator import Fault, Simulator
 from tests.fakes import FakeRegistrar
 
 ORG = "11111111-1111-4111-8111-111111111111"

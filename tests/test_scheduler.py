@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from bridge.config import ScheduleSettings
+from bridge.daemon.scheduler import Scheduler, build_cron_trigger, crontab_weekdays
 from bridge.errors import ConfigError
 from bridge.metrics import Metrics
-from bridge.scheduler import Scheduler, build_cron_trigger, crontab_weekdays
 
 
 def settings(**kw: Any) -> ScheduleSettings:

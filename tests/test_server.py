@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import bridge.server
-from bridge.audit import IngestRejected
+import bridge.daemon.server
 from bridge.config import ServerSettings
+from bridge.daemon.server import MAX_SYNC_PATHS, HttpServer
+from bridge.errors import IngestRejected
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.model import Sensitive
-from bridge.server import MAX_SYNC_PATHS, HttpServer
 
 TOKEN = "whk_4f6b0c1d9e8a7b6c5d4e3f2a1b0c9d8e"
 SECRET_BODY_MARK = "dckr_pat_THIS_MUST_NOT_BE_LOGGED"
@@ -137,13 +137,13 @@ def test_status_behind_the_token_when_configured(hooks: Hooks) -> None:
 
 def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], hooks: Hooks, monkeypatch: pytest.MonkeyPatch) -> None:
     compared: list[tuple[bytes, bytes]] = []
-    real = bridge.server.hmac.compare_digest
+    real = bridge.daemon.server.hmac.compare_digest
 
     def spy(a: Any, b: Any) -> bool:
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(bridge.server.hmac, "compare_digest", spy)
+    monkeypatch.setattr(bridge.daemon.server.hmac, "compare_digest", spy)
     status, _, body = call(served[1], "POST", "/v1/sync", json.dumps({"paths": ["/secret/team/a/", "secret/b"]}).encode(), auth())
     assert status == 202 and json.loads(body) == {"accepted": True, "full": False, "paths": 2}
     assert hooks.syncs == [(["secret/team/a", "secret/b"], "webhook")]
@@ -154,7 +154,7 @@ def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], h
 
 
 def test_a_forwarded_sync_is_labelled_forwarded(served: tuple[HttpServer, int], hooks: Hooks) -> None:
-    headers = auth() | {bridge.server.FORWARD_HEADER: "1"}
+    headers = auth() | {bridge.daemon.server.FORWARD_HEADER: "1"}
     assert call(served[1], "POST", "/v1/sync", b'{"paths": ["secret/a"]}', headers)[0] == 202
     assert hooks.syncs == [(["secret/a"], "forwarded")]
 

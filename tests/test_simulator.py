@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from bridge.model import Sensitive
-from bridge.simulator import Fault, Simulator
-from bridge.simulator_routes import load_contract, validator_for
+from cybedefend_double.routes import load_contract, validator_for
+from cybedefend_double.simulator import Fault, Simulator
 
 ORG = "11111111-1111-4111-8111-111111111111"
 OTHER_ORG = "99999999-9999-4999-8999-999999999999"
@@ -609,7 +609,7 @@ def test_cli_runs_from_a_seed_and_stops_on_sigterm(tmp_path: Path) -> None:
     (tmp_path / "seed.json").write_text(json.dumps(seed))
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.simulator", "--port", "0", "--seed",
+    proc = subprocess.Popen([sys.executable, "-m", "cybedefend_double", "--port", "0", "--seed",
                              str(tmp_path / "seed.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=tmp_path)
     try:
@@ -637,7 +637,7 @@ def test_cli_runs_from_a_seed_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_cli_rejects_a_bad_seed(tmp_path: Path) -> None:
     (tmp_path / "seed.json").write_text(json.dumps({"pats": [{"file": "missing.txt"}]}))
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "bridge.simulator", "--seed", str(tmp_path / "seed.json")],
+    result = subprocess.run([sys.executable, "-m", "cybedefend_double", "--seed", str(tmp_path / "seed.json")],
                             capture_output=True, text=True, timeout=30, cwd=root)
     assert result.returncode == 2 and "missing.txt" in result.stderr
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
+from bridge.engine.sync import SyncEngine
 from bridge.errors import AmbiguousWrite, InvalidRequest, LegacyApiKeyGone, RateLimited, TransientError
-from bridge.fingerprint import Keyring
+from bridge.keyring import Keyring
 from bridge.ledger import SqliteLedger
 from bridge.metrics import Metrics
 from bridge.model import Marker, Sensitive, State
 from bridge.ports import PassRequest
-from bridge.sync import SyncEngine
 from tests.fake_source import FakeSecretSource
 from tests.fakes import FakeRegistrar
 from tests.helpers import ORG, PROJECTS, assert_no_leak, settings, tagged, token

@@ -17,7 +17,7 @@ from bridge.errors import AmbiguousWrite, InvalidRequest, TransientError
 from bridge.ledger import SqliteLedger
 from bridge.model import Marker, SecretRef, State
 from bridge.ports import LedgerRecord
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 from tests.helpers import PROJECTS, seeded_simulator, tagged, token
 from tests.openbao import OpenBao
 from tests.test_sync import FULL, World

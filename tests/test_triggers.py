@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.config import SourceSettings
+from bridge.daemon.triggers import AuditMatcher, TriggerQueue, line_handler
 from bridge.metrics import Metrics
-from bridge.triggers import AuditMatcher, TriggerQueue, line_handler
 
 FIXTURE = Path(__file__).parent / "data" / "audit" / "openbao-file.jsonl"
 LINES = FIXTURE.read_bytes().splitlines()

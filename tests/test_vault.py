@@ -21,8 +21,8 @@ from bridge.errors import (
 )
 from bridge.metrics import Metrics
 from bridge.model import SecretRef
-from bridge.vault import VaultSource
-from bridge.vault_http import RateLimiter, error_for_status, translate
+from bridge.vault.source import VaultSource
+from bridge.vault.transport import RateLimiter, error_for_status, translate
 from tests.openbao import OpenBao
 
 pytestmark = pytest.mark.timeout(60)

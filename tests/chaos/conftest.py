@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 from tests.chaos.rig import PAT, ChaosRig
 from tests.helpers import ORG2, seeded_simulator
 from tests.openbao import OpenBao

@@ -37,13 +37,13 @@ import yaml
 
 from bridge.app import Bridge, build
 from bridge.config import Settings, parse_settings
-from bridge.cybedefend import CybeDefendClient
-from bridge.fingerprint import Keyring
+from bridge.cybedefend.client import CybeDefendClient
+from bridge.keyring import Keyring
 from bridge.ledger import SqliteLedger
 from bridge.metrics import Metrics
 from bridge.model import SecretRef, Sensitive
 from bridge.ports import PassReport, PassRequest
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 from tests.chaos.invariant import Cred, Expect, Want, check_invariant, check_no_duplicates
 from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
 from tests.openbao import OpenBao

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from bridge.model import Marker, SecretRef
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 from tests.chaos.invariant import Expect
 from tests.chaos.rig import ROOT, ChaosRig
 from tests.helpers import ORG, ORG2, PROJECTS, token

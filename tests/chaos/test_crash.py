@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bridge.simulator import Fault
+from cybedefend_double.simulator import Fault
 from tests.chaos.rig import ChaosRig
 from tests.helpers import PROJECTS
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bridge.model import Sensitive
-from bridge.simulator import Fault, RecordedRequest
+from cybedefend_double.simulator import Fault, RecordedRequest
 from tests.chaos.rig import PAT, ChaosRig
 from tests.helpers import ORG, PROJECTS
 
@@ -207,7 +207,7 @@ def test_404_on_delete_is_treated_as_done(rig: ChaosRig, logged: Callable[[], li
     fill(rig, 4)
     assert rig.run().result == "ok"
     by_key = {r.key: r.credential_id for r in rig.bridge.ledger.all()}  # type: ignore[union-attr]
-    from bridge.cybedefend import CybeDefendClient
+    from bridge.cybedefend.client import CybeDefendClient
     from bridge.metrics import Metrics
 
     client = CybeDefendClient(rig.settings.cybedefend, Sensitive(PAT), Metrics())

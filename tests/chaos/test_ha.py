@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bridge.simulator import Fault
+from cybedefend_double.simulator import Fault
 from tests.chaos.rig import ChaosRig
 from tests.daemon_rig import DaemonProc, free_port, wait_for
 from tests.helpers import PROJECTS

@@ -23,12 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.fingerprint import Keyring
+from bridge.engine.sync import SyncEngine
+from bridge.keyring import Keyring
 from bridge.ledger import SqliteLedger
 from bridge.metrics import Metrics
 from bridge.model import SecretRef, Sensitive
 from bridge.ports import PassRequest
-from bridge.sync import SyncEngine
 from tests.chaos.invariant import Cred, Expect, Want, check_invariant
 from tests.fake_source import FakeSecretSource
 from tests.fakes import FakeRegistrar

@@ -29,12 +29,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bridge.audit import decode_audit_line
-from bridge.audit_socket import AuditSocketListener
 from bridge.config import ServerSettings
+from bridge.daemon.audit import decode_audit_line
+from bridge.daemon.audit_socket import AuditSocketListener
+from bridge.daemon.server import HttpServer
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from bridge.server import HttpServer
 from tests.chaos.rig import ChaosRig
 from tests.chaos.test_vault_outages import policy_for
 from tests.helpers import PROJECTS, assert_no_leak, forms

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from bridge.simulator import Fault
+from cybedefend_double.simulator import Fault
 from tests.chaos.rig import ROOT, ChaosRig
 from tests.helpers import PROJECTS
 from tests.openbao import OpenBao

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.devserver import DevOpenBao
-from bridge.simulator import Simulator
+from cybedefend_double.openbao import DevOpenBao
+from cybedefend_double.simulator import Simulator
 from tests.deploy.deploy_tools import ROOT, in_ci, run, tool
 from tests.helpers import forms
 

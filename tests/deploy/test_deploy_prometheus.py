@@ -33,9 +33,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.demo import write_config
-from bridge.devserver import DevOpenBao
-from bridge.simulator import Simulator
+from cybedefend_double.demo import write_config
+from cybedefend_double.openbao import DevOpenBao
+from cybedefend_double.simulator import Simulator
 from tests.deploy.deploy_tools import NAMESPACE, RELEASE, dashboard, dashboard_exprs, metrics_in, rules_spec, tool
 from tests.helpers import forms
 

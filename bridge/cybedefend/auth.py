@@ -1,6 +1,6 @@
 """CybeDefend authentication state: the PAT/API key file, the cached bearer token, exchange errors.
 
-Pure bookkeeping, no HTTP: `bridge.cybedefend` (the only module importing httpx for CybeDefend)
+Pure bookkeeping, no HTTP: `bridge.cybedefend.client` (the only module importing httpx for CybeDefend)
 performs the `/client-apps` and `/oidc/token` calls and hands their results here. Keeping the
 cache apart makes its thread-safety and expiry arithmetic testable with an injected clock.
 """

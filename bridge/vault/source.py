@@ -1,7 +1,7 @@
 """Vault as the bridge sees it: discovery of the KV sources, secret values, and the state store.
 
 Implements `bridge.ports.SecretSource` and `bridge.ports.StateStore`. The token lives in
-`bridge.vault_auth`, the HTTP paths and error translation in `bridge.vault_http` (these three
+`bridge.vault.session`, the HTTP paths and error translation in `bridge.vault.transport` (these three
 are the only modules that import hvac or requests). Discovery is gentle on Vault: one SCAN
 (OpenBao) or a recursive LIST (Vault) per source, then one metadata GET per KV v2 secret, never
 a value; KV v1 has no metadata, so there the data is read. Metadata GETs run on `vault.concurrency` threads over
@@ -26,7 +26,7 @@ from bridge.errors import CasConflict, VaultError, VaultInvalidRequest, VaultPer
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import SecretRef, Sensitive, VaultEntry
-from bridge.vault_auth import VaultSession
+from bridge.vault.session import VaultSession
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """The transport to Vault: pooled HTTP, the hvac client, rate limit, accounting, error translation.
 
-With `bridge.vault_auth` and `bridge.vault`, one of the three modules allowed to import hvac and
+With `bridge.vault.session` and `bridge.vault.source`, one of the three modules allowed to import hvac and
 requests. Two paths reach Vault:
 - a lean, pooled keep-alive path (stdlib `http.client`) for the hot read-only requests (list,
   scan, metadata, read), because hvac/requests costs 2-3x more CPU per request and discovery

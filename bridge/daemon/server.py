@@ -22,9 +22,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from bridge.audit import IngestRejected, parse_ingest_body
 from bridge.config import ServerSettings
-from bridge.ha import FORWARD_HEADER
+from bridge.daemon.audit import parse_ingest_body
+from bridge.daemon.ha import FORWARD_HEADER
+from bridge.errors import BadRequest, IngestRejected
 from bridge.logs import get_logger
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.model import Sensitive
@@ -40,10 +41,6 @@ _LINGER_BYTES = 8 << 20
 _LINGER_SECONDS = 2.0
 
 OnSync = Callable[[list[str] | None, str], bool]
-
-
-class BadRequest(ValueError):
-    """A request body that does not have the documented shape; the message is safe to return."""
 
 
 def parse_sync_body(body: bytes) -> list[str] | None:

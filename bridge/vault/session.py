@@ -1,6 +1,6 @@
 """The bridge's Vault session: its token's lifecycle, and every request made with that token.
 
-With `bridge.vault_http` and `bridge.vault`, one of the three modules allowed to import hvac.
+With `bridge.vault.transport` and `bridge.vault.source`, one of the three modules allowed to import hvac.
 Like Vault Agent: token auth (VAULT_TOKEN, or a file re-read when it changes, e.g. an Agent
 sink), approle, kubernetes and jwt logins; renewal at `vault.renew_fraction` of the TTL; a new
 login when renewal fails, the max TTL nears, or a request is refused with a token that no
@@ -27,7 +27,7 @@ from bridge.errors import VaultAuthError, VaultError, VaultInvalidRequest, Vault
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from bridge.vault_http import Response, VaultTransport, error_for_status
+from bridge.vault.transport import Response, VaultTransport, error_for_status
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -12,14 +12,17 @@ import json
 import secrets
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from bridge.model import Sensitive
-from bridge.simulator import AuthKind, Credential, Grant, Principal, RecordedRequest, Simulator, sha256_hex
-from bridge.simulator_http import IncomingRequest, Reply
-from bridge.simulator_routes import REGISTRY_TYPES, Route, encode, error_body, is_uuid, iso_timestamp, match
-from bridge.simulator_routes import validate_body as schema_errors
+from cybedefend_double.http_server import IncomingRequest, Reply
+from cybedefend_double.routes import REGISTRY_TYPES, Route, encode, error_body, is_uuid, iso_timestamp, match
+from cybedefend_double.routes import validate_body as schema_errors
+
+if TYPE_CHECKING:  # the state calls `serve`; only the annotation points back
+    from cybedefend_double.simulator import Simulator
+from cybedefend_double.records import AuthKind, Credential, Grant, Principal, RecordedRequest, sha256_hex
 
 REGISTRY_URL = "https://index.docker.io/v1/"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"

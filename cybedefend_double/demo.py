@@ -24,8 +24,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from bridge.devserver import DevOpenBao
-from bridge.simulator import Simulator
+from cybedefend_double.openbao import DevOpenBao
+from cybedefend_double.simulator import Simulator
 
 ORG = "550e8400-e29b-41d4-a716-446655440000"
 TEAMS = {

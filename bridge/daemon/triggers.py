@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.audit import MAX_LINE_BYTES, decode_audit_line
 from bridge.config import SourceSettings
+from bridge.daemon.audit import MAX_LINE_BYTES, decode_audit_line
 from bridge.metrics import TRIGGERS, Metrics
 from bridge.model import SecretRef
 from bridge.ports import PassRequest

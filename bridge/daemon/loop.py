@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
-from bridge.audit import IngestRejected
 from bridge.config import ScheduleSettings, Settings
-from bridge.errors import ConfigError
-from bridge.ha import LeaseKeeper, LeasePort, forward_to_leader
+from bridge.daemon.ha import LeaseKeeper, LeasePort, forward_to_leader
+from bridge.errors import ConfigError, IngestRejected
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
@@ -54,7 +53,7 @@ _TAKE_TIMEOUT = 0.5  # how often the worker looks at the draining flag when idle
 
 
 class TriggerQueuePort(Protocol):
-    """What the daemon uses of `bridge.triggers.TriggerQueue`."""
+    """What the daemon uses of `bridge.daemon.triggers.TriggerQueue`."""
 
     def offer(self, keys: list[str], source: str, heard_at: float | None = None) -> bool: ...
     def request_full(self, source: str) -> object: ...
@@ -63,7 +62,7 @@ class TriggerQueuePort(Protocol):
 
 
 class SchedulerPort(Protocol):
-    """What the daemon uses of `bridge.scheduler.Scheduler`."""
+    """What the daemon uses of `bridge.daemon.scheduler.Scheduler`."""
 
     def start(self) -> None: ...
     def shutdown(self, wait: bool = True) -> None: ...
@@ -88,7 +87,7 @@ class ServicePort(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ServerHooks:
-    """The callables the daemon gives the HTTP server (see `bridge.server.HttpServer`)."""
+    """The callables the daemon gives the HTTP server (see `bridge.daemon.server.HttpServer`)."""
 
     live: Callable[[], bool]
     ready: Callable[[], tuple[bool, str]]

@@ -27,9 +27,11 @@ from bridge.errors import (
     InvalidRequest,
     LegacyApiKeyGone,
     NotFound,
+    PassAbort,
     RateLimited,
+    RemoteRejected,
 )
-from bridge.fingerprint import Keyring
+from bridge.keyring import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Action, ActionKind, Candidate, Marker, Outcome, RemoteCredential, Result, State
@@ -37,18 +39,6 @@ from bridge.ports import Ledger, LedgerRecord, PendingDelete, Registrar, TokenVe
 from bridge.retry import backoff_delay
 
 log = get_logger(__name__)
-
-
-class PassAbort(BridgeError):
-    """A failure that every remaining action would hit too (CybeDefend refuses our identity)."""
-
-
-class RemoteRejected(BridgeError):
-    """CybeDefend answered the create POST with 400: the input, not the bridge, must change.
-
-    Only the create's 400 means that; a 400 on a later step (links) is an ordinary failure,
-    retried, since the credential may already exist.
-    """
 
 
 class Executor:

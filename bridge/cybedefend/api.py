@@ -1,6 +1,6 @@
 """The shapes of CybeDefend's API, without HTTP: endpoint table, tolerant decoding, error text.
 
-Pure functions used by `bridge.cybedefend` (the module that owns httpx). Decoding is tolerant
+Pure functions used by `bridge.cybedefend.client` (the module that owns httpx). Decoding is tolerant
 where the contract is unsure (`CYBEDEFEND_API.md`, marks [?] and [I]): a `{"data": ...}`
 envelope is unwrapped, linked projects come as `{"projectIds": [...]}` or a bare array, and an
 error `message` may be a string or a list of strings.

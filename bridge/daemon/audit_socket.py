@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 
-from bridge.audit import MAX_LINE_BYTES, LineSplitter
+from bridge.daemon.audit import MAX_LINE_BYTES, LineSplitter
 from bridge.errors import ConfigError
 from bridge.logs import get_logger
 from bridge.metrics import Metrics

@@ -1,4 +1,4 @@
-"""`python -m bridge.simulator`: run the CybeDefend double standalone from a seed file.
+"""`python -m cybedefend_double`: run the CybeDefend double standalone from a seed file.
 
 The seed is JSON:
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bridge.simulator import Simulator
+from cybedefend_double.simulator import Simulator
 
 
 class SeedError(Exception):
@@ -80,7 +80,7 @@ def build(seed_path: Path) -> Simulator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bridge.simulator",
+    parser = argparse.ArgumentParser(prog="python -m cybedefend_double",
                                      description="Run the CybeDefend double.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8900)

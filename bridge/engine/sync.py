@@ -17,9 +17,9 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from bridge.config import Settings
-from bridge.errors import BridgeError, VaultError
-from bridge.executor import Executor, PassAbort
-from bridge.fingerprint import Keyring
+from bridge.engine.executor import Executor
+from bridge.errors import BridgeError, PassAbort, VaultError
+from bridge.keyring import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Action, ActionKind, Marker, Outcome, Result, State, VaultEntry

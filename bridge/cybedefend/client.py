@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import httpx
 
 from bridge.config import CybeDefendSettings
-from bridge.cybedefend_api import (
+from bridge.cybedefend.api import (
     ALL_CREDENTIALS,
     CLIENT_APPS,
     CREATE,
@@ -39,7 +39,7 @@ from bridge.cybedefend_api import (
     status_error,
     unwrap,
 )
-from bridge.cybedefend_auth import (
+from bridge.cybedefend.auth import (
     BearerCache,
     exchange_error,
     header_safe,

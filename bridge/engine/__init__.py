@@ -1,0 +1,1 @@
+"""One pass: discover -> plan -> execute -> record. The planner decides; the executor carries out."""
