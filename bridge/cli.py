@@ -172,17 +172,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     with _bridge(args) as bridge:
         bridge.engine.progress = bar
         try:
-            actions = bridge.engine.plan(PassRequest(trigger="manual", dry_run=True))
+            actions = bridge.engine.plan(PassRequest(trigger="manual"))
         finally:
             if bar is not None:
                 bar.finish()
-    rows: list[dict[str, Any]] = [
-        {"path": a.ref.key, "action": a.kind.value, "version": a.version, "project_id": a.project_id,
-         "organization_id": a.organization_id, "reason": a.reason, "reject_code": a.reject_code}
-        for a in actions
-    ]
+    from bridge.planner import describe
+
+    rows = [describe(a, bridge.settings) for a in actions]
     if args.output == "json":
-        print(json.dumps({"actions": rows}, indent=2))
+        print(json.dumps({"actions": rows, "writes": sum(len(r["writes"]) for r in rows)}, indent=2))
         return EXIT_OK
     if not rows:
         print("nothing to do: no tagged secret found and nothing tracked")
@@ -191,11 +189,35 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for r in rows:
         version = "" if r["version"] is None else f"v{r['version']}"
         print(f"{r['action']:8s} {r['path']:<{width}s} {version:>5s}  {r['reason']}")
+        for line in _plan_details(r):
+            print(f"{'':8s} {'':<{width}s} {'':>5s}    {line}")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["action"]] = counts.get(r["action"], 0) + 1
-    print("\n" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    writes = sum(len(r["writes"]) for r in rows)
+    print("\n" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f"; {writes} write(s) to CybeDefend")
     return EXIT_OK
+
+
+def _plan_details(row: dict[str, Any]) -> list[str]:
+    """The credentials an action touches, one line each, so the dry run hides no write."""
+    out: list[str] = []
+    if row["blocked"]:
+        out.append(f"! not carried out: {row['blocked']}")
+    for w in row["writes"]:
+        if w["op"] == "create":
+            out.append(f"+ create a credential in project {w['project_id']} (organization {w['organization_id']})")
+        elif w["op"] == "set_links":
+            out.append(f"~ link credential {w['credential_id']} to projects {', '.join(w['project_ids'])}")
+        else:
+            out.append(f"- delete credential {w['credential_id']} ({w['why']})")
+    if row["credential_id"] and not any(w["op"] == "set_links" for w in row["writes"]) and row["action"] in ("adopt", "move"):
+        out.append(f"= credential {row['credential_id']} already holds this token")
+    if row["paused_by_guard_rail"]:
+        out += [f"- delete credential {d['credential_id']} ({d['why']}): PAUSED by the delete guard rail "
+                "(sync.max_deletes_per_pass)" for d in row["deletes"]]
+    out += [f"= keep credential {c} (deletion_policy retain)" for c in row["keeps"]]
+    return out
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

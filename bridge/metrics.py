@@ -26,6 +26,9 @@ ENDPOINTS = (
 )
 
 
+DELETION_WHYS = ("superseded", "duplicate", "retired", "moved")
+
+
 class Metrics:
     """All of the bridge's metrics, registered in the registry it is given (tests pass their own)."""
 
@@ -49,6 +52,15 @@ class Metrics:
         self.rejects = Counter(p + "rejects", "Secrets rejected as bad input, by reason code.", ["reason"], registry=r)
         self.secrets = Gauge(p + "secrets", "Secrets tracked in the ledger, by state.", ["state"], registry=r)
         self.pending_deletes = Gauge(p + "pending_deletes", "Superseded or retired credentials waiting to be deleted.", registry=r)
+        self.deletions = Counter(
+            p + "credential_deletions",
+            "Credentials of ours deleted, by why: superseded (an older token), duplicate (a second credential for the "
+            "same token), retired (the secret is untagged or deleted), moved (it now targets another organization).",
+            ["why"],
+            registry=r,
+        )
+        for why in DELETION_WHYS:  # zero before the first deletion, so increase() sees it
+            self.deletions.labels(why=why)
         self.delete_guard = Gauge(
             p + "delete_guard_tripped", "1 while deletions are paused by the max_deletes_per_pass guard rail.", registry=r
         )

@@ -103,12 +103,31 @@ class Candidate:
 class ActionKind(enum.StrEnum):
     CREATE = "create"
     ROTATE = "rotate"
-    MOVE = "move"  # project or organization changed: create in the new place, retire the old
+    # The project or organization changed. Same organization: the current credential is relinked
+    # (new project in, old primary out under `delete`); another organization: created there.
+    MOVE = "move"
     RETIRE = "retire"
-    ADOPT = "adopt"  # only ever an outcome: create found its own marker already registered
+    # CybeDefend already holds a credential carrying this secret's current marker (a lost
+    # ledger, a crash after the POST, another replica's work): the ledger learns it, no POST.
+    ADOPT = "adopt"
     REFRESH = "refresh"  # metadata-only change (same token): the ledger learns the version
+    DELETE = "delete"  # only credentials: one of ours that Vault's current state makes not current
     SKIP = "skip"
     REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Doomed:
+    """A credential an action deletes once its own write is done (create before delete).
+
+    `why` is bounded (a metric label): superseded (an older token of the secret), duplicate
+    (a second credential for the same token), retired (the secret is untagged or deleted),
+    moved (the secret now targets another organization).
+    """
+
+    credential_id: str
+    organization_id: str
+    why: str
 
 
 class State(enum.StrEnum):
@@ -140,6 +159,24 @@ class Action:
     reject_code: str | None = None  # bounded: used as a metric label
     tags_digest: str | None = None  # of the tags this decision used (see LedgerRecord.tags_digest)
     stamp: str | None = None  # VaultEntry.stamp of the version decided on
+    # -- decided from a fresh CybeDefend listing (planner.reconcile); empty before it ----------
+    credential_id: str | None = None  # adopt / move (relink) / delete: the credential it acts on
+    links: tuple[str, ...] | None = None  # the exact project set to PUT afterwards; None: no PUT
+    deletes: tuple[Doomed, ...] = ()  # deleted after this action's own write, in this order
+    keeps: tuple[str, ...] = ()  # credentials left in place on purpose (deletion_policy retain)
+    paused: bool = False  # its deletions are held back by the delete guard rail this pass
+    blocked: str | None = None  # why it cannot be carried out this pass (e.g. a listing failed)
+
+    @property
+    def writes(self) -> bool:
+        """Whether carrying this action out sends anything to CybeDefend."""
+        if self.blocked is not None:
+            return False
+        if self.kind in (ActionKind.CREATE, ActionKind.ROTATE) and self.credential_id is None:
+            return True
+        if self.kind == ActionKind.MOVE and self.credential_id is None:
+            return True
+        return self.links is not None or (bool(self.deletes) and not self.paused)
 
 
 class Result(enum.StrEnum):
@@ -157,7 +194,6 @@ class Outcome:
     kind: ActionKind  # may differ from action.kind: a create can end as an adopt
     credential_id: str | None = None
     reason: str = ""
-    duration_seconds: float = 0.0
     retryable: bool = False
 
 
@@ -208,3 +244,12 @@ class Marker:
 
     def same_secret(self, other: Marker) -> bool:
         return self.instance == other.instance and self.path_digest == other.path_digest
+
+    @property
+    def token_part(self) -> str:
+        """The 8 hex of the token's fingerprint: what says which token a credential holds.
+
+        The version number beside it is informational: a new KV version holding the same token
+        (a metadata-only change) keeps the same credential.
+        """
+        return self.revision.split(".", 1)[1] if self.revision.startswith("v") else self.revision[1:]

@@ -1,20 +1,31 @@
-"""Pure planning: (what Vault has, what the ledger believes) -> one action per secret.
+"""Pure planning: (what Vault says now, the ledger cache, what CybeDefend holds now) -> every write.
 
 No I/O here, so `plan` is exactly what the dry run prints, and the property tests can run it
-against any sequence of Vault states. Planning happens in two steps because values are read
-only when needed: `needs_value` says which secrets' values to read (KV v2 versions new to the
-ledger, retries, moves), then `plan` decides with those values in hand.
+against any sequence of states. The decision model is docs/adr/0007-decided-from-the-truth.md:
+
+1. `touched_organizations` says which organizations to list (those a write may touch; all of
+   them when the drift check is due), before any value is read;
+2. `with_evidence` turns a registered ledger row whose credential is absent from a fresh listing
+   into a `missing` one (the ledger is a cache that saves reads, never evidence);
+3. `needs_value` says which secrets' values to read (versions new to the ledger, retries, moves);
+4. `plan` decides per secret from Vault and the ledger what it wants (create, rotate, move,
+   retire, refresh, skip, reject);
+5. `reconcile` settles every such intent against the listing: adopt instead of create when
+   CybeDefend already holds the current token, name the credential each write replaces, the
+   exact links it sets, and each credential it deletes, and emit deletions of our own
+   credentials that Vault's current state makes not current (a superseded token, a duplicate, a
+   secret untagged, deleted or moved away). It never deletes because a ledger lacks something.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bridge.config import Settings, SourceSettings
 from bridge.keyring import Keyring
-from bridge.model import Action, ActionKind, Candidate, State, VaultEntry
+from bridge.model import Action, ActionKind, Candidate, Doomed, Marker, RemoteCredential, State, VaultEntry
 from bridge.ports import LedgerRecord
 from bridge.validation import Rejection, Tags, is_tagged, read_payload, read_tags
 
@@ -30,6 +41,9 @@ RECHECKED_REJECT_CODES = TAG_REJECT_CODES | {"duplicate_token"}
 # to the secret (its tags, say) triggers a targeted sync.
 REMOTE_REJECT_CODE = "remote_rejected"
 _GONE_STATES = frozenset({State.RETIRED, State.ORPHANED})
+UP_TO_DATE = "up to date"
+# Deletions that remove a secret's last credential (not a replacement): the guard rail counts these.
+RETIRING = frozenset({"retired", "moved"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +204,7 @@ def _decide(
             return act(ActionKind.REJECT, record.reason or "rejected", code=record.last_result)
         if record.state in (State.PENDING, State.FAILED):
             return act(ActionKind.SKIP, "waiting before the next attempt (backoff)")
-        return act(ActionKind.SKIP, "up to date")
+        return act(ActionKind.SKIP, UP_TO_DATE)
     data = entry.payload if entry.payload is not None else payload
     if data is None:
         return act(ActionKind.SKIP, "the value could not be read this pass")
@@ -237,7 +251,7 @@ def _decide(
         return act(ActionKind.ROTATE, f"new token in {what}", cand, record)
     if record.state != State.REGISTERED or record.version != entry.version or not _seen_same(entry, record):
         return act(ActionKind.REFRESH, "metadata-only change (same token)", cand, record)
-    return act(ActionKind.SKIP, "up to date")
+    return act(ActionKind.SKIP, UP_TO_DATE)
 
 
 def plan(
@@ -284,7 +298,371 @@ def plan(
 
 
 def count_deletions(actions: Collection[Action], settings: Settings) -> int:
-    """Deletions a plan asks for by retirement (rotations replace, and are not counted)."""
-    if settings.sync.deletion_policy != "delete":
-        return 0
-    return sum(1 for a in actions if a.kind == ActionKind.RETIRE and a.old_credential_id)
+    """Credentials a plan deletes because their secret is gone or moved away (not replacements).
+
+    Replacing a superseded token or removing a duplicate leaves the secret registered; these
+    leave a project without the secret's credential, which is what the guard rail is for.
+    """
+    return sum(1 for a in actions for d in a.deletes if d.why in RETIRING)
+
+
+# -- what CybeDefend holds now ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteView:
+    """A fresh look at CybeDefend, taken by the engine for this pass.
+
+    `listings` holds every DockerHub credential of each organization listed (complete answers
+    only); `unlisted` names the organizations whose listing failed, and why; `links` holds the
+    projects of the credentials whose links a decision needs (`reconcile` says which).
+    """
+
+    listings: Mapping[str, Sequence[RemoteCredential]] = field(default_factory=dict)
+    unlisted: Mapping[str, str] = field(default_factory=dict)
+    links: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+def _retire_keys(entries: Sequence[VaultEntry], records: Mapping[str, LedgerRecord], scope: Scope,
+                 settings: Settings) -> set[str]:
+    """Ledger rows whose secret Vault now shows untagged, deleted or absent (where we looked)."""
+    seen = {e.ref.key: e for e in entries}
+    out: set[str] = set()
+    for key, rec in records.items():
+        if rec.state in _GONE_STATES:
+            continue
+        entry = seen.get(key)
+        if entry is not None:
+            if entry.deleted or not is_tagged(entry, settings.tags):
+                out.add(key)
+            continue
+        idx = source_of(key, settings.sources)
+        if key in scope.keys or (idx is not None and idx in scope.sources):
+            out.add(key)
+    return out
+
+
+def known_organizations(records: Mapping[str, LedgerRecord], settings: Settings) -> set[str]:
+    """Every organization the bridge may hold credentials in: configured, or in the ledger."""
+    orgs = {r.organization_id for r in records.values() if r.organization_id}
+    orgs |= {o for o in [settings.cybedefend.organization_id, *(s.organization_id for s in settings.sources)] if o}
+    return orgs
+
+
+def touched_organizations(
+    entries: Sequence[VaultEntry],
+    records: Mapping[str, LedgerRecord],
+    scope: Scope,
+    settings: Settings,
+    hinted: Collection[str],
+    *,
+    everything: bool,
+) -> set[str]:
+    """The organizations to list before values are read.
+
+    Those where a secret is retired under `delete` (its credentials are found by marker, not by
+    the ledger) and where an earlier pass left a deletion to finish (`hinted`); with
+    `everything` (the drift check is due), every known organization. Creates, rotations and
+    moves are only known once values are read: `writing_organizations` names those, listed
+    next. A steady pass, or a metadata-only change, lists nothing.
+    """
+    if everything:
+        return known_organizations(records, settings) | set(hinted)
+    orgs = set(hinted)
+    if settings.sync.deletion_policy == "delete":
+        for key in _retire_keys(entries, records, scope, settings):
+            org = records[key].organization_id
+            if org:
+                orgs.add(org)
+    return orgs
+
+
+def writing_organizations(intents: Iterable[Action]) -> set[str]:
+    """The organizations a create, rotation or move may write to (old and new place)."""
+    orgs: set[str] = set()
+    for a in intents:
+        if a.kind in (ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE):
+            orgs |= {o for o in (a.organization_id, a.old_organization_id) if o}
+    return orgs
+
+
+def with_evidence(records: Mapping[str, LedgerRecord], view: RemoteView) -> dict[str, LedgerRecord]:
+    """The ledger as the planner should believe it, given what the listings show.
+
+    A row that says `registered` with a credential absent from its organization's fresh listing
+    is `missing` (drift): the planner reads the value and registers it again, or adopts another
+    credential that carries the current token. Rows of organizations not listed are unchanged.
+    """
+    present = {org: {c.id for c in creds} for org, creds in view.listings.items()}
+    out = dict(records)
+    for key, rec in records.items():
+        if rec.state != State.REGISTERED or not rec.credential_id or rec.organization_id not in present:
+            continue
+        if rec.credential_id not in present[rec.organization_id]:
+            out[key] = replace(rec, state=State.MISSING, reason="the credential is gone from CybeDefend")
+    return out
+
+
+def _ours(view: RemoteView, instance: str) -> dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]]:
+    """path digest -> organization -> this instance's credentials for that secret."""
+    out: dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]] = {}
+    for org, creds in view.listings.items():
+        for cred in creds:
+            marker = Marker.parse(cred.description)
+            if marker is not None and marker.instance == instance:
+                out.setdefault(marker.path_digest, {}).setdefault(org, []).append((cred, marker))
+    return out
+
+
+def _oldest_first(creds: Iterable[RemoteCredential], prefer: str | None) -> list[RemoteCredential]:
+    # The ledger's credential first (it is the one already linked and reported), then the oldest.
+    return sorted(creds, key=lambda c: (c.id != prefer, c.created_at or "", c.id))
+
+
+def reconcile(
+    actions: Sequence[Action],
+    entries: Sequence[VaultEntry],
+    records: Mapping[str, LedgerRecord],
+    view: RemoteView,
+    scope: Scope,
+    settings: Settings,
+    keyring: Keyring,
+) -> tuple[list[Action], set[tuple[str, str]]]:
+    """Settle each intent against what CybeDefend holds; add deletions nothing else covers.
+
+    Returns the final actions and the (organization, credential) pairs whose links it needed
+    but `view.links` lacked: the engine reads those and calls again (pure, so a second call
+    with more facts is the whole protocol). An intent whose organization could not be listed
+    is blocked: nothing is created blind (no idempotency key: only a listing prevents a
+    duplicate) and nothing is deleted without seeing it.
+    """
+    instance = settings.sync.instance
+    delete = settings.sync.deletion_policy == "delete"
+    ours = _ours(view, instance)
+    need: set[tuple[str, str]] = set()
+
+    def links_of(org: str, cred_id: str) -> frozenset[str]:
+        got = view.links.get(cred_id)
+        if got is None:
+            need.add((org, cred_id))
+            return frozenset()
+        return got
+
+    out: list[Action] = []
+    judged: set[str] = set()
+    for action in actions:
+        digest = keyring.path_digest(action.ref)
+        judged.add(digest)
+        out.append(_settle(action, records.get(action.ref.key), ours.get(digest, {}), view, delete, links_of))
+    out.extend(_uncovered(ours, judged, entries, records, scope, settings, keyring, delete, view))
+    if count_deletions(out, settings) > settings.sync.max_deletes_per_pass:
+        out = [replace(a, paused=True) if any(d.why in RETIRING for d in a.deletes) else a for a in out]
+    return out, need
+
+
+def _settle(
+    action: Action,
+    rec: LedgerRecord | None,
+    mine_by_org: Mapping[str, list[tuple[RemoteCredential, Marker]]],
+    view: RemoteView,
+    delete: bool,
+    links_of: Callable[[str, str], frozenset[str]],
+) -> Action:
+    kind = action.kind
+    if kind == ActionKind.RETIRE:
+        return _settle_retire(action, rec, mine_by_org, view, delete)
+    org, project = action.organization_id, action.project_id
+    fingerprint = action.candidate.fingerprint if action.candidate else None
+    if kind == ActionKind.SKIP and action.reason == UP_TO_DATE and rec is not None:
+        fingerprint = rec.fingerprint
+    if fingerprint is None or org is None or project is None or kind == ActionKind.REJECT:
+        return action  # nothing known to judge by: rejected, failing, backing off, value unread
+    writes = kind in (ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE)
+    if org not in view.listings:
+        if writes:
+            why = view.unlisted.get(org, "it was not listed")
+            return replace(action, kind=kind, blocked=f"could not list the credentials of organization {org}: {why}")
+        return action  # not looked at this pass: the ledger's word stands until we look
+    mine = mine_by_org.get(org, [])
+    current = _oldest_first((c for c, m in mine if m.token_part == fingerprint[:8]),
+                            rec.credential_id if rec else None)
+    keep = current[0] if current else None
+    deletes = [Doomed(c.id, org, "superseded") for c, m in mine if m.token_part != fingerprint[:8]]
+    deletes += [Doomed(c.id, org, "duplicate") for c in current[1:]]
+    keeps: list[str] = []
+    for other, creds in sorted(mine_by_org.items()):
+        if other == org:
+            continue
+        if other not in view.listings:
+            continue
+        for c, _ in creds:
+            if delete:
+                deletes.append(Doomed(c.id, other, "moved"))
+            else:
+                keeps.append(c.id)
+    # The old primary project leaves the links when the secret moved within the organization
+    # under `delete`; under `retain` it keeps its credential (nothing is taken away).
+    drop = None
+    if rec is not None and rec.organization_id == org and rec.project_id and rec.project_id != project and delete:
+        drop = rec.project_id
+    settled = replace(action, deletes=tuple(deletes), keeps=tuple(keeps))
+    if keep is None:
+        if not writes:
+            # Registered per the ledger, yet no credential holds the token: registered again.
+            # (with_evidence makes this a create before values are read; this is the net.)
+            return replace(settled, blocked="the credential is gone from CybeDefend; it is registered again next pass")
+        wanted = {project}
+        for c, m in mine:
+            if m.token_part != fingerprint[:8]:
+                wanted |= links_of(org, c.id)  # a rotation or a move keeps every project it served
+        if drop is not None:
+            wanted.discard(drop)
+        wanted.add(project)
+        return replace(settled, links=tuple(sorted(wanted)) if wanted != {project} else None)
+    known = rec is not None and rec.credential_id == keep.id and rec.organization_id == org and rec.project_id == project \
+        and rec.state in (State.REGISTERED, State.PENDING, State.FAILED)
+    if known and kind in (ActionKind.SKIP, ActionKind.REFRESH):
+        if kind == ActionKind.SKIP and deletes:
+            return replace(settled, kind=ActionKind.DELETE, credential_id=keep.id,
+                           reason=f"up to date as credential {keep.id}; removing our other credentials for it")
+        return settled
+    if known and kind in (ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE):
+        kind_out = ActionKind.ADOPT  # a retry after a lost answer, or a row left pending
+        return replace(settled, kind=kind_out, credential_id=keep.id,
+                       reason=f"CybeDefend already holds this token as credential {keep.id}")
+    # The ledger does not know this credential as the secret's current one in this place: make
+    # sure it serves the project (a move, a lost ledger, another replica's work), then record it.
+    have = links_of(org, keep.id)
+    wanted = set(have) | {project}
+    if drop is not None:
+        wanted.discard(drop)
+    for c, m in mine:
+        if m.token_part != fingerprint[:8]:
+            wanted |= links_of(org, c.id) - ({drop} if drop else set())
+    links = tuple(sorted(wanted)) if wanted != set(have) else None
+    if kind == ActionKind.MOVE:
+        return replace(settled, credential_id=keep.id, links=links,
+                       reason=f"{action.reason}: relinking credential {keep.id}")
+    return replace(settled, kind=ActionKind.ADOPT, credential_id=keep.id, links=links,
+                   reason=f"CybeDefend already holds this token as credential {keep.id}")
+
+
+def _settle_retire(
+    action: Action,
+    rec: LedgerRecord | None,
+    mine_by_org: Mapping[str, list[tuple[RemoteCredential, Marker]]],
+    view: RemoteView,
+    delete: bool,
+) -> Action:
+    if not delete:
+        kept = [c.id for creds in mine_by_org.values() for c, _ in creds]
+        if rec is not None and rec.credential_id and rec.state != State.MISSING and rec.credential_id not in kept:
+            kept.append(rec.credential_id)
+        return replace(action, keeps=tuple(sorted(set(kept))))
+    org = rec.organization_id if rec is not None else None
+    if rec is not None and rec.credential_id and rec.state != State.MISSING and org and org not in view.listings:
+        why = view.unlisted.get(org, "it was not listed")
+        return replace(action, blocked=f"could not list the credentials of organization {org}: {why}")
+    doomed = [Doomed(c.id, o, "retired") for o, creds in sorted(mine_by_org.items()) if o in view.listings for c, _ in creds]
+    return replace(action, deletes=tuple(doomed))
+
+
+def _uncovered(
+    ours: Mapping[str, Mapping[str, list[tuple[RemoteCredential, Marker]]]],
+    judged: set[str],
+    entries: Sequence[VaultEntry],
+    records: Mapping[str, LedgerRecord],
+    scope: Scope,
+    settings: Settings,
+    keyring: Keyring,
+    delete: bool,
+    view: RemoteView,
+) -> list[Action]:
+    """Our credentials no intent covers, judged by what Vault says of their secret now.
+
+    Their secret is found by marker: among this pass's entries (tagged or not), else among the
+    ledger's paths (the only way back from a one-way digest). Deleted only under `delete`, when
+    Vault shows the secret untagged or deleted, or absent from a source listed completely this
+    pass. A credential whose secret we cannot name is left alone (another bridge with the same
+    instance name and another key, or a path outside every source).
+    """
+    if not delete:
+        return []
+    by_digest: dict[str, tuple[str, VaultEntry | None]] = {}
+    for rec in records.values():
+        by_digest[keyring.path_digest(rec.ref)] = (rec.key, None)
+    for entry in entries:
+        by_digest[keyring.path_digest(entry.ref)] = (entry.ref.key, entry)
+    out: list[Action] = []
+    for digest in sorted(ours):
+        if digest in judged or digest not in by_digest:
+            continue
+        key, found = by_digest[digest]
+        if found is not None:
+            if not (found.deleted or not is_tagged(found, settings.tags)):
+                continue  # tagged: an intent of its own covers it (or it is in flux)
+            why = "the secret is no longer tagged" if not found.deleted else "the current version is deleted or destroyed"
+            ref = found.ref
+        else:
+            idx = source_of(key, settings.sources)
+            if not (key in scope.keys or (idx is not None and idx in scope.sources)):
+                continue  # not looked at this pass
+            why = "the secret was deleted from Vault"
+            ref = records[key].ref
+        doomed = tuple(Doomed(c.id, org, "retired") for org, creds in sorted(ours[digest].items())
+                       for c, _ in creds if org in view.listings)
+        if doomed:
+            out.append(Action(ActionKind.DELETE, ref, f"{why}: deleting its credentials", deletes=doomed))
+    return out
+
+
+# -- what a plan will send -----------------------------------------------------------------------
+
+
+def writes_of(action: Action) -> list[dict[str, Any]]:
+    """Every request carrying out `action` sends to CybeDefend, in order (empty: none).
+
+    `plan` prints these and the property tests compare them with what `sync --once` sends. A
+    new credential's id is unknown until the create answers: it is written `(new)`.
+    """
+    if action.blocked is not None:
+        return []
+    out: list[dict[str, Any]] = []
+    target = action.credential_id
+    creating = action.kind in (ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE) and action.credential_id is None
+    if creating:
+        out.append({"op": "create", "organization_id": action.organization_id, "project_id": action.project_id})
+        target = "(new)"
+    if action.links is not None:
+        out.append({"op": "set_links", "organization_id": action.organization_id, "credential_id": target,
+                    "project_ids": list(action.links)})
+    if not action.paused:
+        out += [{"op": "delete", "organization_id": d.organization_id, "credential_id": d.credential_id, "why": d.why}
+                for d in action.deletes]
+    return out
+
+
+def describe(action: Action, settings: Settings) -> dict[str, Any]:
+    """One action as `plan -o json` shows it: what, where, why, and every credential it touches."""
+    retire_policy = None
+    if action.kind == ActionKind.RETIRE:
+        retire_policy = "delete" if settings.sync.deletion_policy == "delete" else "keep"
+    return {
+        "path": action.ref.key,
+        "action": action.kind.value,
+        "version": action.version,
+        "organization_id": action.organization_id,
+        "project_id": action.project_id,
+        "reason": action.reason,
+        "reject_code": action.reject_code,
+        "credential_id": action.credential_id,
+        "replaces": action.old_credential_id,
+        "retire": retire_policy,
+        "deletes": [{"credential_id": d.credential_id, "organization_id": d.organization_id, "why": d.why}
+                    for d in action.deletes],
+        "keeps": list(action.keeps),
+        "links": list(action.links) if action.links is not None else None,
+        "paused_by_guard_rail": action.paused,
+        "blocked": action.blocked,
+        "writes": writes_of(action),
+    }

@@ -153,7 +153,6 @@ class PassRequest:
 
     trigger: str  # bounded: schedule, startup, audit_file, audit_socket, audit_ingest, webhook, manual, drift
     paths: frozenset[str] | None = None
-    dry_run: bool = False
     force_drift_check: bool = False
     received_at: Mapping[str, float] = field(default_factory=dict)  # key -> monotonic time the write was heard
 

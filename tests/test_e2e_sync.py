@@ -332,9 +332,10 @@ def test_least_privilege_policy_is_enough(openbao: OpenBao, sim: Simulator, tmp_
 def test_stray_credential_of_a_known_secret_is_swept_under_the_delete_policy(
     openbao: OpenBao, kv_mount: str, sim: Simulator, tmp_path: Path
 ) -> None:
-    """What a crash right after a POST leaves when the secret then moves away: a credential with
-    our marker in a project no later action lists. The organization-wide sweep removes it; a
-    hand-made credential and another instance's stay."""
+    """What a crash right after a POST leaves when the secret then moves away: a second credential
+    carrying the secret's current marker. A steady pass lists nothing (zero CybeDefend calls);
+    the drift check lists the organization and deletes it as a duplicate; a hand-made credential
+    and another instance's stay."""
     rig = Rig(openbao, kv_mount, sim, tmp_path, sync={"deletion_policy": "delete"})
     rig.start()
     assert rig.bridge is not None
@@ -350,10 +351,13 @@ def test_stray_credential_of_a_known_secret_is_swept_under_the_delete_policy(
         other = rig.bridge.client.create(ORG, PROJECTS[5], "x", Sensitive(token(8, "other")),
                                          marker.render().replace(":default:", ":other-bridge:"))
         rig.tokens += [token(7, "hand"), token(8, "other")]
-        report = rig.run()
+        sim.reset_requests()
+        rig.run()
+        assert sim.requests == [] and stray.id in {c.id for c in sim.credentials(ORG)}
+        report = rig.run(PassRequest(trigger="schedule", force_drift_check=True))
         ids = {c.id for c in sim.credentials(ORG)}
         assert stray.id not in ids and {hand.id, other.id} <= ids
-        assert report.counts["retired"] == 1
+        assert report.counts["deleted"] == 1 and report.counts["retired"] == 0
         rig.assert_invariant()
     finally:
         rig.bridge.close(revoke=False)

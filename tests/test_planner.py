@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from bridge.keyring import Keyring
-from bridge.model import ActionKind, Marker, SecretRef, Sensitive, State, VaultEntry
-from bridge.planner import Scope, count_deletions, needs_value, plan, source_of
+from bridge.model import ActionKind, Doomed, Marker, RemoteCredential, SecretRef, Sensitive, State, VaultEntry
+from bridge.planner import RemoteView, Scope, count_deletions, needs_value, plan, reconcile, source_of, with_evidence
 from bridge.ports import LedgerRecord
 from bridge.validation import read_payload, read_tags
 from tests.helpers import ORG, ORG2, PROJECTS, settings, tagged, token
@@ -41,6 +41,24 @@ def one(entries: list[VaultEntry], values: dict[str, Any] | None = None, records
         scope: Scope = FULL, **kw: Any) -> list[Any]:
     recs = {r.key: r for r in records or []}
     return plan(entries, values or {}, recs, scope, kw.pop("s", S), KEYS, NOW, **kw)
+
+
+def cred(cid: str, path: str, version: int, tok: int, *, instance: str = "default", created: str = "2026-01-01T00:00:00Z",
+         org_note: str = "") -> RemoteCredential:
+    """A credential as CybeDefend lists it, carrying the marker the bridge would write."""
+    m = KEYS.marker(instance, SecretRef("secret", f"dockerhub/{path}"), version, KEYS.fingerprint(Sensitive(token(tok))))
+    return RemoteCredential(cid, "alice", f"{m.render()}{org_note}", created)
+
+
+def listing(*creds: RemoteCredential, org: str = ORG, links: dict[str, frozenset[str]] | None = None,
+            more: dict[str, list[RemoteCredential]] | None = None) -> RemoteView:
+    return RemoteView(listings={org: list(creds), **(more or {})}, links=links or {})
+
+
+def settle(intents: list[Any], entries: list[VaultEntry], records: list[LedgerRecord], view: RemoteView,
+           s: Any = S) -> tuple[list[Any], set[tuple[str, str]]]:
+    recs = {r.key: r for r in records}
+    return reconcile(intents, entries, recs, view, FULL, s, KEYS)
 
 
 def test_new_tagged_secret_is_created_after_reading_its_value() -> None:
@@ -239,9 +257,12 @@ def test_kv1_secret_rotates_on_a_new_fingerprint() -> None:
 
 
 def test_deletions_are_counted_only_under_the_delete_policy() -> None:
-    acts = one([], records=[record(f"g{i}", cred=f"c{i}") for i in range(3)])
-    assert count_deletions(acts, S) == 0
-    assert count_deletions(acts, settings(sync={"deletion_policy": "delete"})) == 3
+    recs = [record(f"g{i}", cred=f"c{i}") for i in range(3)]
+    view = listing(*(cred(f"c{i}", f"g{i}", 1, 1) for i in range(3)))
+    for policy, want in (("retain", 0), ("delete", 3)):
+        s = settings(sync={"deletion_policy": policy})
+        acts, _ = settle(one([], records=recs, s=s), [], recs, view, s)
+        assert count_deletions(acts, s) == want
 
 
 def test_source_of_prefers_the_longest_prefix() -> None:
@@ -266,3 +287,133 @@ def test_fingerprints_are_keyed_and_markers_round_trip() -> None:
 def test_validation_of_payload_accepts_organisation_tokens() -> None:
     p = read_payload({"accessToken": "dckr_oat_" + "A" * 20, "dockerhubUsername": "org"}, S.sources[0], S.sync)
     assert p.username == "org" and p.token.reveal().startswith("dckr_oat_")
+
+
+# -- reconcile: decided from what CybeDefend holds now -------------------------------------------
+DELETE = settings(sync={"deletion_policy": "delete"})
+
+
+def test_a_credential_carrying_the_current_token_is_never_deleted_whatever_the_ledger_says() -> None:
+    """Scenario 1 in pure form: a stale ledger names C1; CybeDefend holds C2 for the same token."""
+    e = entry("a", tags=tagged(PROJECTS[0]))
+    stale = record("a", cred="C1")
+    view = listing(cred("C2", "a", 1, 1))
+    believed = with_evidence({stale.key: stale}, view)
+    assert believed[stale.key].state == State.MISSING  # C1 is not in the listing: drift
+    intents = plan([e], {e.ref.key: data(1)}, believed, FULL, DELETE, KEYS, NOW)
+    acts, need = reconcile(intents, [e], believed, view, FULL, DELETE, KEYS)
+    assert need == {(ORG, "C2")}
+    acts, _ = reconcile(intents, [e], believed, replace_links(view, {"C2": frozenset({PROJECTS[0]})}), FULL, DELETE, KEYS)
+    [a] = acts
+    assert a.kind == ActionKind.ADOPT and a.credential_id == "C2" and a.deletes == () and a.links is None
+    assert not a.writes
+
+
+def replace_links(view: RemoteView, links: dict[str, frozenset[str]]) -> RemoteView:
+    return RemoteView(listings=view.listings, unlisted=view.unlisted, links=links)
+
+
+def test_a_second_credential_for_the_same_token_is_deleted_under_either_policy() -> None:
+    e = entry("a", tags=tagged(PROJECTS[0]))
+    rec = record("a", cred="C1")
+    view = listing(cred("C1", "a", 1, 1, created="2026-01-01T00:00:00Z"), cred("C9", "a", 1, 1, created="2026-01-02T00:00:00Z"))
+    for s in (S, DELETE):
+        [a], _ = settle(one([e], records=[rec], s=s), [e], [rec], view, s)
+        assert a.kind == ActionKind.DELETE and a.credential_id == "C1"
+        assert a.deletes == (Doomed("C9", ORG, "duplicate"),) and a.writes
+
+
+def test_retire_deletes_what_the_listing_shows_by_marker_never_what_only_the_ledger_names() -> None:
+    gone = entry("a", tags={})  # untagged now
+    rec = record("a", cred="C-ledger-only")
+    view = listing(cred("C7", "a", 1, 1), cred("C8", "a", 2, 2))
+    [a], _ = settle(one([gone], records=[rec], s=DELETE), [gone], [rec], view, DELETE)
+    assert a.kind == ActionKind.RETIRE
+    assert {d.credential_id for d in a.deletes} == {"C7", "C8"}  # C-ledger-only is not in CybeDefend
+    [kept], _ = settle(one([gone], records=[rec]), [gone], [rec], view)
+    assert kept.deletes == () and set(kept.keeps) >= {"C7", "C8"}
+
+
+def test_a_retire_whose_organization_could_not_be_listed_is_blocked_not_guessed() -> None:
+    gone = entry("a", tags={})
+    rec = record("a", cred="C1")
+    view = RemoteView(unlisted={ORG: "503 from CybeDefend"})
+    [a], _ = settle(one([gone], records=[rec], s=DELETE), [gone], [rec], view, DELETE)
+    assert a.blocked is not None and "503" in a.blocked and a.deletes == () and not a.writes
+
+
+def test_a_create_is_never_sent_blind() -> None:
+    e = entry("a", tags=tagged(PROJECTS[0]))
+    view = RemoteView(unlisted={ORG: "timeout"})
+    [a], _ = settle(one([e], {e.ref.key: data(1)}), [e], [], view)
+    assert a.kind == ActionKind.CREATE and a.blocked is not None and not a.writes
+
+
+def test_a_lost_ledger_adopts_instead_of_creating() -> None:
+    e = entry("a", tags=tagged(PROJECTS[0]))
+    view = listing(cred("C1", "a", 1, 1), links={"C1": frozenset({PROJECTS[0]})})
+    [a], _ = settle(one([e], {e.ref.key: data(1)}), [e], [], view)
+    assert a.kind == ActionKind.ADOPT and a.credential_id == "C1" and not a.writes
+
+
+def test_a_rotation_names_the_credential_it_replaces_and_keeps_every_link() -> None:
+    e = entry("a", version=2, tags=tagged(PROJECTS[0]))
+    rec = record("a", cred="C1")
+    view = listing(cred("C1", "a", 1, 1), links={"C1": frozenset({PROJECTS[0], PROJECTS[2]})})
+    [a], _ = settle(one([e], {e.ref.key: data(2)}, records=[rec]), [e], [rec], view)
+    assert a.kind == ActionKind.ROTATE and a.credential_id is None
+    assert a.deletes == (Doomed("C1", ORG, "superseded"),)
+    assert a.links == tuple(sorted({PROJECTS[0], PROJECTS[2]}))
+
+
+@pytest.mark.parametrize(("policy", "old_kept"), [("delete", False), ("retain", True)])
+def test_a_move_within_the_organization_relinks_and_keeps_hand_made_links(policy: str, old_kept: bool) -> None:
+    """Scenario 6 in pure form: P0 -> P1, an operator had linked P2 by hand."""
+    s = settings(sync={"deletion_policy": policy})
+    e = entry("a", tags=tagged(PROJECTS[1]))
+    rec = record("a", cred="C1", project=PROJECTS[0])
+    view = listing(cred("C1", "a", 1, 1), links={"C1": frozenset({PROJECTS[0], PROJECTS[2]})})
+    [a], _ = settle(one([e], {e.ref.key: data(1)}, records=[rec], s=s), [e], [rec], view, s)
+    assert a.kind == ActionKind.MOVE and a.credential_id == "C1" and a.deletes == ()
+    want = {PROJECTS[1], PROJECTS[2]} | ({PROJECTS[0]} if old_kept else set())
+    assert a.links == tuple(sorted(want))
+
+
+def test_a_move_to_another_organization_creates_there_and_retires_the_old_by_policy() -> None:
+    e = entry("a", tags=tagged(PROJECTS[0], org=ORG2))
+    rec = record("a", cred="C1")
+    view = listing(cred("C1", "a", 1, 1), more={ORG2: []})
+    [a], _ = settle(one([e], {e.ref.key: data(1)}, records=[rec], s=DELETE), [e], [rec], view, DELETE)
+    assert a.kind == ActionKind.MOVE and a.credential_id is None and a.organization_id == ORG2
+    assert a.deletes == (Doomed("C1", ORG, "moved"),)
+    [b], _ = settle(one([e], {e.ref.key: data(1)}, records=[rec]), [e], [rec], view)
+    assert b.deletes == () and b.keeps == ("C1",)
+
+
+def test_credentials_of_unknown_secrets_and_other_instances_are_left_alone() -> None:
+    e = entry("a", tags=tagged(PROJECTS[0]))
+    rec = record("a", cred="C1")
+    view = listing(cred("C1", "a", 1, 1), cred("X1", "never-seen", 1, 5), cred("X2", "a", 1, 9, instance="other"),
+                   RemoteCredential("X3", "bob", "made by hand", None))
+    acts, _ = settle(one([e], records=[rec], s=DELETE), [e], [rec], view, DELETE)
+    assert all(d.credential_id.startswith("C") for a in acts for d in a.deletes)
+    assert [a.kind for a in acts] == [ActionKind.SKIP]
+
+
+def test_a_secret_deleted_from_a_fully_listed_source_loses_its_credential_only_under_delete() -> None:
+    rec = record("gone", cred="C1")
+    view = listing(cred("C1", "gone", 1, 1))
+    [a], _ = settle(one([], records=[rec], s=DELETE), [], [rec], view, DELETE)
+    assert a.kind == ActionKind.RETIRE and a.deletes == (Doomed("C1", ORG, "retired"),)
+    # Not looked at (the source's discovery failed): no scope, no judgement, no deletion.
+    acts = plan([], {}, {rec.key: rec}, Scope(), DELETE, KEYS, NOW)
+    settled, _ = reconcile(acts, [], {rec.key: rec}, view, Scope(), DELETE, KEYS)
+    assert settled == []
+
+
+def test_the_guard_rail_pauses_retiring_deletions_and_says_so() -> None:
+    s = settings(sync={"deletion_policy": "delete", "max_deletes_per_pass": 2})
+    recs = [record(f"g{i}", cred=f"c{i}") for i in range(3)]
+    view = listing(*(cred(f"c{i}", f"g{i}", 1, 1) for i in range(3)))
+    acts, _ = settle(one([], records=recs, s=s), [], recs, view, s)
+    assert len(acts) == 3 and all(a.paused and not a.writes for a in acts)

@@ -269,7 +269,7 @@ def test_rate_limit_beyond_the_cap_defers_until_retry_after(w: World) -> None:
 def test_legacy_api_key_aborts_the_pass_with_one_clear_error(w: World) -> None:
     for i in range(5):
         w.put(f"s{i}", i)
-    w.api.inject("list_project", LegacyApiKeyGone("API keys were removed; switch to a PAT", status=410), times=99)
+    w.api.inject("all_credentials", LegacyApiKeyGone("API keys were removed; switch to a PAT", status=410), times=99)
     report = w.run()
     assert report.result == "failed" and "PAT" in (report.error or "")
     assert w.api.calls["list_project"] <= w.s.cybedefend.max_concurrency  # it stopped, not 5 identical errors

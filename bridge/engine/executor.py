@@ -1,20 +1,21 @@
-"""Carries out one planned action against CybeDefend and records it in the ledger.
+"""Carries out planned actions against CybeDefend and records their outcomes in the ledger.
 
-The order of steps is what makes crashes harmless (docs/adr/0003-create-before-delete.md):
-1. a credential that will be replaced is written to the ledger's pending deletes first, with
-   the condition "only once the secret's current credential is another one";
-2. before any create, the project's credentials are listed and one carrying this secret's
-   marker for this version is adopted instead (a crash between POST and ledger write, or a
-   response lost on the wire, therefore never duplicates);
-3. links are copied from the credential being replaced, then the ledger row is written;
-4. only then is the old credential deleted.
+It decides nothing (docs/adr/0007-decided-from-the-truth.md): every credential it creates,
+relinks or deletes is named by the action `bridge.planner.reconcile` settled from a fresh
+listing. What it owns is the order that makes crashes harmless (docs/adr/0003):
+1. each credential the action will delete is written to the ledger's pending deletes first: a
+   reminder that makes the next pass list that organization (the listing, not the reminder,
+   then says whether it still goes);
+2. a secret unknown to the ledger gets a `pending` row before the POST, so a credential created
+   just before a crash can be traced back to a secret of ours;
+3. the create (or nothing, when adopting), then the links the plan names, then the ledger row;
+4. only then the deletions.
+A create whose answer was lost is looked for by marker in a fresh listing before anything else.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,15 +27,15 @@ from bridge.errors import (
     BridgeError,
     InvalidRequest,
     LegacyApiKeyGone,
-    NotFound,
     PassAbort,
+    PermissionDenied,
     RateLimited,
     RemoteRejected,
 )
 from bridge.keyring import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
-from bridge.model import Action, ActionKind, Candidate, Marker, Outcome, RemoteCredential, Result, State
+from bridge.model import Action, ActionKind, Candidate, Doomed, Marker, Outcome, RemoteCredential, Result, State
 from bridge.ports import Ledger, LedgerRecord, PendingDelete, Registrar, TokenVerifier
 from bridge.retry import backoff_delay
 
@@ -62,20 +63,12 @@ class Executor:
         self._m = metrics
         self._clock = clock
         self._rng = rng or random.Random()
-        self._lists: dict[str, list[RemoteCredential]] = {}
-        self._project_locks: dict[str, threading.Lock] = {}
-        self._lists_lock = threading.Lock()
-
-    def begin_pass(self) -> None:
-        with self._lists_lock:
-            self._lists.clear()
-            self._project_locks.clear()
 
     # -- one action -----------------------------------------------------------------------
-    def execute(self, action: Action, *, deletes_allowed: bool) -> Outcome:
+    def execute(self, action: Action) -> Outcome:
         started = time.monotonic()
         try:
-            outcome = self._dispatch(action, deletes_allowed)
+            outcome = self._dispatch(action)
         except (AuthenticationError, LegacyApiKeyGone) as exc:
             raise PassAbort(str(exc)) from exc
         except RateLimited as exc:
@@ -85,195 +78,166 @@ class Executor:
             self._record_reject(action, "remote_rejected", str(exc),
                                 retry_at=self._clock() + self._s.sync.retry_cap_seconds)
             outcome = Outcome(action, Result.FAILED, ActionKind.REJECT, reason=str(exc))
+        except PassAbort:
+            raise
         except BridgeError as exc:
-            outcome = self._failed(action, str(exc))
+            outcome = self._failed(action, str(exc), permanent=isinstance(exc, PermissionDenied))
         duration = time.monotonic() - started
-        outcome = replace(outcome, duration_seconds=duration)
         self._m.actions.labels(action=outcome.kind.value, result=outcome.result.value).inc()
         if outcome.kind != ActionKind.SKIP or outcome.result != Result.OK:
-            log.info(
-                "action",
+            fields = dict(
                 action=outcome.kind.value,
                 result=outcome.result.value,
                 path=action.ref.key,
                 version=action.version,
                 project=action.project_id,
                 credential_id=outcome.credential_id,
+                replaces=[d.credential_id for d in action.deletes] or None,
                 reason=outcome.reason or action.reason,
                 duration_ms=round(duration * 1000, 1),
             )
+            if outcome.result == Result.FAILED:
+                # A failure must be seen at the default level: path, action and reason.
+                (log.error if not outcome.retryable else log.warning)("action_failed", **fields)
+            else:
+                log.info("action", **fields)
         return outcome
 
-    def _dispatch(self, action: Action, deletes_allowed: bool) -> Outcome:
+    def _dispatch(self, action: Action) -> Outcome:
         kind = action.kind
-        if kind in (ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE):
-            return self._register(action, deletes_allowed)
+        if action.blocked is not None:
+            return self._failed(action, action.blocked, wait=self._s.sync.retry_base_seconds)
+        if kind in (ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE) and action.credential_id is None:
+            return self._register(action)
+        if kind in (ActionKind.ADOPT, ActionKind.MOVE):
+            return self._adopt(action)
         if kind == ActionKind.RETIRE:
-            return self._retire(action, deletes_allowed)
+            return self._retire(action)
         if kind == ActionKind.REFRESH:
             assert action.candidate is not None
             rec = self._ledger.get(action.ref.key)
-            self._put_registered(action.candidate, rec.credential_id if rec else None, action, "refresh")
-            return Outcome(action, Result.OK, kind, credential_id=rec.credential_id if rec else None, reason=action.reason)
+            cred = rec.credential_id if rec else None
+            self._put_registered(action.candidate, cred, action, "refresh")
+            return self._finish(action, Outcome(action, Result.OK, kind, credential_id=cred, reason=action.reason))
+        if kind == ActionKind.DELETE:
+            return self._finish(action, Outcome(action, Result.OK, kind, credential_id=action.credential_id,
+                                                reason=action.reason))
         if kind == ActionKind.REJECT:
             self._record_reject(action, action.reject_code or "rejected", action.reason)
             return Outcome(action, Result.OK, kind, reason=action.reason)
         return Outcome(action, Result.OK, kind, reason=action.reason)
 
-    # -- create, rotate, move ---------------------------------------------------------------
-    def _register(self, action: Action, deletes_allowed: bool) -> Outcome:
+    # -- create, rotate, move, adopt --------------------------------------------------------
+    def _register(self, action: Action) -> Outcome:
         cand = action.candidate
         assert cand is not None
         if self._verifier is not None and not self._verifier.accepts(cand.username, cand.token):
             reason = "DockerHub does not accept this token for this username (sync.verify_with_dockerhub)"
             self._record_reject(action, "dockerhub_rejected", reason)
             return Outcome(action, Result.OK, ActionKind.REJECT, reason=reason)
-        marker = self._keys.marker(self._s.sync.instance, cand.ref, cand.version, cand.fingerprint)
-        replaced: list[tuple[str, str]] = []  # (credential id, organization) to delete once replaced
-        if action.old_credential_id and action.old_organization_id:
-            retiring = action.kind == ActionKind.MOVE
-            if not retiring or self._s.sync.deletion_policy == "delete":
-                replaced.append((action.old_credential_id, action.old_organization_id))
-            else:
-                log.info("old_credential_kept", path=cand.ref.key, credential_id=action.old_credential_id,
-                         reason="project changed; deletion_policy is retain")
-        for cred_id, org in replaced:
-            self._ledger.add_pending_delete(PendingDelete(cred_id, org, cand.ref.key, action.kind.value))
+        self._remember_deletes(action)
         if self._ledger.get(cand.ref.key) is None:
-            # Known before the first POST, so that a credential created just before a crash can
-            # always be traced back to a secret of ours (the stray sweep only touches those).
             now = self._clock()
             self._ledger.put(LedgerRecord(
                 key=cand.ref.key, mount=cand.ref.mount, path=cand.ref.path, kv_version=cand.ref.kv_version,
                 state=State.PENDING, organization_id=cand.organization_id, project_id=cand.project_id,
                 last_action=action.kind.value, reason="registering", created_at=now, updated_at=now))
-
-        mine = self._ours(cand.project_id, marker, fresh=False)
-        # The credential a rotation replaces holds the old token even when its marker names the
-        # same revision (KV v2 numbers versions from 1 again once a secret was destroyed and
-        # written anew): adopting it would leave the stale token registered.
-        stale = action.old_credential_id if action.kind == ActionKind.ROTATE else None
-        current = sorted((c for c, m in mine if m.revision == marker.revision and c.id != stale),
-                         key=lambda c: c.created_at or "")
-        superseded = [c for c, m in mine if m.revision != marker.revision and c.id != action.old_credential_id]
-        kind = action.kind
-        if current:
-            cred, kind = current[0], ActionKind.ADOPT
-        else:
-            cred, adopted = self._create(cand, marker, stale=action.old_credential_id)
-            if adopted:  # the POST's fate was unknown, and a fresh listing found it
-                kind = ActionKind.ADOPT
-        extras = current[1:]  # earlier duplicates carrying our own marker: ours to remove
-        for c in [*superseded, *extras]:
-            self._ledger.add_pending_delete(PendingDelete(c.id, cand.organization_id, cand.ref.key, "superseded"))
-            replaced.append((c.id, cand.organization_id))
-
-        links = {cand.project_id}
-        for old_id, old_org in replaced:
-            if old_org == cand.organization_id and (old_id != action.old_credential_id or action.kind == ActionKind.ROTATE):
-                with contextlib.suppress(NotFound):  # already gone: nothing to copy
-                    links.update(self._api.linked_projects(old_org, old_id))
-        if links != {cand.project_id}:
-            self._api.set_linked_projects(cand.organization_id, cred.id, sorted(links))
+        marker = self._keys.marker(self._s.sync.instance, cand.ref, cand.version, cand.fingerprint)
+        cred, adopted = self._create(cand, marker)
+        if action.links is not None:
+            self._api.set_linked_projects(cand.organization_id, cred.id, list(action.links))
+        kind = ActionKind.ADOPT if adopted else action.kind
         self._put_registered(cand, cred.id, action, kind.value)
-        if kind == ActionKind.ADOPT:
-            # An adopted credential may still sit in the pending deletes (a retire whose DELETE
-            # failed, then the secret was tagged again): it is current now, so it stays. (A
-            # credential created just now cannot be there.)
-            self._ledger.remove_pending_delete(cred.id)
-        for old_id, _ in replaced:
-            self.delete_pending(old_id, allowed=True)
-        return Outcome(action, Result.OK, kind, credential_id=cred.id, reason=action.reason)
+        return self._finish(action, Outcome(action, Result.OK, kind, credential_id=cred.id, reason=action.reason))
 
-    def _create(self, cand: Candidate, marker: Marker, *, stale: str | None) -> tuple[RemoteCredential, bool]:
+    def _adopt(self, action: Action) -> Outcome:
+        assert action.credential_id is not None and action.organization_id is not None
+        self._remember_deletes(action)
+        if action.links is not None:
+            self._api.set_linked_projects(action.organization_id, action.credential_id, list(action.links))
+        if action.candidate is not None:
+            self._put_registered(action.candidate, action.credential_id, action, action.kind.value)
+        else:
+            rec = self._ledger.get(action.ref.key)
+            if rec is not None:
+                self._ledger.put(replace(rec, state=State.REGISTERED, credential_id=action.credential_id,
+                                         organization_id=action.organization_id, project_id=action.project_id,
+                                         last_action=action.kind.value, last_result="ok", reason=action.reason,
+                                         attempts=0, next_attempt_at=None, updated_at=self._clock()))
+        return self._finish(action, Outcome(action, Result.OK, action.kind, credential_id=action.credential_id,
+                                            reason=action.reason))
+
+    def _create(self, cand: Candidate, marker: Marker) -> tuple[RemoteCredential, bool]:
         """Create the credential; (credential, adopted). Adopted when the POST's fate was
-        unknown and a fresh listing shows it landed. `stale` (the credential being replaced)
-        never counts as the new one."""
+        unknown and a fresh listing shows it landed (the plan's listing had no such credential)."""
         # Marker first: if CybeDefend ever cut long descriptions, the marker would survive.
         description = f"{marker.render()} {cand.description}" if cand.description else marker.render()
         try:
-            cred = self._api.create(cand.organization_id, cand.project_id, cand.username, cand.token, description)
+            return self._api.create(cand.organization_id, cand.project_id, cand.username, cand.token, description), False
         except InvalidRequest as exc:
             raise RemoteRejected(f"CybeDefend refused the create: {exc.api_message}") from exc
         except AmbiguousWrite:
-            # The POST may have landed: look again before anything else may create.
-            found = [c for c, m in self._ours(cand.project_id, marker, fresh=True)
-                     if m.revision == marker.revision and c.id != stale]
-            if found:
-                return found[0], True
+            for cred in self._api.all_credentials(cand.organization_id):
+                found = Marker.parse(cred.description)
+                if found is not None and found.same_secret(marker) and found.token_part == marker.token_part:
+                    return cred, True
             raise
-        with self._lists_lock:
-            self._lists.setdefault(cand.project_id, []).append(cred)
-        return cred, False
-
-    def _ours(self, project_id: str, marker: Marker, *, fresh: bool) -> list[tuple[RemoteCredential, Marker]]:
-        with self._lists_lock:
-            project_lock = self._project_locks.setdefault(project_id, threading.Lock())
-        # One listing per project per pass, even when several workers reach it at once.
-        with project_lock:
-            with self._lists_lock:
-                cached = None if fresh else self._lists.get(project_id)
-            if cached is None:
-                cached = self._api.list_project(project_id)
-                with self._lists_lock:
-                    self._lists[project_id] = list(cached)
-        out = []
-        for cred in cached:
-            m = Marker.parse(cred.description)
-            if m is not None and m.same_secret(marker):
-                out.append((cred, m))
-        return out
 
     # -- retire and delete ----------------------------------------------------------------
-    def _retire(self, action: Action, deletes_allowed: bool) -> Outcome:
+    def _retire(self, action: Action) -> Outcome:
         rec = self._ledger.get(action.ref.key)
-        now = self._clock()
         if rec is None:
-            return Outcome(action, Result.OK, ActionKind.RETIRE, reason="not tracked")
+            return self._finish(action, Outcome(action, Result.OK, ActionKind.RETIRE, reason="not tracked"))
+        now = self._clock()
         cred = rec.credential_id if rec.state != State.MISSING else None
-        if cred is None or self._s.sync.deletion_policy == "retain":
-            state = State.ORPHANED if cred else State.RETIRED
-            self._ledger.put(replace(rec, state=state, last_action="retire", last_result="ok", reason=action.reason,
-                                     attempts=0, next_attempt_at=None, updated_at=now))
-            return Outcome(action, Result.OK, ActionKind.RETIRE, credential_id=cred, reason=action.reason)
-        if not deletes_allowed:
+        if action.paused:
             return Outcome(action, Result.DEFERRED, ActionKind.RETIRE, credential_id=cred,
                            reason="deletion paused: the delete guard rail tripped this pass")
-        # Every credential carrying this secret's marker goes, not only the ledger's: an
-        # interrupted rotation may have left a newer one the ledger never recorded.
-        doomed = [cred]
-        if rec.project_id:
-            anyrev = Marker(self._s.sync.instance, self._keys.path_digest(rec.ref), "")
-            doomed += [c.id for c, _ in self._ours(rec.project_id, anyrev, fresh=True) if c.id != cred]
-        for cid in doomed:
-            self._ledger.add_pending_delete(PendingDelete(cid, rec.organization_id or "", rec.key, "retire"))
-        self._ledger.put(replace(rec, state=State.RETIRED, credential_id=None, last_action="retire", last_result="ok",
-                                 reason=action.reason, attempts=0, next_attempt_at=None, updated_at=now))
-        for cid in doomed:
-            self.delete_pending(cid, allowed=True)
-        return Outcome(action, Result.OK, ActionKind.RETIRE, credential_id=cred, reason=action.reason)
+        # The planner said what stays (deletion_policy retain) and what goes; the row follows.
+        state = State.ORPHANED if action.keeps else State.RETIRED
+        self._remember_deletes(action)
+        self._ledger.put(replace(rec, state=state, credential_id=cred if action.keeps else None, last_action="retire",
+                                 last_result="ok", reason=action.reason, attempts=0, next_attempt_at=None, updated_at=now))
+        return self._finish(action, Outcome(action, Result.OK, ActionKind.RETIRE, credential_id=cred, reason=action.reason))
 
-    def delete_pending(self, credential_id: str, *, allowed: bool) -> bool:
-        """Delete a pending credential if it is no longer any secret's current one. True when done."""
-        item = next((p for p in self._ledger.pending_deletes() if p.credential_id == credential_id), None)
-        if item is None:
-            return True
-        rec = self._ledger.get(item.key)
-        if rec is not None and rec.credential_id == credential_id and rec.state != State.RETIRED:
-            # Still (or again) the secret's current credential: the replacement never happened,
-            # or the secret was tagged again and adopted it. Never delete what is in use.
-            return False
-        if not allowed:
-            return False
+    def _remember_deletes(self, action: Action) -> None:
+        if action.paused:
+            return
+        for d in action.deletes:
+            self._ledger.add_pending_delete(PendingDelete(d.credential_id, d.organization_id, action.ref.key, d.why))
+
+    def _finish(self, action: Action, outcome: Outcome) -> Outcome:
+        """The action's deletions, after its own write. A failed one stays a reminder, retried."""
+        if action.paused:
+            if action.deletes:
+                log.warning("deletes_paused", path=action.ref.key, credentials=[d.credential_id for d in action.deletes],
+                            reason="the delete guard rail tripped this pass")
+            return outcome if action.kind != ActionKind.DELETE else replace(outcome, result=Result.DEFERRED)
+        failed = [d for d in action.deletes if not self._delete(action.ref.key, d)]
+        if failed and outcome.result == Result.OK:
+            return replace(outcome, result=Result.FAILED, retryable=True,
+                           reason=f"deleting {', '.join(d.credential_id for d in failed)} failed; retried next pass")
+        return outcome
+
+    def _delete(self, key: str, doomed: Doomed) -> bool:
+        item = PendingDelete(doomed.credential_id, doomed.organization_id, key, doomed.why)
+        stored = next((p for p in self._ledger.pending_deletes() if p.credential_id == doomed.credential_id), None)
         try:
-            gone_now = self._api.delete(item.organization_id, credential_id)
+            gone_now = self._api.delete(doomed.organization_id, doomed.credential_id)
+        except PassAbort:
+            raise
+        except (AuthenticationError, LegacyApiKeyGone):
+            raise
         except BridgeError as exc:
-            wait = backoff_delay(item.attempts + 1, self._s.sync.retry_base_seconds, self._s.sync.retry_cap_seconds, self._rng)
-            self._ledger.update_pending_delete(replace(item, attempts=item.attempts + 1, next_attempt_at=self._clock() + wait))
-            log.warning("delete_failed", credential_id=credential_id, error=str(exc), next_attempt_in_s=round(wait))
+            attempts = (stored.attempts if stored else 0) + 1
+            wait = backoff_delay(attempts, self._s.sync.retry_base_seconds, self._s.sync.retry_cap_seconds, self._rng)
+            self._ledger.update_pending_delete(replace(stored or item, attempts=attempts, next_attempt_at=self._clock() + wait))
+            log.warning("delete_failed", path=key, credential_id=doomed.credential_id, why=doomed.why, error=str(exc),
+                        next_attempt_in_s=round(wait))
             return False
-        self._ledger.remove_pending_delete(credential_id)
-        log.info("credential_deleted", credential_id=credential_id, reason=item.reason, already_gone=not gone_now)
+        self._ledger.remove_pending_delete(doomed.credential_id)
+        self._m.deletions.labels(why=doomed.why).inc()
+        log.info("credential_deleted", path=key, credential_id=doomed.credential_id, why=doomed.why, already_gone=not gone_now)
         return True
 
     # -- ledger rows ----------------------------------------------------------------------
@@ -312,7 +276,7 @@ class Executor:
                                  last_action="reject", last_result=code, reason=reason, updated_at=now,
                                  next_attempt_at=retry_at, tags_digest=action.tags_digest, seen_stamp=action.stamp))
 
-    def _failed(self, action: Action, reason: str, *, wait: float | None = None) -> Outcome:
+    def _failed(self, action: Action, reason: str, *, wait: float | None = None, permanent: bool = False) -> Outcome:
         now = self._clock()
         rec = self._ledger.get(action.ref.key)
         attempts = (rec.attempts if rec else 0) + 1
@@ -326,4 +290,4 @@ class Executor:
                                  attempts=attempts, next_attempt_at=now + wait, updated_at=now,
                                  seen_version=action.version if action.kind != ActionKind.RETIRE else base.seen_version,
                                  seen_stamp=action.stamp if action.kind != ActionKind.RETIRE else base.seen_stamp))
-        return Outcome(action, Result.FAILED, action.kind, reason=reason, retryable=True)
+        return Outcome(action, Result.FAILED, action.kind, reason=reason, retryable=not permanent)

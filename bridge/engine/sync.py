@@ -1,8 +1,13 @@
-"""One sync pass: discover -> (drift check) -> read changed values -> plan -> execute -> record.
+"""One sync pass: discover -> list what writes touch -> read changed values -> plan -> execute.
 
+The engine gathers the facts and the planner decides (docs/adr/0007-decided-from-the-truth.md):
+Vault is discovered, the organizations a write may touch are listed in CybeDefend (every one
+when the drift check is due; none in a steady pass), values are read only where needed, then
+`bridge.planner` turns (Vault, ledger, listings) into actions and the executor carries them out.
 The engine owns the order and the failure boundaries: a source whose listing fails is left
-out of the pass (its ledger rows are not retired because of it), one secret's failure never
-stops the others, and a stop request lets the secrets in flight finish and defers the rest.
+out of the pass (none of its secrets is judged gone), an organization whose listing fails gets
+no write, one secret's failure never stops the others, and a stop request lets the secrets in
+flight finish and defers the rest.
 """
 
 from __future__ import annotations
@@ -13,19 +18,29 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bridge.config import Settings
 from bridge.engine.executor import Executor
-from bridge.errors import BridgeError, PassAbort, VaultError
+from bridge.errors import AuthenticationError, BridgeError, LegacyApiKeyGone, NotFound, PassAbort, VaultError
 from bridge.keyring import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
-from bridge.model import Action, ActionKind, Marker, Outcome, Result, State, VaultEntry
-from bridge.planner import Scope, count_deletions, plan, source_of, values_to_read
-from bridge.ports import Ledger, LedgerRecord, PassReport, PassRequest, PendingDelete, Registrar, SecretSource, TokenVerifier
-from bridge.validation import is_tagged
+from bridge.model import Action, ActionKind, Outcome, RemoteCredential, Result, State, VaultEntry
+from bridge.planner import (
+    RemoteView,
+    Scope,
+    count_deletions,
+    plan,
+    reconcile,
+    source_of,
+    touched_organizations,
+    values_to_read,
+    with_evidence,
+    writing_organizations,
+)
+from bridge.ports import Ledger, PassReport, PassRequest, Registrar, SecretSource, TokenVerifier
 
 log = get_logger(__name__)
 
@@ -38,8 +53,18 @@ _COUNT_NAMES = {
     ActionKind.REFRESH: "refreshed",
     ActionKind.SKIP: "skipped",
     ActionKind.REJECT: "rejected",
+    ActionKind.DELETE: "deleted",
 }
-SUMMARY_KEYS = ("created", "rotated", "moved", "retired", "adopted", "refreshed", "skipped", "rejected", "failed", "deferred")
+SUMMARY_KEYS = ("created", "rotated", "moved", "retired", "adopted", "refreshed", "deleted", "skipped", "rejected", "failed",
+                "deferred")
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    actions: list[Action]
+    view: RemoteView
+    drift: bool  # every organization was listed (the drift check)
+    scope: Scope
 DRIFT_META = "last_drift_check"
 
 
@@ -146,52 +171,72 @@ class SyncEngine:
                     self.progress(len(out), len(todo))
         return out
 
-    # -- drift ----------------------------------------------------------------------------
+    # -- what CybeDefend holds ---------------------------------------------------------
     def _drift_due(self, request: PassRequest) -> bool:
+        if request.paths is not None:
+            return False
         if request.force_drift_check:
             return True
         last = self._ledger.get_meta(DRIFT_META)
         return last is None or self._clock() - float(last) >= self._s.sync.drift_check_interval_seconds
 
-    def _check_drift(self) -> int:
-        """Mark registered rows whose credential vanished from CybeDefend as missing."""
-        rows = [r for r in self._ledger.all() if r.state == State.REGISTERED and r.credential_id and r.project_id]
-        missing = 0
-        by_project: dict[str, list[LedgerRecord]] = {}
-        for r in rows:
-            by_project.setdefault(r.project_id or "", []).append(r)
-        for project, recs in by_project.items():
+    def _list(self, orgs: set[str]) -> RemoteView:
+        """A fresh listing of each organization; a failed one is named, never taken as empty."""
+        listings: dict[str, list[RemoteCredential]] = {}
+        unlisted: dict[str, str] = {}
+        for org in sorted(orgs):
             try:
-                present = {c.id for c in self._api.list_project(project)}
+                listings[org] = self._api.all_credentials(org)
+            except (AuthenticationError, LegacyApiKeyGone) as exc:
+                raise PassAbort(str(exc)) from exc
             except BridgeError as exc:
-                log.warning("drift_check_skipped", project=project, error=str(exc))
-                continue
-            for r in recs:
-                if r.credential_id not in present:
-                    missing += 1
-                    log.warning("credential_missing", path=r.key, credential_id=r.credential_id)
-                    self._ledger.put(replace(r, state=State.MISSING, reason="the credential is gone from CybeDefend",
-                                             updated_at=self._clock()))
-        self._ledger.set_meta(DRIFT_META, repr(self._clock()))
-        return missing
+                unlisted[org] = str(exc)
+                log.warning("organization_listing_failed", organization=org, error=str(exc))
+        return RemoteView(listings=listings, unlisted=unlisted)
+
+    def _links(self, view: RemoteView, need: set[tuple[str, str]]) -> RemoteView:
+        links = dict(view.links)
+        for org, cred_id in sorted(need):
+            try:
+                links[cred_id] = frozenset(self._api.linked_projects(org, cred_id))
+            except NotFound:
+                links[cred_id] = frozenset()
+            except (AuthenticationError, LegacyApiKeyGone) as exc:
+                raise PassAbort(str(exc)) from exc
+        return replace(view, links=links)
 
     # -- a pass ---------------------------------------------------------------------------
     def plan(self, request: PassRequest) -> list[Action]:
-        """What a pass would do now: reads Vault (values only where needed), writes nothing."""
+        """Every action a pass would take now: reads Vault and CybeDefend, writes nothing."""
         with self._lock:
-            actions, _, _ = self._plan(request)
-            return actions
+            return self._plan(request).actions
 
-    def _plan(self, request: PassRequest) -> tuple[list[Action], list[VaultEntry], Scope]:
+    def _plan(self, request: PassRequest) -> _Planned:
         entries, scope = self._discover(request)
         records = {r.key: r for r in self._ledger.all()}
         now = self._clock()
         retry_now = request.paths or frozenset()
-        todo = values_to_read(entries, records, self._s, now, retry_now)
+        hinted = {p.organization_id for p in self._ledger.pending_deletes()
+                  if p.next_attempt_at is None or now >= p.next_attempt_at or request.force_drift_check}
+        drift = self._drift_due(request)
+        orgs = touched_organizations(entries, records, scope, self._s, hinted, everything=drift)
+        view = self._list(orgs) if orgs else RemoteView()
+        believed = with_evidence(records, view)
+        todo = values_to_read(entries, believed, self._s, now, retry_now)
         self._unread = set()
         values = self._read_values(todo)
-        actions = plan(entries, values, records, scope, self._s, self._keys, now, retry_now)
-        return actions, entries, scope
+        intents = plan(entries, values, believed, scope, self._s, self._keys, now, retry_now)
+        # Creates, rotations and moves are known once values are read: list where they write
+        # before settling them, never create blind (the API has no idempotency key).
+        extra = writing_organizations(intents) - set(view.listings) - set(view.unlisted)
+        if extra:
+            more = self._list(extra)
+            view = replace(view, listings={**view.listings, **more.listings}, unlisted={**view.unlisted, **more.unlisted})
+        actions, need = reconcile(intents, entries, believed, view, scope, self._s, self._keys)
+        if need:
+            view = self._links(view, need)
+            actions, _ = reconcile(intents, entries, believed, view, scope, self._s, self._keys)
+        return _Planned(actions, view, drift, scope)
 
     def run(self, request: PassRequest) -> PassReport:
         with self._lock:
@@ -203,13 +248,11 @@ class SyncEngine:
         counts: Counter[str] = Counter()
         error: str | None = None
         result = "ok"
-        self._exec.begin_pass()
         try:
-            if full and self._drift_due(request):
-                self._check_drift()
-            actions, entries, scope = self._plan(request)
+            planned = self._plan(request)
+            actions = planned.actions
             deletes = count_deletions(actions, self._s)
-            allowed = deletes <= self._s.sync.max_deletes_per_pass
+            allowed = not any(a.paused for a in actions)
             if not allowed:
                 log.error(
                     "delete_guard_tripped",
@@ -220,7 +263,7 @@ class SyncEngine:
             if full:
                 self._guard_tripped = not allowed
             self._m.delete_guard.set(1 if self._guard_tripped else 0)
-            for outcome in self._execute(actions, allowed, request):
+            for outcome in self._execute(actions, request):
                 if outcome.result == Result.FAILED:
                     counts["failed"] += 1
                 elif outcome.result == Result.DEFERRED:
@@ -229,15 +272,15 @@ class SyncEngine:
                     counts["failed"] += 1
                 else:
                     counts[_COUNT_NAMES[outcome.kind]] += 1
-            if full and allowed and not self._stop.is_set():
-                self._flush_pending_deletes()
-                if self._s.sync.deletion_policy == "delete" and len(scope.sources) == len(self._s.sources):
-                    budget = self._s.sync.max_deletes_per_pass - deletes
-                    counts["retired"] += self._sweep_strays(entries, budget)
+            self._forget_settled_hints(planned.view)
+            if planned.drift and not planned.view.unlisted and not self._stop.is_set():
+                self._ledger.set_meta(DRIFT_META, repr(self._clock()))
             if self._stop.is_set():
                 result = "aborted"
-            elif counts["failed"]:
+            elif counts["failed"] or planned.view.unlisted:
                 result = "partial"
+                if planned.view.unlisted:
+                    error = "could not list " + ", ".join(f"organization {o} ({why})" for o, why in sorted(planned.view.unlisted.items()))
         except PassAbort as exc:
             result, error = "failed", str(exc)
             log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
@@ -253,9 +296,16 @@ class SyncEngine:
         self._publish(report, self._mono() - t0)
         return report
 
-    def _execute(self, actions: list[Action], allowed: bool, request: PassRequest) -> list[Outcome]:
-        quiet = [a for a in actions if a.kind == ActionKind.SKIP]
-        busy = [a for a in actions if a.kind != ActionKind.SKIP]
+    def _forget_settled_hints(self, view: RemoteView) -> None:
+        """A reminder to delete is done with once the listing shows the credential gone."""
+        for item in self._ledger.pending_deletes():
+            creds = view.listings.get(item.organization_id)
+            if creds is not None and all(c.id != item.credential_id for c in creds):
+                self._ledger.remove_pending_delete(item.credential_id)
+
+    def _execute(self, actions: list[Action], request: PassRequest) -> list[Outcome]:
+        quiet = [a for a in actions if a.kind == ActionKind.SKIP and not a.deletes and a.blocked is None]
+        busy = [a for a in actions if not (a.kind == ActionKind.SKIP and not a.deletes and a.blocked is None)]
         # Skips touch nothing: counted in one go (a steady pass is almost all skips).
         outcomes = [Outcome(a, Result.OK, a.kind, reason=a.reason) for a in quiet]
         if quiet:
@@ -271,7 +321,7 @@ class SyncEngine:
             queue = list(busy)
             while queue or pending:
                 while queue and len(pending) < self._s.cybedefend.max_concurrency and not self._stop.is_set() and abort is None:
-                    pending.add(pool.submit(self._exec.execute, queue.pop(0), deletes_allowed=allowed))
+                    pending.add(pool.submit(self._exec.execute, queue.pop(0)))
                 if not pending:
                     break
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -297,65 +347,6 @@ class SyncEngine:
             ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE, ActionKind.ADOPT
         ):
             self._m.write_latency.observe(max(0.0, self._mono() - heard))
-
-    def _sweep_strays(self, entries: list[VaultEntry], budget: int) -> int:
-        """Delete credentials of our secrets that nothing accounts for; the number deleted.
-
-        A crash right after a POST, followed by a move, untag or delete before the next pass,
-        leaves a credential no later action looks at (it is in another project, or its secret
-        is gone). Under the delete policy, once every source was discovered, each organization
-        is listed and a credential carrying this instance's marker for a secret the ledger knows
-        is deleted when it is not that secret's current credential (and the secret is settled,
-        or gone). Credentials of secrets this bridge never recorded are not touched: another
-        bridge with the same instance name but another key could own them.
-        """
-        rows = self._ledger.all()
-        by_digest = {self._keys.path_digest(r.ref): r for r in rows}
-        live = {self._keys.path_digest(e.ref) for e in entries if is_tagged(e, self._s.tags) and not e.deleted}
-        current = {r.credential_id for r in rows if r.credential_id and r.state != State.RETIRED}
-        pending = {p.credential_id for p in self._ledger.pending_deletes()}
-        orgs = {r.organization_id for r in rows if r.organization_id}
-        orgs |= {o for o in [self._s.cybedefend.organization_id, *(s.organization_id for s in self._s.sources)] if o}
-        strays: list[tuple[str, str, str]] = []
-        for org in sorted(orgs):
-            try:
-                creds = self._api.all_credentials(org)
-            except BridgeError as exc:
-                log.warning("stray_sweep_skipped", organization=org, error=str(exc))
-                continue
-            for cred in creds:
-                marker = Marker.parse(cred.description)
-                if marker is None or marker.instance != self._s.sync.instance:
-                    continue
-                row = by_digest.get(marker.path_digest)
-                if row is None or cred.id in current or cred.id in pending:
-                    continue
-                if marker.path_digest in live and row.state != State.REGISTERED:
-                    continue  # in flux (failing, rejected, missing): later passes settle it
-                strays.append((org, cred.id, row.key))
-        if not strays:
-            return 0
-        if len(strays) > budget:
-            self._guard_tripped = True
-            self._m.delete_guard.set(1)
-            log.error("delete_guard_tripped", stray_credentials=len(strays), budget=budget,
-                      hint="stray credentials are kept this pass; raise sync.max_deletes_per_pass if this is intended")
-            return 0
-        deleted = 0
-        for org, cred_id, key in strays:
-            log.warning("stray_credential", credential_id=cred_id, path=key, action="delete")
-            self._ledger.add_pending_delete(PendingDelete(cred_id, org, key, "stray"))
-            deleted += int(self._exec.delete_pending(cred_id, allowed=True))
-        return deleted
-
-    def _flush_pending_deletes(self) -> None:
-        now = self._clock()
-        for item in self._ledger.pending_deletes():
-            if self._stop.is_set():
-                return
-            if item.next_attempt_at is not None and now < item.next_attempt_at:
-                continue
-            self._exec.delete_pending(item.credential_id, allowed=True)
 
     def _publish(self, report: PassReport, duration: float) -> None:
         self._last = report
