@@ -65,6 +65,7 @@ class _Planned:
     view: RemoteView
     drift: bool  # every organization was listed (the drift check)
     scope: Scope
+    unseen_sources: list[str]  # sources whose discovery failed: "mount/path: why"
 DRIFT_META = "last_drift_check"
 
 
@@ -114,7 +115,8 @@ class SyncEngine:
         return self._last_full
 
     # -- discovery ------------------------------------------------------------------------
-    def _discover(self, request: PassRequest) -> tuple[list[VaultEntry], Scope]:
+    def _discover(self, request: PassRequest) -> tuple[list[VaultEntry], Scope, list[str]]:
+        """What Vault holds in the pass's scope, and which sources could not be seen (named)."""
         entries: list[VaultEntry] = []
         if request.paths is None:
             ok: set[int] = set()
@@ -128,7 +130,7 @@ class SyncEngine:
                     log.error("source_discovery_failed", source=f"{src.mount}/{src.path}", error=str(exc))
             if not ok and errors:
                 raise VaultError("; ".join(errors))
-            return entries, Scope(sources=frozenset(ok))
+            return entries, Scope(sources=frozenset(ok)), errors
         keys: set[str] = set()
         for key in sorted(request.paths):
             found = source_of(key, self._s.sources)
@@ -140,7 +142,7 @@ class SyncEngine:
             keys.add(key)
             if entry is not None:
                 entries.append(entry)
-        return entries, Scope(keys=frozenset(keys))
+        return entries, Scope(keys=frozenset(keys)), []
 
     def _read_values(self, todo: list[VaultEntry]) -> dict[str, Mapping[str, Any] | None]:
         """Values of the secrets that need a write, `vault.concurrency` at a time."""
@@ -212,7 +214,7 @@ class SyncEngine:
             return self._plan(request).actions
 
     def _plan(self, request: PassRequest) -> _Planned:
-        entries, scope = self._discover(request)
+        entries, scope, unseen = self._discover(request)
         records = {r.key: r for r in self._ledger.all()}
         now = self._clock()
         retry_now = request.paths or frozenset()
@@ -236,7 +238,7 @@ class SyncEngine:
         if need:
             view = self._links(view, need)
             actions, _ = reconcile(intents, entries, believed, view, scope, self._s, self._keys)
-        return _Planned(actions, view, drift, scope)
+        return _Planned(actions, view, drift, scope, unseen)
 
     def run(self, request: PassRequest) -> PassReport:
         with self._lock:
@@ -277,10 +279,13 @@ class SyncEngine:
                 self._ledger.set_meta(DRIFT_META, repr(self._clock()))
             if self._stop.is_set():
                 result = "aborted"
-            elif counts["failed"] or planned.view.unlisted:
+            elif counts["failed"] or planned.view.unlisted or planned.unseen_sources:
+                # A pass that could not see all of Vault or CybeDefend is not "ok", even when
+                # nothing failed in what it did see.
                 result = "partial"
-                if planned.view.unlisted:
-                    error = "could not list " + ", ".join(f"organization {o} ({why})" for o, why in sorted(planned.view.unlisted.items()))
+                unseen = [f"could not discover source {s}" for s in planned.unseen_sources]
+                unseen += [f"could not list organization {o} ({why})" for o, why in sorted(planned.view.unlisted.items())]
+                error = "; ".join(unseen) or None
         except PassAbort as exc:
             result, error = "failed", str(exc)
             log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")

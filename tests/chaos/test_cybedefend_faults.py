@@ -69,7 +69,7 @@ def logged(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
 def test_429_storm_with_retry_after_seconds_is_honoured(rig: ChaosRig, logged: Callable[[], list[str]]) -> None:
     fill(rig, 8)
     rig.sim.inject("create", Fault.status(429, retry_after="0.4"), times=6)
-    rig.sim.inject("list", Fault.status(429, retry_after="0.3"), times=3)
+    rig.sim.inject("all_credentials", Fault.status(429, retry_after="0.3"), times=3)
     report = rig.run()
     assert report.result == "ok" and report.counts["created"] == 8
     gaps = retry_gaps(rig)
@@ -78,7 +78,7 @@ def test_429_storm_with_retry_after_seconds_is_honoured(rig: ChaosRig, logged: C
     print(f"\n429 + Retry-After 0.4 s: earliest retry of a create {min(gaps):.3f} s after the 429")
     by_path: dict[str, list[RecordedRequest]] = {}
     for r in rig.sim.requests:
-        if r.endpoint == "list":
+        if r.endpoint == "all_credentials":
             by_path.setdefault(r.path, []).append(r)
     list_gaps = [b.at - a.at for v in by_path.values() for a, b in itertools.pairwise(v) if a.status == 429]
     assert len(list_gaps) == 3 and min(list_gaps) >= 0.3 - SLACK, list_gaps
@@ -203,7 +203,8 @@ def test_403_on_one_project_does_not_stop_the_others(rig: ChaosRig, logged: Call
 
 
 def test_404_on_delete_is_treated_as_done(rig: ChaosRig, logged: Callable[[], list[str]]) -> None:
-    """Credentials deleted by someone else before the bridge deletes them: 404 means done."""
+    """Credentials deleted by someone else: what the listing shows gone is not deleted again,
+    and one that goes between the listing and the DELETE (a 404) counts as done."""
     fill(rig, 4)
     assert rig.run().result == "ok"
     by_key = {r.key: r.credential_id for r in rig.bridge.ledger.all()}  # type: ignore[union-attr]
@@ -218,8 +219,18 @@ def test_404_on_delete_is_treated_as_done(rig: ChaosRig, logged: Callable[[], li
         client.close()
     rig.put("s00", "rotated", PROJECTS[0])  # rotation: its old credential is already gone
     rig.untag("s01")  # retirement under `delete`: already gone too
+    rig.put("s02", "rotated", PROJECTS[0])  # its old credential goes just before our DELETE
+    rig.sim.reset_requests()
+    rig.sim.inject("delete", Fault.status(404), times=1)
     report = rig.run()
-    assert report.result == "ok"
-    gone = [r for r in rig.sim.requests if r.endpoint == "delete" and r.status == 404]
-    assert len(gone) >= 2 and not rig.bridge.ledger.pending_deletes()  # type: ignore[union-attr]
+    assert report.result == "ok", report
+    deletes = [r for r in rig.sim.requests if r.endpoint == "delete"]
+    assert [r.status for r in deletes] == [404], deletes  # only s02's; s00's and s01's were seen gone
+    assert not rig.bridge.ledger.pending_deletes()  # type: ignore[union-attr]
+    old = by_key[f"{rig.mount}/dockerhub/s02"]
+    client = CybeDefendClient(rig.settings.cybedefend, Sensitive(PAT), Metrics())
+    try:
+        client.delete(ORG, old or "")  # the real "someone else" (the fault only answered 404)
+    finally:
+        client.close()
     rig.assert_invariant("404 on delete", texts=logged())
