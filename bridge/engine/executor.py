@@ -28,6 +28,7 @@ from bridge.errors import (
     LegacyApiKeyGone,
     NotFound,
     PassAbort,
+    PermissionDenied,
     RateLimited,
     RemoteRejected,
 )
@@ -74,6 +75,8 @@ class Executor:
     # -- one action -----------------------------------------------------------------------
     def execute(self, action: Action, *, deletes_allowed: bool) -> Outcome:
         started = time.monotonic()
+        permanent = False  # a retry without a change cannot succeed: logged at error
+        status: int | None = None  # CybeDefend's HTTP status, when a failure had one
         try:
             outcome = self._dispatch(action, deletes_allowed)
         except (AuthenticationError, LegacyApiKeyGone) as exc:
@@ -85,16 +88,23 @@ class Executor:
             self._record_reject(action, "remote_rejected", str(exc),
                                 retry_at=self._clock() + self._s.sync.retry_cap_seconds)
             outcome = Outcome(action, Result.FAILED, ActionKind.REJECT, reason=str(exc))
+            permanent = True
         except BridgeError as exc:
             outcome = self._failed(action, str(exc))
+            permanent = isinstance(exc, PermissionDenied)
+            status = getattr(exc, "status", None)
         duration = time.monotonic() - started
         outcome = replace(outcome, duration_seconds=duration)
         self._m.actions.labels(action=outcome.kind.value, result=outcome.result.value).inc()
         if outcome.kind != ActionKind.SKIP or outcome.result != Result.OK:
-            log.info(
+            # A failure is never quieter than `warning`: with logging.level warning a refused
+            # registration must still print a line naming the path and the reason.
+            emit = log.info if outcome.result != Result.FAILED else log.error if permanent else log.warning
+            emit(
                 "action",
                 action=outcome.kind.value,
                 result=outcome.result.value,
+                status=status,
                 path=action.ref.key,
                 version=action.version,
                 project=action.project_id,

@@ -24,7 +24,17 @@ from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Action, ActionKind, Marker, Outcome, Result, State, VaultEntry
 from bridge.planner import Scope, count_deletions, plan, source_of, values_to_read
-from bridge.ports import Ledger, LedgerRecord, PassReport, PassRequest, PendingDelete, Registrar, SecretSource, TokenVerifier
+from bridge.ports import (
+    Failing,
+    Ledger,
+    LedgerRecord,
+    PassReport,
+    PassRequest,
+    PendingDelete,
+    Registrar,
+    SecretSource,
+    TokenVerifier,
+)
 from bridge.validation import is_tagged
 
 log = get_logger(__name__)
@@ -41,6 +51,21 @@ _COUNT_NAMES = {
 }
 SUMMARY_KEYS = ("created", "rotated", "moved", "retired", "adopted", "refreshed", "skipped", "rejected", "failed", "deferred")
 DRIFT_META = "last_drift_check"
+_FAILING_STATES = frozenset({State.FAILED, State.REJECTED, State.PENDING})
+
+
+def failing_rows(rows: list[LedgerRecord], now: float) -> tuple[Failing, ...]:
+    """The tracked secrets not in a good state: failed, rejected, pending, or waiting in backoff.
+
+    Read from the ledger after the pass, not from the pass's outcomes: a secret skipped because
+    it is inside its backoff window is still unregistered, and a cron job must see that.
+    """
+    return tuple(
+        Failing(r.key, r.last_action or "", r.reason or "", r.next_attempt_at, r.state.value)
+        for r in sorted(rows, key=lambda r: r.key)
+        if r.state in _FAILING_STATES or (r.next_attempt_at is not None and r.next_attempt_at > now
+                                          and r.state not in (State.RETIRED, State.ORPHANED))
+    )
 
 
 class SyncEngine:
@@ -79,6 +104,7 @@ class SyncEngine:
         self._guard_tripped = False
         self._unread: set[str] = set()  # keys whose value read failed in the pass being planned
         self._unread_lock = threading.Lock()
+        self._unseen: list[str] = []  # what the pass being run could not see (a source, a drift check)
 
     @property
     def last_report(self) -> PassReport | None:
@@ -100,6 +126,7 @@ class SyncEngine:
                     ok.add(idx)
                 except VaultError as exc:
                     errors.append(f"{src.mount}/{src.path}: {exc}")
+                    self._unseen.append(f"Vault source {src.mount}/{src.path} ({exc})")
                     log.error("source_discovery_failed", source=f"{src.mount}/{src.path}", error=str(exc))
             if not ok and errors:
                 raise VaultError("; ".join(errors))
@@ -165,6 +192,7 @@ class SyncEngine:
                 present = {c.id for c in self._api.list_project(project)}
             except BridgeError as exc:
                 log.warning("drift_check_skipped", project=project, error=str(exc))
+                self._unseen.append(f"CybeDefend project {project} for the drift check ({exc})")
                 continue
             for r in recs:
                 if r.credential_id not in present:
@@ -179,6 +207,7 @@ class SyncEngine:
     def plan(self, request: PassRequest) -> list[Action]:
         """What a pass would do now: reads Vault (values only where needed), writes nothing."""
         with self._lock:
+            self._unseen = []
             actions, _, _ = self._plan(request)
             return actions
 
@@ -186,7 +215,7 @@ class SyncEngine:
         entries, scope = self._discover(request)
         records = {r.key: r for r in self._ledger.all()}
         now = self._clock()
-        retry_now = request.paths or frozenset()
+        retry_now = frozenset(e.ref.key for e in entries) if request.retry_backoff else request.paths or frozenset()
         todo = values_to_read(entries, records, self._s, now, retry_now)
         self._unread = set()
         values = self._read_values(todo)
@@ -203,6 +232,7 @@ class SyncEngine:
         counts: Counter[str] = Counter()
         error: str | None = None
         result = "ok"
+        self._unseen = []
         self._exec.begin_pass()
         try:
             if full and self._drift_due(request):
@@ -238,6 +268,9 @@ class SyncEngine:
                 result = "aborted"
             elif counts["failed"]:
                 result = "partial"
+            if self._unseen and result == "ok":
+                # Not "ok": a cron job must not pass a pass that could not see everything.
+                result, error = "partial", "could not see " + "; ".join(self._unseen)
         except PassAbort as exc:
             result, error = "failed", str(exc)
             log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
@@ -248,7 +281,7 @@ class SyncEngine:
         report = PassReport(
             trigger=request.trigger, full=full, started_at=started, finished_at=self._clock(), result=result,
             counts=counts_out, vault_requests=dict(self._source.request_counts()), error=error,
-            delete_guard_tripped=self._guard_tripped,
+            delete_guard_tripped=self._guard_tripped, failing=failing_rows(self._ledger.all(), self._clock()),
         )
         self._publish(report, self._mono() - t0)
         return report
