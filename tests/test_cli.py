@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cybedefend_double.records import Fault
 from cybedefend_double.simulator import Simulator
 from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
 from tests.openbao import OpenBao
@@ -396,3 +397,15 @@ def test_demo_keep_keeps_its_work_dir_and_prints_where_things_are(tmp_path: Path
     assert "Vault:    http://127.0.0.1:" in proc.stdout and f"$(cat {kept[0] / 'vault-token'})" in proc.stdout
     token = (kept[0] / "vault-token").read_text().strip()
     assert_no_leak([proc.stdout, proc.stderr], [token, (kept[0] / "cybedefend-pat").read_text().strip()])
+
+
+def test_a_transient_failure_logs_a_warning_naming_the_path(setup: tuple[Path, Simulator, list[str]]) -> None:
+    config, sim, secrets = setup
+    _edit(config, logging={"level": "warning"}, cybedefend={"retry": {"max_attempts": 1}})
+    sim.inject("list", Fault.status(503), times=1)  # one secret's pre-create listing fails, once
+    out = cli("sync", "--once", "--config", str(config), "-o", "json")
+    assert out.returncode == 1, out.stdout
+    actions = [r for r in _log_lines(out.stderr) if r["event"] == "action"]
+    assert [(r["level"], r["result"], r["status"]) for r in actions] == [("warning", "failed", 503)], out.stderr
+    assert actions[0]["path"] in {f["path"] for f in json.loads(out.stdout)["failing"]}
+    assert_no_leak([out.stdout, out.stderr], secrets)
