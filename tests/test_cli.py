@@ -21,12 +21,14 @@ from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
 from tests.openbao import OpenBao
 
 PAT = "cdp_cli_test_pat_0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # from any working directory
     return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
+                          env=env, check=False, cwd=cwd)
 
 
 @pytest.fixture
@@ -409,3 +411,40 @@ def test_a_transient_failure_logs_a_warning_naming_the_path(setup: tuple[Path, S
     assert [(r["level"], r["result"], r["status"]) for r in actions] == [("warning", "failed", 503)], out.stderr
     assert actions[0]["path"] in {f["path"] for f in json.loads(out.stdout)["failing"]}
     assert_no_leak([out.stdout, out.stderr], secrets)
+
+
+def test_the_local_config_works_against_a_real_vault_as_the_getting_started_guide_says(
+        setup: tuple[Path, Simulator, list[str]], openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
+    _, sim, secrets = setup
+    raw = yaml.safe_load((ROOT / "config" / "local.yaml").read_text())
+    assert raw["vault"]["auth"]["token_file"] and raw["ledger"]["key_source"] == "vault" and raw["triggers"]["audit_file"]
+    # Only what docs/getting-started.md tells the reader to change: addresses, the mount, the organization.
+    raw["vault"]["address"] = openbao.addr
+    raw["sources"][0]["mount"] = kv_mount
+    raw["cybedefend"].pop("region")
+    raw["cybedefend"].update(api_url=sim.url, auth_url=sim.url, organization_id=ORG)
+    work = tmp_path / "workstation"
+    (work / "local").mkdir(parents=True)
+    (work / "local" / "vault-token").write_text(openbao.root_token)
+    (work / "local" / "cybedefend-pat").write_text(PAT)
+    (work / "config.yaml").write_text(yaml.safe_dump(raw))
+    check = cli("check", "--config", "config.yaml", cwd=work)
+    assert check.returncode == 0, check.stdout + check.stderr
+    sync = cli("sync", "--once", "--config", "config.yaml", cwd=work)
+    assert sync.returncode == 0 and len(sim.credentials(ORG)) == 3, sync.stdout + sync.stderr
+    assert (work / "local" / "ledger.sqlite3").exists()
+    assert_no_leak([check.stdout, check.stderr, sync.stdout, sync.stderr], secrets)
+
+
+def test_the_seed_example_in_the_getting_started_guide_builds_a_double(tmp_path: Path) -> None:
+    from cybedefend_double.cli import build
+
+    text = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    example = text.split("```json\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "seed.json").write_text(example)
+    (tmp_path / "pat.txt").write_text("cdp_seed_example_pat_0011223344\n")
+    seed = json.loads(example)
+    sim = build(tmp_path / "seed.json")
+    org = seed["organizations"][0]
+    assert set(sim.projects_by_org[org["id"]]) == set(org["projects"])
+    assert len(sim.pats) == 1 and sim.token_ttl_seconds == seed["token_ttl_seconds"]
