@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from bridge.app import load_api_credential
 from bridge.config import Settings
 from bridge.cybedefend.client import CybeDefendClient
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, ConfigError
 from bridge.keyring import KEY_BYTES, KEY_STATE_NAME, load_key_file
 from bridge.metrics import Metrics
 from bridge.model import Marker
@@ -28,6 +28,9 @@ class Check:
     name: str
     ok: bool
     detail: str
+    # Failed because of the configuration (a named file unreadable or malformed): `check` then
+    # exits 2 like every other command, after running the other checks.
+    config_error: bool = False
 
 
 def run_checks(settings: Settings) -> list[Check]:
@@ -77,6 +80,8 @@ def _key(settings: Settings, vault: VaultSource | None) -> Check:
             return Check(name, True, f"{path} does not exist yet: would be created on first sync")
         try:
             load_key_file(path)  # reads only: the file exists
+        except ConfigError as exc:
+            return Check(name, False, str(exc), config_error=True)
         except BridgeError as exc:
             return Check(name, False, str(exc))
         return Check(name, True, f"from {path}")
@@ -107,7 +112,7 @@ def _cybedefend(settings: Settings, vault: VaultSource | None, metrics: Metrics)
     try:
         credential = load_api_credential(settings, vault)  # type: ignore[arg-type]  # None only with a file
     except BridgeError as exc:
-        return [Check("cybedefend credential", False, str(exc)),
+        return [Check("cybedefend credential", False, str(exc), config_error=isinstance(exc, ConfigError)),
                 *(Check(n, False, "not run: needs the credential") for n in org_names)]
     out = [Check("cybedefend credential", True, f"{cd.auth.mode} from "
                  f"{cd.auth.credential_file or cd.auth.credential_vault_path}")]

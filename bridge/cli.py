@@ -283,6 +283,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"{'OK    ' if c.ok else 'FAILED'} {c.name}: {c.detail}")
         failed = sum(1 for c in checks if not c.ok)
         print(f"\n{len(checks)} checks, {failed} failed; nothing was changed")
+    if any(c.config_error for c in checks):
+        return EXIT_CONFIG  # a file the configuration names is unreadable or malformed: 2, as in every command
     return EXIT_OK if ok else EXIT_FAILED
 
 
