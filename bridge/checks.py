@@ -130,8 +130,11 @@ def _cybedefend(settings: Settings, vault: VaultSource | None, metrics: Metrics)
                 out.append(Check(name, False, f"{cd.resolved_api_url}: {exc}"))
                 continue
             ours = sum(1 for c in creds if (m := Marker.parse(c.description)) and m.instance == settings.sync.instance)
+            # Listing needs only read access; whether the PAT's user may also manage (create,
+            # delete) only a write would prove, and check writes nothing: say so.
             out.append(Check(name, True, f"{len(creds)} DockerHub credential(s) listed, {ours} of instance "
-                             f"{settings.sync.instance!r}"))
+                             f"{settings.sync.instance!r}; registering also needs manage_integration, "
+                             "which only the first sync can prove"))
     finally:
         client.close()
     return out

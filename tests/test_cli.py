@@ -448,3 +448,16 @@ def test_the_seed_example_in_the_getting_started_guide_builds_a_double(tmp_path:
     org = seed["organizations"][0]
     assert set(sim.projects_by_org[org["id"]]) == set(org["projects"])
     assert len(sim.pats) == 1 and sim.token_ttl_seconds == seed["token_ttl_seconds"]
+
+
+def test_a_pass_that_could_not_list_a_source_is_not_ok(setup: tuple[Path, Simulator, list[str]]) -> None:
+    config, sim, _ = setup
+    raw = yaml.safe_load(config.read_text())
+    raw["sources"].append({"mount": "no-such-mount", "path": "dockerhub", "kv_version": 2})
+    config.write_text(yaml.safe_dump(raw))
+    out = cli("sync", "--once", "--config", str(config), "-o", "json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["result"] == "partial" and report["counts"]["created"] == 3  # the readable source still synced
+    assert "could not see Vault source no-such-mount/dockerhub" in report["error"], report["error"]
+    assert len(sim.credentials(ORG)) == 3
