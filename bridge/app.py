@@ -49,7 +49,7 @@ def load_api_credential(settings: Settings, vault: VaultSource) -> Sensitive:
             cred = vault.read_secret_field(auth.credential_vault_path)
         except BridgeError as exc:
             raise ConfigError("cybedefend.auth.credential_vault_path", f"cannot read it from Vault: {exc}") from None
-    register_secret(cred.reveal())
+    register_secret(cred.reveal(), pinned=True)
     return cred
 
 
@@ -125,7 +125,7 @@ def _read_token_file(path: Path | None, key: str) -> Sensitive | None:
         raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
     if not value:
         raise ConfigError(key, f"{path} is empty")
-    register_secret(value)
+    register_secret(value, pinned=True)
     return Sensitive(value)
 
 

@@ -1,16 +1,23 @@
 """Command line: run, sync --once, plan, check, status, demo; exit codes.
 
-Exit codes: 0 success; 1 the command ran but something failed (a secret failed or was
-rejected, a check failed); 2 a configuration error (the message names the key); 130 on a
-second interrupt. Heavy imports happen inside the commands so `--help` stays fast.
+Exit codes: 0 success; 1 the command ran but something failed (a secret is failing, rejected
+or waiting in backoff, a check failed); 2 a configuration error (the message names the key; a
+file the configuration names that is missing or unreadable; the server port in use); 130 on a
+second interrupt; 141 when the reader of stdout went away (`status -o json | head`), quietly.
+Heavy imports happen inside the commands so `--help` stays fast. JSON output carries
+timestamps as ISO 8601 (UTC).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import errno
 import importlib
 import json
+import os
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,9 +28,11 @@ from bridge.errors import BridgeError, ConfigError
 
 DEFAULT_CONFIG = Path("/etc/cybedefend-bridge/config.yaml")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 EPILOG = """\
-exit codes: 0 success, 1 something failed (see the summary), 2 configuration error.
+exit codes: 0 success, 1 something failed or is still failing (see the summary), 2 configuration error
+(also: a file named in the configuration is missing or unreadable, the port is in use).
 docs: README.md, docs/configuration.md, docs/vault-setup.md, docs/cybedefend-setup.md"""
 
 
@@ -58,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sync = add("sync", "run one full pass now and exit",
                "Discovers tagged secrets, registers new tokens, rotates changed ones and retires removed ones, once. "
-               "Exit 0 when every secret ends in a good state, 1 when any failed or was rejected.")
+               "An explicit run is a request to try now: secrets waiting in backoff are retried. Exit 0 when "
+               "every tracked secret ends in a good state, 1 while any is failing, rejected or waiting in backoff, "
+               "or when part of Vault or CybeDefend could not be seen.")
     config_arg(sync)
     sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (required)")
     sync.add_argument("--check-drift", action="store_true",
@@ -71,10 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     config_arg(plan)
     output_arg(plan)
 
-    check = add("check", "validate the configuration and every connection",
-                "Validates the configuration, logs in to Vault, checks the capabilities each source needs, and "
-                "authenticates to CybeDefend. Each check is reported as OK or FAILED with the reason.")
+    check = add("check", "validate the configuration and every connection; changes nothing",
+                "Validates the configuration, logs in to Vault, checks the capabilities each source needs, lists "
+                "each source path, reads the fingerprint key, authenticates to CybeDefend and lists each "
+                "organization's credentials, and checks the ledger file. Every check runs and is reported as OK or "
+                "FAILED with the address it tried and the reason. Read-only: a key or ledger that does not exist yet "
+                "is reported as 'would be created on first sync'.")
     config_arg(check)
+    output_arg(check)
 
     status = add("status", "show the ledger: per secret its state, version and last outcome",
                  "Reads the local ledger file (no Vault or CybeDefend call).")
@@ -88,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=None, help="where to keep the demo's files (default: a temp dir)")
     demo.add_argument("--port", type=int, default=8080, help="port of the bridge's HTTP endpoints (default 8080)")
     demo.add_argument("--exit-after-rotation", action="store_true", help="stop by itself once the rotation arrived")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the work directory (config, tokens, ledger, OpenBao files) after the demo stops")
     return p
 
 
@@ -98,9 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run": _cmd_run, "sync": _cmd_sync, "plan": _cmd_plan, "check": _cmd_check,
             "status": _cmd_status, "demo": _cmd_demo,
         }[args.command]
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # inside the try: a reader gone away is seen here, not at exit
+        return code
+    except BrokenPipeError:
+        # `status -o json | head`: the reader has what it wanted. No traceback; stdout goes to
+        # /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
     except ConfigError as exc:
-        print(f"cybedefend-bridge: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # several problems: one line each, all at once
+            print(f"cybedefend-bridge: {line}", file=sys.stderr)
         print("  fix the configuration (docs/configuration.md lists every key), then run `cybedefend-bridge check`.",
               file=sys.stderr)
         return EXIT_CONFIG
@@ -113,19 +139,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _settings(args: argparse.Namespace) -> Any:
-    from bridge.config import load_settings
+def _settings(args: argparse.Namespace, *, files: bool = True) -> Any:
+    from bridge.config import check_named_files, load_settings
     from bridge.logs import configure
 
     settings = load_settings(args.config)
+    if files:
+        check_named_files(settings)  # every missing file at once, exit 2 like any configuration error
     configure(settings.logging.level, settings.logging.format)
     return settings
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat()
+
+
+def port_in_use(bind: str, port: int) -> bool:
+    """True when `bind:port` cannot be listened on because something else holds it."""
+    if port == 0:
+        return False
+    with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET) as probe:
+        # As the server binds: ThreadingHTTPServer sets SO_REUSEADDR, so TIME_WAIT is no conflict.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _port_error(bind: str, port: int, how: str) -> ConfigError:
+    return ConfigError("server.port", f"port {port} on {bind} is already in use by another process; "
+                       f"stop it or choose another port ({how})")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bridge.app import run_daemon
 
-    return run_daemon(args.config)
+    # Validated here too, so `run` reports every configuration error at once, before any login.
+    # The Vault token file may be written later by a Vault Agent sidecar: the daemon waits for it.
+    settings = _settings(args, files=False)
+    if port_in_use(settings.server.bind, settings.server.port):
+        raise _port_error(settings.server.bind, settings.server.port, "server.port in the configuration")
+    try:
+        return run_daemon(args.config)
+    except OSError as exc:  # lost the race between the probe and the server's bind
+        if exc.errno == errno.EADDRINUSE:
+            raise _port_error(settings.server.bind, settings.server.port, "server.port in the configuration") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -147,21 +208,31 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     with _bridge(args) as bridge:
         bridge.engine.progress = bar
         try:
-            report = bridge.engine.run(PassRequest(trigger="manual", force_drift_check=args.check_drift))
+            # An explicit one-shot run is a request to try now: backoff windows do not apply.
+            report = bridge.engine.run(PassRequest(trigger="manual", force_drift_check=args.check_drift,
+                                                   retry_backoff=True))
         finally:
             if bar is not None:
                 bar.finish()
+    failing = [{"path": f.path, "state": f.state, "action": f.action, "reason": f.reason,
+                "next_attempt": _iso(f.next_attempt)} for f in report.failing]
     if args.output == "json":
         print(json.dumps({"result": report.result, "counts": dict(report.counts), "error": report.error,
-                          "vault_requests": dict(report.vault_requests),
+                          "failing": failing, "vault_requests": dict(report.vault_requests),
+                          "started_at": _iso(report.started_at), "finished_at": _iso(report.finished_at),
                           "delete_guard_tripped": report.delete_guard_tripped}, indent=2))
     else:
         _summary(report.counts, sys.stdout)
         if report.error:
-            print(f"\npass failed: {report.error}")
+            print(f"\npass {report.result}: {report.error}")
         if report.delete_guard_tripped:
             print("\ndeletions paused: the delete guard rail tripped (sync.max_deletes_per_pass)")
-    bad = report.result != "ok" or report.counts.get("rejected", 0) > 0
+        if failing:
+            print(f"\n{len(failing)} secret(s) not registered as they should be:")
+            for f in failing:
+                when = f", next attempt {f['next_attempt']}" if f["next_attempt"] else ""
+                print(f"  {f['state']:9s} {f['path']}  ({f['action'] or '-'}{when}): {f['reason'] or 'no reason recorded'}")
+    bad = report.result != "ok" or report.counts.get("rejected", 0) > 0 or bool(report.failing)
     return EXIT_FAILED if bad else EXIT_OK
 
 
@@ -224,10 +295,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from bridge.checks import run_checks
 
     settings = _settings(args)
-    ok = True
-    for name, passed, detail in run_checks(settings):
-        ok = ok and passed
-        print(f"{'OK    ' if passed else 'FAILED'} {name}: {detail}")
+    checks = run_checks(settings)
+    ok = all(c.ok for c in checks)
+    if args.output == "json":
+        print(json.dumps({"ok": ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]},
+                         indent=2))
+    else:
+        for c in checks:
+            print(f"{'OK    ' if c.ok else 'FAILED'} {c.name}: {c.detail}")
+        failed = sum(1 for c in checks if not c.ok)
+        print(f"\n{len(checks)} checks, {failed} failed; nothing was changed")
+    if any(c.config_error for c in checks):
+        return EXIT_CONFIG  # a file the configuration names is unreadable or malformed: 2, as in every command
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -247,7 +326,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps({"secrets": [
             {"path": r.key, "state": r.state.value, "version": r.version, "project_id": r.project_id,
-             "credential_id": r.credential_id, "last_action": r.last_action, "reason": r.reason} for r in rows],
+             "credential_id": r.credential_id, "last_action": r.last_action, "reason": r.reason,
+             "next_attempt_at": _iso(r.next_attempt_at), "updated_at": _iso(r.updated_at)} for r in rows],
             "pending_deletes": pending}, indent=2))
         return EXIT_OK
     for r in rows:
@@ -272,7 +352,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"error: the demo needs the CybeDefend double, which is not installed. Install it with:\n  {DEMO_INSTALL_HINT}",
               file=sys.stderr)
         return EXIT_CONFIG
-    code: int = demo.run_demo(workdir=args.workdir, port=args.port, exit_after_rotation=args.exit_after_rotation)
+    if port_in_use("127.0.0.1", args.port):
+        raise _port_error("127.0.0.1", args.port, "cybedefend-bridge demo --port N")
+    try:
+        code: int = demo.run_demo(workdir=args.workdir, port=args.port, exit_after_rotation=args.exit_after_rotation,
+                                  keep=args.keep)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise _port_error("127.0.0.1", args.port, "cybedefend-bridge demo --port N") from None
+        raise
     return code
 
 

@@ -378,8 +378,27 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         node.setdefault(keys[-1], env[var])
 
 
-def _first_error(exc: ValidationError) -> ConfigError:
-    err = exc.errors()[0]
+class ConfigErrors(ConfigError):
+    """Every problem of one configuration, reported together: fixing one to meet the next wastes a day.
+
+    `key` and `expected` are the first problem's (what callers that handle one error read);
+    the message lists them all, one a line.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(*problems[0])
+        self.problems = list(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(f"configuration error at {key}: {expected}" for key, expected in self.problems)
+
+
+def _all_errors(exc: ValidationError) -> ConfigError:
+    problems = [_problem(err) for err in exc.errors()]
+    return ConfigErrors(problems) if len(problems) > 1 else ConfigError(*problems[0])
+
+
+def _problem(err: Any) -> tuple[str, str]:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
@@ -391,7 +410,7 @@ def _first_error(exc: ValidationError) -> ConfigError:
         expected = err.get("ctx", {}).get("expected")
         if expected and str(expected) not in msg:
             msg = f"{msg} (expected {expected})"
-    return ConfigError(key, msg)
+    return key, msg
 
 
 def parse_settings(raw: Any, env: Mapping[str, str] | None = None) -> Settings:
@@ -405,7 +424,7 @@ def parse_settings(raw: Any, env: Mapping[str, str] | None = None) -> Settings:
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        raise _first_error(exc) from None
+        raise _all_errors(exc) from None
 
 
 def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -421,6 +440,42 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError("--config", f"{path} is not valid YAML{where}") from None
     return parse_settings(raw, env)
+
+
+def named_files(settings: Settings) -> list[tuple[str, Path]]:
+    """The files the configuration names that must exist and be readable before a command runs.
+
+    Not the ledger, the key file or the audit log: the bridge creates the first two, and the
+    audit log may appear later (a Vault that has not written yet).
+    """
+    auth, tls = settings.vault.auth, settings.vault.tls
+    files: list[tuple[str, Path | None]] = [
+        ("vault.tls.ca_cert", tls.ca_cert),
+        ("vault.tls.client_cert", tls.client_cert),
+        ("vault.tls.client_key", tls.client_key),
+        ("vault.auth.token_file", auth.token_file if auth.method == "token" else None),
+        ("vault.auth.role_id_file", auth.role_id_file if auth.method == "approle" else None),
+        ("vault.auth.secret_id_file", auth.secret_id_file if auth.method == "approle" else None),
+        ("vault.auth.jwt_file", auth.jwt_file if auth.method in ("jwt", "kubernetes") else None),
+        ("cybedefend.auth.credential_file", settings.cybedefend.auth.credential_file),
+        ("server.webhook_token_file", settings.server.webhook_token_file),
+    ]
+    return [(key, path) for key, path in files if path is not None]
+
+
+def check_named_files(settings: Settings) -> None:
+    """Raise ConfigError listing every named file that is missing or unreadable (exit code 2 everywhere)."""
+    problems: list[tuple[str, str]] = []
+    for key, path in named_files(settings):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append((key, f"cannot read {path}: {exc.strerror or type(exc).__name__}"))
+    if len(problems) == 1:
+        raise ConfigError(*problems[0])
+    if problems:
+        raise ConfigErrors(problems)
 
 
 def iter_fields(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str]]:

@@ -32,7 +32,9 @@ DIR_MODE = 0o700
 BUSY_TIMEOUT_MS = 5000  # `status` in another process may read while the daemon writes
 
 # A DockerHub token prefix anywhere, even truncated: reasons are human text and never carry values.
-_TOKEN_RE = re.compile(r"dckr_(?:pat|oat)_[A-Za-z0-9_-]*")
+# At least one token character after the prefix: the bare prefix in words that describe the
+# shape ("expected dckr_pat_… or dckr_oat_…") is not a value and must stay readable in status.
+_TOKEN_RE = re.compile(r"dckr_(?:pat|oat)_[A-Za-z0-9_-]+")
 
 # Each entry upgrades the schema by one version; entry i produces version i + 1. Never edit a
 # released entry: files in the field were made by it. Append a new one instead.

@@ -15,6 +15,7 @@ tracebacks, before a record reaches any handler, so a mistake upstream cannot pr
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -29,6 +30,7 @@ from bridge.model import REDACTED, Sensitive
 # Shorter strings would redact ordinary words.
 MIN_SECRET_LENGTH = 6
 # Rotated tokens keep arriving for the life of the daemon; the oldest are forgotten past this.
+# Long-lived secrets (PAT, webhook token, Vault token, AppRole ids) are pinned and never evicted.
 MAX_REGISTERED_SECRETS = 4096
 
 # Loggers of libraries whose INFO lines are per-request chatter (httpx logs every request line).
@@ -72,16 +74,23 @@ class SecretRegistry:
         self._lock = threading.Lock()
         self._limit = limit
         self._values: dict[str, None] = {}  # insertion-ordered set: oldest first
+        self._pinned: set[str] = set()  # never evicted, not counted against the limit
         self._matcher: re.Pattern[str] | None = None
         self._stale = False  # values changed since the matcher was built
 
-    def add(self, value: str) -> None:
+    def add(self, value: str, *, pinned: bool = False) -> None:
         if len(value) < MIN_SECRET_LENGTH or _DOCKERHUB_TOKEN.fullmatch(value):
             # DockerHub-shaped tokens are redacted by shape already. Keeping thousands of them in
             # the alternation made every newly read token cost a recompile (~0.1 s at 10k).
             return
         with self._lock:
-            if value in self._values:
+            if pinned:
+                if value not in self._pinned:
+                    self._pinned.add(value)
+                    self._values.pop(value, None)
+                    self._stale = True
+                return
+            if value in self._values or value in self._pinned:
                 return
             self._values[value] = None
             while len(self._values) > self._limit:
@@ -95,14 +104,14 @@ class SecretRegistry:
             with self._lock:
                 if self._stale:
                     # Longest first, so a secret containing another is replaced whole.
-                    alternatives = sorted(self._values, key=len, reverse=True)
+                    alternatives = sorted({*self._values, *self._pinned}, key=len, reverse=True)
                     self._matcher = re.compile("|".join(re.escape(v) for v in alternatives)) if alternatives else None
                     self._stale = False
         return self._matcher
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._values)
+            return len(self._values) + len(self._pinned)
 
     def redact(self, text: str) -> str:
         matcher = self._current()  # an immutable compiled pattern: no lock needed once built
@@ -116,9 +125,13 @@ class SecretRegistry:
 _REGISTRY = SecretRegistry()
 
 
-def register_secret(value: str | Sensitive) -> None:
-    """Remember a value that must never be printed (tokens read from Vault, the PAT, the API key)."""
-    _REGISTRY.add(value.reveal() if isinstance(value, Sensitive) else value)
+def register_secret(value: str | Sensitive, *, pinned: bool = False) -> None:
+    """Remember a value that must never be printed (tokens read from Vault, the PAT, the API key).
+
+    `pinned=True` for the long-lived secrets (the PAT or API key, the webhook token, the Vault
+    token, AppRole ids): they are never evicted, however many rotated tokens pass through.
+    """
+    _REGISTRY.add(value.reveal() if isinstance(value, Sensitive) else value, pinned=pinned)
 
 
 def redact_text(text: str) -> str:
@@ -260,6 +273,7 @@ def configure(
     """Route every stdlib logger through one redacting renderer. Safe to call again (SIGHUP).
 
     `level`: debug | info | warning | error. `fmt`: json | console | auto (console on a terminal).
+    Colours only on a terminal, and never when `NO_COLOR` is set.
     The noisy libraries' loggers are held at WARNING, or INFO when `level` is debug (their DEBUG
     is wire-level tracing).
     """
@@ -273,7 +287,9 @@ def configure(
     if fmt not in ("json", "console"):
         raise ValueError(f"unknown log format {fmt!r}")
 
-    post: list[Processor] = [_drop_meta, _order_keys, _renderer(fmt, colors=tty and fmt == "console")]
+    # NO_COLOR (https://no-color.org): set to anything non-empty, no ANSI colour even on a terminal.
+    colors = tty and fmt == "console" and not os.environ.get("NO_COLOR")
+    post: list[Processor] = [_drop_meta, _order_keys, _renderer(fmt, colors=colors)]
     formatter = structlog.stdlib.ProcessorFormatter(
         processors=post, foreign_pre_chain=list(_SHARED_CHAIN), pass_foreign_args=False
     )

@@ -154,6 +154,8 @@ class PassRequest:
     trigger: str  # bounded: schedule, startup, audit_file, audit_socket, audit_ingest, webhook, manual, drift
     paths: frozenset[str] | None = None
     force_drift_check: bool = False
+    # An explicit one-shot run (`sync --once`) is a request to try now: every key skips its backoff.
+    retry_backoff: bool = False
     received_at: Mapping[str, float] = field(default_factory=dict)  # key -> monotonic time the write was heard
 
 
@@ -178,6 +180,17 @@ class StateStore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Failing:
+    """A tracked secret not in a good state after a pass: what the CLI and `-o json` name."""
+
+    path: str
+    action: str  # the last action tried (create, rotate, reject, …); "" if none yet
+    reason: str
+    next_attempt: float | None  # unix seconds; None when not scheduled (a rejection waits for a change)
+    state: str  # failed | rejected | pending | registered (a registered row waiting in backoff)
+
+
+@dataclass(frozen=True, slots=True)
 class PassReport:
     """The summary of one pass, for the CLI table, metrics, logs and /v1/status."""
 
@@ -185,11 +198,13 @@ class PassReport:
     full: bool  # a full pass (every source) rather than a targeted one
     started_at: float  # unix seconds
     finished_at: float
-    result: str  # ok | partial (some secrets failed) | failed (the pass itself failed) | aborted (shutdown)
+    result: str  # ok | partial (some secrets failed, or part of Vault/CybeDefend could not be seen) | failed (the pass itself failed) | aborted (shutdown)
     counts: Mapping[str, int] = field(default_factory=dict)  # created, rotated, moved, retired, adopted, refreshed, skipped, rejected, failed, deferred
     vault_requests: Mapping[str, int] = field(default_factory=dict)
     error: str | None = None  # why a pass failed as a whole (Vault down, …); never a value
     delete_guard_tripped: bool = False
+    # Every tracked secret that after the pass is failed, rejected, pending or waiting in backoff.
+    failing: tuple[Failing, ...] = ()
 
 
 class PassRunner(Protocol):

@@ -140,11 +140,12 @@ def _row(base: str, path: str, version: int) -> dict[str, Any] | None:
 
 
 def run_demo(*, workdir: Path | None = None, port: int = 8080, exit_after_rotation: bool = False,
-             out: TextIO | None = None) -> int:
+             out: TextIO | None = None, keep: bool = False) -> int:
+    """Run the demo; a temporary work directory is removed at the end unless `keep` (or `workdir` given)."""
     from bridge.app import run_daemon
 
     out = out or sys.stdout
-    own = workdir is None
+    own = workdir is None and not keep
     workdir = Path(tempfile.mkdtemp(prefix="cybedefend-bridge-demo-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
     pat = "cdp_demo_" + secrets.token_hex(16)
@@ -165,6 +166,11 @@ def run_demo(*, workdir: Path | None = None, port: int = 8080, exit_after_rotati
                        {"cybedefend-project-id": project, "cybedefend-description": f"{team} image scans"})
         print(f"seeded 3 tagged DockerHub tokens under secret/dockerhub/ in {bao.addr}", file=out, flush=True)
         config = write_config(workdir, bao, sim, port, pat)
+        # What a user needs to look around while the demo runs, or to copy into their own setup.
+        # The token is named by its file, never printed: output ends up in terminals and CI logs.
+        print(f"Vault:    {bao.addr}  (token: export VAULT_ADDR={bao.addr} VAULT_TOKEN=$(cat {workdir / 'vault-token'}))\n"
+              f"config:   {config}\n"
+              f"next:     docs/getting-started.md goes from this demo to your own Vault", file=out, flush=True)
         base = f"http://127.0.0.1:{port}"
         threading.Thread(target=_narrate, args=(out, base, bao, sim, exit_after_rotation, failed),
                          name="demo", daemon=True).start()
@@ -177,4 +183,6 @@ def run_demo(*, workdir: Path | None = None, port: int = 8080, exit_after_rotati
 
             shutil.rmtree(workdir, ignore_errors=True)
     print("stopped: the bridge, OpenBao and the CybeDefend double are down.", file=out, flush=True)
+    if not own:
+        print(f"kept the work directory {workdir} (config.yaml, ledger, OpenBao files)", file=out, flush=True)
     return 1 if failed else code

@@ -232,9 +232,13 @@ def test_client_errors_are_classified_and_not_retried(status: int, kind: type[Cy
     with pytest.raises(kind) as info:
         client.linked_projects(ORG, CRED)
     text = str(info.value)
-    assert text.startswith(f"HTTP {status} GET /integrations/container-registry/organization/{{organizationId}}/")
+    # The ids are filled in (they are not secrets; an operator needs to know which organization
+    # refused), and a 403 says which permission to grant.
+    assert text.startswith(f"HTTP {status} GET /integrations/container-registry/organization/{ORG}/credentials/dockerhub/{CRED}/projects: ")
+    assert "{organizationId}" not in text and "{credentialId}" not in text
     assert "projectIds must be an array; each value must be a UUID" in text
-    assert ORG not in text  # a path template, not the URL
+    hint = f"the PAT's user needs manage_integration on organization {ORG}"
+    assert (hint in text) == (status == 403), text
     assert not info.value.retryable and api.count("get_links") == 1 and clock.sleeps == []
 
 
@@ -258,7 +262,7 @@ def test_error_message_never_echoes_secrets_or_the_body(caplog: pytest.LogCaptur
     with caplog.at_level(logging.DEBUG), pytest.raises(InvalidRequest) as info:
         create(client)
     text = full_text(info.value)
-    assert CREATE_TEMPLATE in str(info.value) and "is invalid" in str(info.value)
+    assert CREATE_TEMPLATE.format(organizationId=ORG) in str(info.value) and "is invalid" in str(info.value)
     for secret in (DH_TOKEN, PAT, bearer):
         assert secret not in text
         assert secret not in caplog.text

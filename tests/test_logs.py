@@ -9,6 +9,7 @@ import re
 import secrets
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -289,3 +290,39 @@ def test_fields_named_like_the_line_keys_do_not_overwrite_them() -> None:
     (line,) = _json_lines(buf)
     assert (line["level"], line["logger"]) == ("info", "bridge.t")
     assert (line["level_"], line["logger_"], line["ts_"]) == ("custom", "other", "then")
+
+
+def test_pinned_secrets_are_never_forgotten_however_many_values_pass() -> None:
+    reg = logs.SecretRegistry(limit=100)
+    reg.add("long-lived-pat-value", pinned=True)
+    for i in range(5000):
+        reg.add(f"rotated-value-{i:05d}")
+    assert len(reg) == 101  # the pinned one does not count against the limit
+    text = reg.redact("long-lived-pat-value rotated-value-00000 rotated-value-04999")
+    assert text == "*** rotated-value-00000 ***"  # the oldest rotating value is forgotten, the pin is not
+
+
+def test_the_long_lived_secrets_are_registered_pinned(tmp_path: Path) -> None:
+    from bridge.app import _read_token_file
+    from bridge.cybedefend.auth import read_credential_file
+
+    base = tmp_path
+    pat, webhook = f"cdp_pinned_{secrets.token_hex(12)}", f"wh_pinned_{secrets.token_hex(12)}"
+    (base / "pat").write_text(pat)
+    (base / "webhook").write_text(webhook)
+    read_credential_file(base / "pat")
+    _read_token_file(base / "webhook", "server.webhook_token_file")
+    for _ in range(logs.MAX_REGISTERED_SECRETS + 500):  # a long-running daemon's rotated values
+        logs.register_secret(f"rotated-{secrets.token_hex(10)}")
+    assert logs.redact_text(f"pat={pat} webhook {webhook}") == "pat=*** webhook ***"
+    # The limit still applies to the rest (else the test above could pass by keeping everything).
+    assert len(logs._REGISTRY) < logs.MAX_REGISTERED_SECRETS + 500
+
+
+def test_stored_reasons_keep_the_words_that_describe_a_shape() -> None:
+    from bridge.ledger import scrub_reason
+
+    words = "the token does not look like a DockerHub token (expected dckr_pat_… or dckr_oat_…)"
+    assert scrub_reason(words) == words
+    value = "dckr_pat_" + secrets.token_hex(8)
+    assert scrub_reason(f"bad token {value[:14]}… in the reason") == "bad token ***… in the reason"

@@ -40,6 +40,14 @@ class Endpoint:
     def label(self) -> str:
         return f"{self.method} {self.template}"
 
+    def label_for(self, params: Mapping[str, str]) -> str:
+        """The label with its path parameters filled in, for error messages.
+
+        Organization, project and credential ids are identifiers, not secrets: an operator
+        needs to know which organization refused, not the template.
+        """
+        return f"{self.method} {self.path(params)}" if params else self.label
+
     def path(self, params: Mapping[str, str]) -> str:
         # quote(safe="") keeps an odd id from adding path segments or a query string
         return self.template.format(**{k: quote(v, safe="") for k, v in params.items()})
@@ -160,25 +168,42 @@ def api_message(body: Any, reason_phrase: str, secrets: Sequence[str]) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
-def status_error(ep: Endpoint, status: int, message: str, *, pat_mode: bool) -> CybeDefendError:
-    """The bridge error for a non-2xx, non-transient answer (400, 401 after re-auth, 403, 404, 410, …)."""
+def _permission_hint(params: Mapping[str, str]) -> str:
+    org, project = params.get("organizationId"), params.get("projectId")
+    if org:
+        return f"the PAT's user needs manage_integration on organization {org} (CybeDefend: organization settings, members)"
+    if project:
+        return f"the PAT's user needs access to project {project} and manage_integration on its organization"
+    return "the PAT's user lacks a permission this call needs (see docs/cybedefend-setup.md)"
+
+
+def status_error(
+    ep: Endpoint, status: int, message: str, *, pat_mode: bool, params: Mapping[str, str] | None = None
+) -> CybeDefendError:
+    """The bridge error for a non-2xx, non-transient answer (400, 401 after re-auth, 403, 404, 410, …).
+
+    `params` are the request's path parameters (ids, never a secret): the message names the
+    organization or project that answered, and a 403 says which permission to grant.
+    """
+    params = params or {}
+    label = ep.label_for(params)
     if status == 400:
-        return InvalidRequest(message, status=status, endpoint=ep.label)
+        return InvalidRequest(message, status=status, endpoint=label)
     if status == 401:
         if pat_mode:
             message = "CybeDefend rejected the bearer token twice; check that the PAT is valid and not revoked"
         else:
             message = "CybeDefend rejected the API key; check it, or switch cybedefend.auth.mode to pat"
-        return AuthenticationError(message, status=status, endpoint=ep.label)
+        return AuthenticationError(message, status=status, endpoint=label)
     if status == 403:
-        return PermissionDenied(message, status=status, endpoint=ep.label)
+        return PermissionDenied(f"{message}; {_permission_hint(params)}", status=status, endpoint=label)
     if status == 404:
-        return NotFound(message, status=status, endpoint=ep.label)
+        return NotFound(message, status=status, endpoint=label)
     if status == 410 and not pat_mode:
         return LegacyApiKeyGone(
             "CybeDefend no longer accepts API keys (410 Gone): set cybedefend.auth.mode to `pat` and "
             "provide a personal access token in the credential file",
             status=status,
-            endpoint=ep.label,
+            endpoint=label,
         )
-    return CybeDefendError(message, status=status, endpoint=ep.label, retryable=False)
+    return CybeDefendError(message, status=status, endpoint=label, retryable=False)

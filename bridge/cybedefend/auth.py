@@ -47,7 +47,7 @@ def read_credential_file(path: Path) -> Sensitive:
     value = raw.strip()
     if not value:
         raise ConfigError(CREDENTIAL_FILE_KEY, f"{path} is empty; expected a CybeDefend personal access token")
-    register_secret(value)
+    register_secret(value, pinned=True)
     if not header_safe(value):
         raise ConfigError(
             CREDENTIAL_FILE_KEY,

@@ -91,7 +91,7 @@ class CybeDefendClient:
             raise ConfigError(
                 f"cybedefend.auth.{key}", "the credential is empty or holds whitespace/control characters"
             )
-        register_secret(credential.reveal())
+        register_secret(credential.reveal(), pinned=True)
         self._settings = settings
         self._credential = credential
         self._mode = settings.auth.mode
@@ -135,7 +135,7 @@ class CybeDefendClient:
             body["description"] = description
         secrets = (token.reveal(),)
         resp = self._request(CREATE, {"organizationId": organization_id}, json_body=body, unsafe=True, secrets=secrets)
-        self._check(CREATE, resp, secrets)
+        self._check(CREATE, resp, secrets, {"organizationId": organization_id})
         try:
             return credential(CREATE, self._json(CREATE, resp))
         except CybeDefendError as exc:
@@ -148,7 +148,7 @@ class CybeDefendClient:
     def list_project(self, project_id: str) -> list[RemoteCredential]:
         """GET /integrations/dockerhub/container-registry/project/{projectId}/credentials"""
         resp = self._request(LIST, {"projectId": project_id})
-        self._check(LIST, resp)
+        self._check(LIST, resp, params={"projectId": project_id})
         return credential_list(LIST, self._json(LIST, resp))
 
     def get(self, project_id: str, credential_id: str) -> RemoteCredential | None:
@@ -159,7 +159,7 @@ class CybeDefendClient:
         resp = self._request(GET, {"projectId": project_id, "credentialId": credential_id})
         if resp.status_code == 404:
             return None
-        self._check(GET, resp)
+        self._check(GET, resp, params={"projectId": project_id, "credentialId": credential_id})
         return credential(GET, self._json(GET, resp))
 
     def delete(self, organization_id: str, credential_id: str) -> bool:
@@ -170,13 +170,13 @@ class CybeDefendClient:
         resp = self._request(DELETE, {"organizationId": organization_id, "credentialId": credential_id})
         if resp.status_code == 404:
             return False
-        self._check(DELETE, resp)
+        self._check(DELETE, resp, params={"organizationId": organization_id, "credentialId": credential_id})
         return True
 
     def linked_projects(self, organization_id: str, credential_id: str) -> list[str]:
         """GET /integrations/container-registry/organization/{organizationId}/credentials/dockerhub/{credentialId}/projects"""
         resp = self._request(GET_LINKS, {"organizationId": organization_id, "credentialId": credential_id})
-        self._check(GET_LINKS, resp)
+        self._check(GET_LINKS, resp, params={"organizationId": organization_id, "credentialId": credential_id})
         return project_ids(GET_LINKS, self._json(GET_LINKS, resp))
 
     def set_linked_projects(self, organization_id: str, credential_id: str, project_ids: Sequence[str]) -> None:
@@ -186,7 +186,7 @@ class CybeDefendClient:
         """
         params = {"organizationId": organization_id, "credentialId": credential_id}
         resp = self._request(SET_LINKS, params, json_body={"projectIds": list(project_ids)})
-        self._check(SET_LINKS, resp)
+        self._check(SET_LINKS, resp, params=params)
 
     def all_credentials(self, organization_id: str) -> list[RemoteCredential]:
         """GET /integrations/container-registry/organization/{organizationId}/credentials
@@ -194,7 +194,7 @@ class CybeDefendClient:
         The organization's DockerHub credentials (the `dockerhub` array of the answer).
         """
         resp = self._request(ALL_CREDENTIALS, {"organizationId": organization_id})
-        self._check(ALL_CREDENTIALS, resp)
+        self._check(ALL_CREDENTIALS, resp, params={"organizationId": organization_id})
         body = self._json(ALL_CREDENTIALS, resp)
         return credential_list(ALL_CREDENTIALS, body.get("dockerhub", []) if isinstance(body, dict) else body)
 
@@ -376,12 +376,14 @@ class CybeDefendClient:
 
     # ---- answers -----------------------------------------------------------------------------
 
-    def _check(self, ep: Endpoint, resp: httpx.Response, secrets: Sequence[str] = ()) -> None:
+    def _check(
+        self, ep: Endpoint, resp: httpx.Response, secrets: Sequence[str] = (), params: Mapping[str, str] | None = None
+    ) -> None:
         """Raise the bridge error for a non-2xx answer (transient ones were handled already)."""
         status = resp.status_code
         if resp.is_success:
             return
-        raise status_error(ep, status, self._message(resp, secrets), pat_mode=self._bearers is not None)
+        raise status_error(ep, status, self._message(resp, secrets), pat_mode=self._bearers is not None, params=params)
 
     def _json(self, ep: Endpoint, resp: httpx.Response) -> Any:
         if not resp.content:

@@ -67,6 +67,8 @@ class Executor:
     # -- one action -----------------------------------------------------------------------
     def execute(self, action: Action) -> Outcome:
         started = time.monotonic()
+        permanent = False  # a retry without a change cannot succeed: logged at error
+        status: int | None = None  # CybeDefend's HTTP status, when a failure had one
         try:
             outcome = self._dispatch(action)
         except (AuthenticationError, LegacyApiKeyGone) as exc:
@@ -78,16 +80,24 @@ class Executor:
             self._record_reject(action, "remote_rejected", str(exc),
                                 retry_at=self._clock() + self._s.sync.retry_cap_seconds)
             outcome = Outcome(action, Result.FAILED, ActionKind.REJECT, reason=str(exc))
+            permanent = True
         except PassAbort:
             raise
         except BridgeError as exc:
-            outcome = self._failed(action, str(exc), permanent=isinstance(exc, PermissionDenied))
+            permanent = isinstance(exc, PermissionDenied)
+            outcome = self._failed(action, str(exc), permanent=permanent)
+            status = getattr(exc, "status", None)
         duration = time.monotonic() - started
         self._m.actions.labels(action=outcome.kind.value, result=outcome.result.value).inc()
         if outcome.kind != ActionKind.SKIP or outcome.result != Result.OK:
-            fields = dict(
+            # A failure is never quieter than `warning`: with logging.level warning a refused
+            # registration must still print a line naming the path and the reason.
+            emit = log.info if outcome.result != Result.FAILED else log.error if permanent else log.warning
+            emit(
+                "action",
                 action=outcome.kind.value,
                 result=outcome.result.value,
+                status=status,
                 path=action.ref.key,
                 version=action.version,
                 project=action.project_id,
@@ -96,11 +106,6 @@ class Executor:
                 reason=outcome.reason or action.reason,
                 duration_ms=round(duration * 1000, 1),
             )
-            if outcome.result == Result.FAILED:
-                # A failure must be seen at the default level: path, action and reason.
-                (log.error if not outcome.retryable else log.warning)("action_failed", **fields)
-            else:
-                log.info("action", **fields)
         return outcome
 
     def _dispatch(self, action: Action) -> Outcome:

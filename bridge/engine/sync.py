@@ -40,7 +40,7 @@ from bridge.planner import (
     with_evidence,
     writing_organizations,
 )
-from bridge.ports import Ledger, PassReport, PassRequest, Registrar, SecretSource, TokenVerifier
+from bridge.ports import Failing, Ledger, LedgerRecord, PassReport, PassRequest, Registrar, SecretSource, TokenVerifier
 
 log = get_logger(__name__)
 
@@ -67,6 +67,21 @@ class _Planned:
     scope: Scope
     unseen_sources: list[str]  # sources whose discovery failed: "mount/path: why"
 DRIFT_META = "last_drift_check"
+_FAILING_STATES = frozenset({State.FAILED, State.REJECTED, State.PENDING})
+
+
+def failing_rows(rows: list[LedgerRecord], now: float) -> tuple[Failing, ...]:
+    """The tracked secrets not in a good state: failed, rejected, pending, or waiting in backoff.
+
+    Read from the ledger after the pass, not from the pass's outcomes: a secret skipped because
+    it is inside its backoff window is still unregistered, and a cron job must see that.
+    """
+    return tuple(
+        Failing(r.key, r.last_action or "", r.reason or "", r.next_attempt_at, r.state.value)
+        for r in sorted(rows, key=lambda r: r.key)
+        if r.state in _FAILING_STATES or (r.next_attempt_at is not None and r.next_attempt_at > now
+                                          and r.state not in (State.RETIRED, State.ORPHANED))
+    )
 
 
 class SyncEngine:
@@ -126,7 +141,7 @@ class SyncEngine:
                     entries.extend(self._source.discover(src, idx))
                     ok.add(idx)
                 except VaultError as exc:
-                    errors.append(f"{src.mount}/{src.path}: {exc}")
+                    errors.append(f"{src.mount}/{src.path} ({exc})")
                     log.error("source_discovery_failed", source=f"{src.mount}/{src.path}", error=str(exc))
             if not ok and errors:
                 raise VaultError("; ".join(errors))
@@ -283,9 +298,6 @@ class SyncEngine:
                 # A pass that could not see all of Vault or CybeDefend is not "ok", even when
                 # nothing failed in what it did see.
                 result = "partial"
-                unseen = [f"could not discover source {s}" for s in planned.unseen_sources]
-                unseen += [f"could not list organization {o} ({why})" for o, why in sorted(planned.view.unlisted.items())]
-                error = "; ".join(unseen) or None
         except PassAbort as exc:
             result, error = "failed", str(exc)
             log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
@@ -296,7 +308,7 @@ class SyncEngine:
         report = PassReport(
             trigger=request.trigger, full=full, started_at=started, finished_at=self._clock(), result=result,
             counts=counts_out, vault_requests=dict(self._source.request_counts()), error=error,
-            delete_guard_tripped=self._guard_tripped,
+            delete_guard_tripped=self._guard_tripped, failing=failing_rows(self._ledger.all(), self._clock()),
         )
         self._publish(report, self._mono() - t0)
         return report

@@ -159,7 +159,7 @@ class VaultSession:
             raise VaultAuthError(f"cannot read {what} file {path}: {exc.strerror}") from None
         if not value:
             raise VaultAuthError(f"{what} file {path} is empty")
-        register_secret(value)
+        register_secret(value, pinned=True)
         return value
 
     def _login_locked(self, reason: str) -> None:
@@ -206,7 +206,7 @@ class VaultSession:
                 value = self._env.get("VAULT_TOKEN", "").strip()
                 if not value:
                     raise VaultAuthError("token auth: neither VAULT_TOKEN nor vault.auth.token_file is set")
-                register_secret(value)
+                register_secret(value, pinned=True)
             token = Sensitive(value)
             try:
                 data = self._hvac("lookup", "auth/token/lookup-self", lambda c: c.auth.token.lookup_self(), token=token)
@@ -240,7 +240,7 @@ class VaultSession:
         client_token = auth.get("client_token")
         if not isinstance(client_token, str) or not client_token:
             raise VaultAuthError(f"Vault login at auth/{mount}/login returned no token")
-        register_secret(client_token)
+        register_secret(client_token, pinned=True)
         ttl = float(auth.get("lease_duration") or 0)
         return self._new_token(Sensitive(client_token), True, ttl, bool(auth.get("renewable")), ttl)
 

@@ -34,7 +34,8 @@ VALUE_SETS: dict[str, Path | None] = {
 }
 # Prometheus' own series the rules and dashboard may use besides the bridge's.
 PROMETHEUS_SERIES = frozenset({"up"})
-SHARED_SCHEMA = ROOT.parent / "shared" / "schemas" / "grafana-dashboard.schema.json"
+# Vendored (tests/deploy/data/README.md names its source): nothing under tests/ reads outside the clone.
+GRAFANA_SCHEMA = ROOT / "tests" / "deploy" / "data" / "grafana-dashboard.schema.json"
 
 
 def in_ci() -> bool:

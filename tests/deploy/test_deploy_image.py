@@ -167,6 +167,7 @@ def test_image_builds_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> Non
                 assert form not in text, "a secret appears in the container's log"
     finally:
         subprocess.run([*podman, "rm", "-f", name], capture_output=True, timeout=60, check=False)
+        subprocess.run([*podman, "rmi", "-f", image], capture_output=True, timeout=120, check=False)  # leave no image behind
         sim.stop()
         bao.stop()
 
