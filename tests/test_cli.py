@@ -404,7 +404,7 @@ def test_demo_keep_keeps_its_work_dir_and_prints_where_things_are(tmp_path: Path
 def test_a_transient_failure_logs_a_warning_naming_the_path(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, sim, secrets = setup
     _edit(config, logging={"level": "warning"}, cybedefend={"retry": {"max_attempts": 1}})
-    sim.inject("list", Fault.status(503), times=1)  # one secret's pre-create listing fails, once
+    sim.inject("create", Fault.status(503), times=1)  # one secret's create fails, once
     out = cli("sync", "--once", "--config", str(config), "-o", "json")
     assert out.returncode == 1, out.stdout
     actions = [r for r in _log_lines(out.stderr) if r["event"] == "action"]

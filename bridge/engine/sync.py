@@ -232,7 +232,8 @@ class SyncEngine:
         entries, scope, unseen = self._discover(request)
         records = {r.key: r for r in self._ledger.all()}
         now = self._clock()
-        retry_now = request.paths or frozenset()
+        # An explicit one-shot run is a request to try now: no secret waits out its backoff.
+        retry_now = frozenset(e.ref.key for e in entries) if request.retry_backoff else request.paths or frozenset()
         hinted = {p.organization_id for p in self._ledger.pending_deletes()
                   if p.next_attempt_at is None or now >= p.next_attempt_at or request.force_drift_check}
         drift = self._drift_due(request)
@@ -298,6 +299,9 @@ class SyncEngine:
                 # A pass that could not see all of Vault or CybeDefend is not "ok", even when
                 # nothing failed in what it did see.
                 result = "partial"
+                unseen = [f"Vault source {s}" for s in planned.unseen_sources]
+                unseen += [f"CybeDefend organization {o} ({why})" for o, why in sorted(planned.view.unlisted.items())]
+                error = "could not see " + "; ".join(unseen) if unseen else None
         except PassAbort as exc:
             result, error = "failed", str(exc)
             log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
