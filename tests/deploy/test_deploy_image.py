@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -25,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 
 from cybedefend_double.openbao import DevOpenBao
