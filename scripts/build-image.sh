@@ -7,8 +7,11 @@
 # Env:   BASE_IMAGE   use this base instead of building one (must have python3 >= 3.11 with venv)
 #        BRIDGE_IMAGE_BASE_DIR  where the debootstrap tree is made (default: .tools/image-base)
 #        BRIDGE_SKIP_APT=1      do not apt-get install buildah/debootstrap/runc/podman
+#        BRIDGE_IMAGE_LAYERS=0  keep no intermediate layer images (the image test sets it, so that
+#                               removing the image it built leaves nothing behind)
 # Needs root (debootstrap, buildah's storage). Prints the image name on its last line.
 # CI runs it through tests/deploy/test_deploy_image.py (.ci/install-tools.sh has installed the tools):
+# The Dockerfile installs requirements.lock / requirements-build.lock with --require-hashes;
 # about 100 s from nothing (the debootstrap base is most of it), ~15 s with the base cached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +63,7 @@ CA=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 if [ -s "$CA" ]; then secret=(--secret "id=pip_ca,src=$CA"); fi
 
 log "building $IMAGE from $BASE_IMAGE"
-buildah bud --runtime runc --format docker --layers \
+buildah bud --runtime runc --format docker --layers="$([ "${BRIDGE_IMAGE_LAYERS:-1}" = 0 ] && echo false || echo true)" \
   --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   --build-arg "VERSION=$VERSION" \
   --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \

@@ -31,7 +31,13 @@ VALUE_SETS: dict[str, Path | None] = {
     "sidecar": CHART / "ci" / "sidecar-values.yaml",
     "ha": CHART / "ci" / "ha-values.yaml",
     "full": CHART / "ci" / "full-values.yaml",
+    "vault-server-sidecar": CHART / "ci" / "vault-server-sidecar-values.yaml",
 }
+# What a cluster with the Prometheus Operator announces; helm template passes them unless told not
+# to, so the CRD-aware templates (ServiceMonitor, PrometheusRule) render as on such a cluster.
+MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+# The range of Chart.yaml's kubeVersion that CI renders and validates against (oldest claimed, newest).
+KUBE_VERSIONS = ("1.25.0", "1.35.0")
 # Prometheus' own series the rules and dashboard may use besides the bridge's.
 PROMETHEUS_SERIES = frozenset({"up"})
 # Vendored (tests/deploy/data/README.md names its source): nothing under tests/ reads outside the clone.
@@ -76,8 +82,13 @@ def run(args: list[str], *, check: bool = True, timeout: float = 60) -> subproce
     return proc
 
 
-def helm_template(values: Path | None = None, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm_template(
+    values: Path | None = None, *extra: str, check: bool = True, monitoring_apis: bool = True
+) -> subprocess.CompletedProcess[str]:
     args = [tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    if monitoring_apis:
+        for api in MONITORING_APIS:
+            args += ["--api-versions", api]
     if values is not None:
         args += ["--values", str(values)]
     return run([*args, *extra], check=check)

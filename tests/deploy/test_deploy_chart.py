@@ -12,6 +12,7 @@ import yaml
 from bridge.config import parse_settings
 from tests.deploy.deploy_tools import (
     CHART,
+    KUBE_VERSIONS,
     RELEASE,
     ROOT,
     VALUE_SETS,
@@ -25,6 +26,9 @@ from tests.deploy.deploy_tools import (
 )
 
 SETS = list(VALUE_SETS)
+# Value sets that render the bridge as a Deployment (vault-server-sidecar renders a Vault chart
+# snippet instead; tests/deploy/test_deploy_topologies.py covers it).
+DEPLOYMENT_SETS = [s for s in SETS if s != "vault-server-sidecar"]
 
 
 def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +97,7 @@ def test_prometheus_operator_round_trip_catches_a_typo() -> None:
         _strict_model_check(models.ServiceMonitor, sm)
 
 
-@pytest.mark.parametrize("value_set", SETS)
+@pytest.mark.parametrize("value_set", DEPLOYMENT_SETS)
 def test_rendered_config_is_a_valid_bridge_config(value_set: str) -> None:
     cfg = _bridge_config(render(value_set))
     settings = parse_settings(cfg, env={})
@@ -105,7 +109,7 @@ def test_rendered_config_is_a_valid_bridge_config(value_set: str) -> None:
     assert cred is not None and str(cred.parent) in mounts
 
 
-@pytest.mark.parametrize("value_set", SETS)
+@pytest.mark.parametrize("value_set", DEPLOYMENT_SETS)
 def test_pod_is_locked_down_and_probed(value_set: str) -> None:
     docs = render(value_set)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -120,6 +124,8 @@ def test_pod_is_locked_down_and_probed(value_set: str) -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["args"] == ["run", "--config", "/etc/cybedefend-bridge/config.yaml"]
+    # The injector's agent-run-as-same-user reads the container's runAsUser (test_deploy_injector.py).
+    assert sc["runAsUser"] == pod["securityContext"]["runAsUser"]
     # The only writable paths are volumes: the ledger and /tmp.
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert "/tmp" in mounts and "/var/lib/cybedefend-bridge" in mounts
@@ -206,7 +212,6 @@ def test_values_schema_rejects_wrong_values(flag: str, where: str) -> None:
         (["ha.enabled=true"], "ha.enabled needs replicaCount >= 2"),
         (["replicaCount=2"], "needs ha.enabled"),
         (["ha.enabled=true", "replicaCount=2", "persistence.enabled=true"], "cannot share one ledger volume"),
-        (["ha.enabled=true", "replicaCount=2", "podDisruptionBudget.enabled=true"], "block evicting it forever"),
         (["config.ledger.key_source=file"], "needs persistence.enabled"),
         (["cybedefend.existingSecret="], "cybedefend.existingSecret"),
         (["auditSocket.enabled=true"], "allowedPeers"),
@@ -260,3 +265,165 @@ def test_release_name_selects_job_label() -> None:
     sm = one(render("ha"), "ServiceMonitor")
     relabel = sm["spec"]["endpoints"][0]["relabelings"]
     assert {"targetLabel": "job", "replacement": RELEASE} in relabel
+
+
+# --- kubeVersion tells the truth ------------------------------------------------------------
+
+
+def test_kube_version_range_is_the_one_ci_checks() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    oldest = KUBE_VERSIONS[0]
+    assert chart["kubeVersion"] == f">={oldest}-0", "Chart.yaml's kubeVersion and the oldest version CI validates against differ"
+    below = helm_template(None, "--kube-version", "1.24.0", check=False)
+    assert below.returncode != 0 and "kubeVersion" in below.stderr + below.stdout
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", SETS)
+def test_manifests_validate_against_oldest_and_newest_kubernetes(value_set: str, kube: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{value_set}-{kube}.yaml"
+    out.write_text(helm_template(VALUE_SETS[value_set], "--kube-version", kube).stdout, encoding="utf-8")
+    proc = run([tool("kubernetes-validate"), "--strict", "-k", kube, "--quiet", str(out)], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_pdb_eviction_policy_is_gated_on_the_kubernetes_version() -> None:
+    new = one(render("full", "--kube-version", "1.31.0"), "PodDisruptionBudget")
+    assert new["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    old = one(render("full", "--kube-version", "1.25.0"), "PodDisruptionBudget")
+    assert "unhealthyPodEvictionPolicy" not in old["spec"]
+
+
+def test_kubernetes_1_25_rejects_the_ungated_field(tmp_path: Path) -> None:
+    # Guards the gate above: the field is really unknown to 1.25's schema.
+    pdb = json.loads(json.dumps(one(render("full", "--kube-version", "1.25.0"), "PodDisruptionBudget")))
+    pdb["spec"]["unhealthyPodEvictionPolicy"] = "AlwaysAllow"
+    bad = tmp_path / "pdb.yaml"
+    bad.write_text(yaml.safe_dump(pdb), encoding="utf-8")
+    proc = run([tool("kubernetes-validate"), "--strict", "-k", "1.25.0", "--quiet", str(bad)], check=False)
+    assert proc.returncode != 0
+
+
+# --- CRD-aware monitoring objects ------------------------------------------------------------
+
+_MONITORING = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true"]
+
+
+def test_monitoring_objects_are_skipped_without_their_api_and_notes_warn() -> None:
+    docs = [d for d in yaml.safe_load_all(helm_template(None, *_MONITORING, monitoring_apis=False).stdout) if d]
+    assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PrometheusRule")
+    # NOTES are rendered by install, not template; --dry-run=client needs no cluster.
+    notes = run([tool("helm"), "install", RELEASE, str(CHART), "--dry-run=client", *_MONITORING]).stdout
+    assert "does not serve monitoring.coreos.com/v1 ServiceMonitor" in notes
+    assert "does not serve monitoring.coreos.com/v1 PrometheusRule" in notes
+    with_api = [d for d in yaml.safe_load_all(helm_template(None, *_MONITORING).stdout) if d]
+    assert by_kind(with_api, "ServiceMonitor") and by_kind(with_api, "PrometheusRule")
+
+
+def test_monitoring_objects_can_be_forced_without_their_api() -> None:
+    forced = ["--set", "metrics.serviceMonitor.forceRender=true", "--set", "metrics.prometheusRule.forceRender=true"]
+    docs = [d for d in yaml.safe_load_all(helm_template(None, *_MONITORING, *forced, monitoring_apis=False).stdout) if d]
+    assert len(by_kind(docs, "ServiceMonitor")) == 1 and len(by_kind(docs, "PrometheusRule")) == 1
+
+
+# --- the knobs teams use to avoid forking ------------------------------------------------------
+
+
+def test_full_value_set_uses_every_pod_knob() -> None:
+    docs = render("full")
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["metadata"]["annotations"] == {"example.com/owner": "platform"}
+    assert pod["runtimeClassName"] == "runc"
+    assert pod["schedulerName"] == "default-scheduler"
+    assert pod["dnsPolicy"] == "ClusterFirst"
+    assert pod["dnsConfig"]["options"] == [{"name": "ndots", "value": "2"}]
+    assert pod["hostAliases"] == [{"ip": "10.0.0.10", "hostnames": ["vault.example.internal"]}]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait-for-vault"]
+    names = {d["metadata"]["name"] for d in by_kind(docs, "ConfigMap")}
+    assert {f"{RELEASE}-extra", f"{RELEASE}-extra-from-string"} <= names
+    from_string = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == f"{RELEASE}-extra-from-string")
+    assert from_string["data"]["namespace"] == "monitoring"
+
+
+def test_defaults_leave_the_optional_pod_fields_out() -> None:
+    pod = one(render("default"), "Deployment")["spec"]["template"]["spec"]
+    for key in ("runtimeClassName", "schedulerName", "dnsPolicy", "dnsConfig", "hostAliases", "initContainers"):
+        assert key not in pod
+    assert "annotations" not in one(render("default"), "Deployment")["metadata"]
+
+
+def test_extra_args_follow_the_bridge_arguments_and_parse() -> None:
+    from bridge.cli import _parser
+
+    c = _container(render("default", "--set-json", 'extraArgs=["--config","/etc/other.yaml"]'))
+    assert c["args"] == ["run", "--config", "/etc/cybedefend-bridge/config.yaml", "--config", "/etc/other.yaml"]
+    # The bridge's own parser accepts the rendered arguments (argparse: the last --config wins).
+    assert str(_parser().parse_args(c["args"]).config) == "/etc/other.yaml"
+
+
+def test_service_monitor_knobs() -> None:
+    sm = one(render("full"), "ServiceMonitor")
+    assert sm["metadata"]["namespace"] == "monitoring"
+    assert sm["spec"]["targetLabels"] == ["app.kubernetes.io/instance"]
+    endpoint = sm["spec"]["endpoints"][0]
+    assert endpoint["honorLabels"] is True
+    assert endpoint["relabelings"][0] == {"targetLabel": "job", "replacement": RELEASE}
+    assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"} in endpoint["relabelings"]
+    assert endpoint["metricRelabelings"] == [{"sourceLabels": ["__name__"], "regex": "python_gc_.*", "action": "drop"}]
+
+
+# --- NetworkPolicy, TLS and the metrics token ---------------------------------------------------
+
+
+def test_network_policy_is_on_by_default() -> None:
+    policy = one(render("default"), "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+def _server_config(*flags: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    docs = render("default", *flags)
+    return _bridge_config(docs)["server"], docs
+
+
+def test_tls_and_metrics_token_are_rendered_only_when_set() -> None:
+    server, _ = _server_config()
+    # The bridge's settings forbid unknown keys: unset options must not appear at all.
+    assert not {"tls_cert_file", "tls_key_file", "metrics_token_file"} & set(server)
+    flags = ("--set", "tls.enabled=true", "--set", "tls.existingSecret=bridge-tls",
+             "--set", "metricsAuth.existingSecret=bridge-metrics", "--set", "metrics.serviceMonitor.enabled=true",
+             "--set", "ha.enabled=true", "--set", "replicaCount=2")
+    server, docs = _server_config(*flags)
+    assert server["tls_cert_file"] == "/var/run/secrets/cybedefend-bridge/tls/tls.crt"
+    assert server["tls_key_file"] == "/var/run/secrets/cybedefend-bridge/tls/tls.key"
+    assert server["metrics_token_file"] == "/var/run/secrets/cybedefend-bridge/metrics/token"
+    c = _container(docs)
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    for path in (server["tls_cert_file"], server["tls_key_file"], server["metrics_token_file"]):
+        assert path.rsplit("/", 1)[0] in mounts
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["BRIDGE_HA_ADVERTISE_ADDRESS"] == "https://$(POD_IP):8080"
+    endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "bridge-metrics", "key": "token"}}
+    secrets = {v["secret"]["secretName"] for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert {"bridge-tls", "bridge-metrics"} <= secrets
+    # With a bridge that knows these settings (the HTTP part of issue 12), the config must parse.
+    from bridge.config import ServerSettings
+
+    if {"tls_cert_file", "tls_key_file", "metrics_token_file"} <= set(ServerSettings.model_fields):
+        parse_settings(_bridge_config(docs), env={})
+
+
+def test_tls_needs_a_secret() -> None:
+    proc = helm_template(None, "--set", "tls.enabled=true", check=False)
+    assert proc.returncode != 0 and "tls.existingSecret" in proc.stderr
+
+
+def test_ha_value_set_has_a_pdb_and_rolls() -> None:
+    # Every replica that can accept work is Ready (/readyz), so a PDB and rolling updates are safe.
+    docs = render("ha")
+    assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert one(docs, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"

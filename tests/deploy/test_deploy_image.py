@@ -10,12 +10,15 @@ and exit 0 within the grace period on SIGTERM sent to its PID 1, without a secre
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -27,7 +30,7 @@ import yaml
 
 from cybedefend_double.openbao import DevOpenBao
 from cybedefend_double.simulator import Simulator
-from tests.deploy.deploy_tools import ROOT, in_ci, run, tool
+from tests.deploy.deploy_tools import ROOT, in_ci, missing, run, tool
 from tests.helpers import forms
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -37,6 +40,8 @@ IMAGE_TEST_REASON = "set BRIDGE_IMAGE_TEST=1 to build and run the image (needs r
 GRACE_SECONDS = 5.0
 ORG = str(uuid.uuid4())
 PROJECT = str(uuid.uuid4())
+# Lowered ulimits: podman's defaults exceed what this sandbox lets runc set.
+ULIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
 
 
 def test_hadolint_is_clean() -> None:
@@ -70,7 +75,56 @@ def test_dockerfile_promises() -> None:
 def test_dockerignore_keeps_the_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert lines[lines.index("*")] == "*"
-    assert {"!pyproject.toml", "!bridge/"} <= set(lines)
+    assert {"!pyproject.toml", "!bridge/", "!requirements.lock", "!requirements-build.lock"} <= set(lines)
+    assert not any("double" in line for line in lines if line.startswith("!")), "the test double stays out"
+
+
+def test_base_image_is_pinned_by_digest() -> None:
+    m = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(encoding="utf-8"), re.M)
+    assert m and re.fullmatch(r"[a-z0-9./-]+:[\w.-]+@sha256:[0-9a-f]{64}", m.group(1)), "pin the base by tag@sha256:digest"
+
+
+def _lock(path: Path) -> dict[str, tuple[str, str | None]]:
+    """name -> (version, marker) of a `uv pip compile --generate-hashes` lock; asserts every pin has hashes."""
+    text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+    out: dict[str, tuple[str, str | None]] = {}
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+?)(?:\s*;\s*(.+?))?((?:\s+--hash=sha256:[0-9a-f]{64})+)", line)
+        assert m, f"{path.name}: not a hashed pin: {line[:80]}"
+        out[m.group(1).lower().replace("_", "-")] = (m.group(2), m.group(3))
+    return out
+
+
+def test_lock_files_pin_every_dependency_with_hashes() -> None:
+    from packaging.requirements import Requirement
+
+    lock = _lock(ROOT / "requirements.lock")
+    build = _lock(ROOT / "requirements-build.lock")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    for spec in pyproject["project"]["dependencies"]:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in lock, f"{name} is not in requirements.lock: regenerate it (command in the Dockerfile)"
+        assert req.specifier.contains(lock[name][0], prereleases=True), f"{name}=={lock[name][0]} does not satisfy {spec}"
+    for spec in pyproject["build-system"]["requires"]:
+        req = Requirement(spec)
+        assert req.specifier.contains(build[req.name.lower()][0]), f"requirements-build.lock: {spec}"
+    # What the image must not hold is not even locked.
+    assert not {"pip", "setuptools", "pytest", "cybedefend-double", "wheel"} & set(lock)
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert dockerfile.count("--require-hashes") >= 2 and "venv --without-pip /opt/venv" in dockerfile
+
+
+def _image_python_dists() -> set[str]:
+    """The Python distributions the image will hold: requirements.lock's pins for Linux."""
+    from packaging.markers import Marker
+
+    env = {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix", "python_version": "3.11"}
+    lock = _lock(ROOT / "requirements.lock")
+    return {f"{n}=={v}" for n, (v, marker) in lock.items() if marker is None or Marker(marker).evaluate(env)}
 
 
 def _free_port() -> int:
@@ -106,15 +160,49 @@ def _wait_status(url: str, want: int, timeout: float, alive: Callable[[], bool])
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not IMAGE_TEST, reason=IMAGE_TEST_REASON)
 def test_image_builds_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> None:
-    build = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh")], capture_output=True, text=True, timeout=840, check=False)
+    podman = [tool("podman"), "--runtime", "runc"]
+    base = "localhost/cybedefend-bridge-base:bookworm"
+    base_was_there = run([*podman, "image", "exists", base], check=False).returncode == 0
+    image = f"localhost/cybedefend-bridge-test:{secrets.token_hex(4)}"
+    try:
+        _build_and_run(tmp_path, podman, image)
+    finally:
+        # Leave the machine as found: the image this test built, and the base if it made it.
+        subprocess.run([*podman, "rmi", "-f", image], capture_output=True, timeout=120, check=False)
+        if not base_was_there:
+            subprocess.run([*podman, "rmi", "-f", base], capture_output=True, timeout=120, check=False)
+    assert run([*podman, "image", "exists", image], check=False).returncode != 0, "the test image was not removed"
+
+
+def _build_and_run(tmp_path: Path, podman: list[str], image: str) -> None:
+    build = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh"), image], capture_output=True, text=True,
+                           timeout=840, check=False, env={**os.environ, "BRIDGE_IMAGE_LAYERS": "0"})
     assert build.returncode == 0, build.stderr[-4000:]
-    image = build.stdout.strip().splitlines()[-1]
+    assert build.stdout.strip().splitlines()[-1] == image
+
+    # What the image holds: exactly the locked distributions and the bridge; no pip, setuptools or double.
+    probe = run([*podman, "run", "--rm", "--network", "none", "--no-healthcheck", *ULIMITS, "--entrypoint", "python3", image, "-c",
+                 "import importlib.metadata as m, importlib.util as u, json; print(json.dumps({"
+                 "'dists': sorted(d.metadata['Name'].lower().replace('_', '-') + '==' + d.version for d in m.distributions()),"
+                 "'found': [n for n in ('pip', 'setuptools', 'cybedefend_double', 'pytest') if u.find_spec(n)]}))"])
+    held = json.loads(probe.stdout)
+    assert held["found"] == [], f"the image holds {held['found']}"
+    assert set(held["dists"]) == _image_python_dists() | {"cybedefend-bridge==0.1.0"}
+    # The SBOM CI makes (scripts/sbom.sh) lists those distributions (and the lock's Windows-only pins).
+    if shutil.which("cyclonedx-py") is None:
+        missing("cyclonedx-py", "run: bash .ci/install-tools.sh")
+    sbom_file = tmp_path / "sbom.json"
+    run(["bash", str(ROOT / "scripts" / "sbom.sh"), str(sbom_file)], timeout=120)
+    sbom = json.loads(sbom_file.read_text(encoding="utf-8"))
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["metadata"]["component"]["name"] == "cybedefend-bridge"
+    listed = {f"{c['name'].lower()}=={c['version']}" for c in sbom["components"]}
+    all_pins = {f"{n}=={v}" for n, (v, _) in _lock(ROOT / "requirements.lock").items()}
+    assert _image_python_dists() <= listed == all_pins
 
     # OpenBao and the CybeDefend double on the host's loopback; the container shares the host network.
     (tmp_path / "openbao").mkdir()
     bao = DevOpenBao("dev", workdir=tmp_path / "openbao")
     sim = Simulator()
-    podman = [tool("podman"), "--runtime", "runc"]
     name = "bridge-image-test-" + secrets.token_hex(4)
     try:
         bao.start()
@@ -133,7 +221,7 @@ def test_image_builds_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> Non
         # ignores mode= there and would leave it root-owned 0700.
         start = run([
             *podman, "run", "-d", "--name", name, "--network", "host", "--read-only",
-            "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096", "--no-healthcheck",
+            *ULIMITS, "--no-healthcheck",
             "--tmpfs", "/tmp", "--tmpfs", "/var/lib/cybedefend-bridge:rw,U",
             "-v", f"{conf}:/etc/cybedefend-bridge:ro", image,
         ], check=False)

@@ -54,6 +54,15 @@ app.kubernetes.io/part-of: cybedefend-bridge
 {{- define "cybedefend-bridge.webhookTokenFile" -}}/var/run/secrets/cybedefend-bridge/webhook/{{ .Values.webhook.secretKey }}{{- end -}}
 {{- define "cybedefend-bridge.vaultCaFile" -}}/etc/cybedefend-bridge-vault-ca/{{ .Values.vault.ca.key }}{{- end -}}
 {{- define "cybedefend-bridge.ledgerDir" -}}/var/lib/cybedefend-bridge{{- end -}}
+{{- define "cybedefend-bridge.metricsTokenFile" -}}/var/run/secrets/cybedefend-bridge/metrics/{{ .Values.metricsAuth.secretKey }}{{- end -}}
+{{- define "cybedefend-bridge.tlsDir" -}}/var/run/secrets/cybedefend-bridge/tls{{- end -}}
+{{- define "cybedefend-bridge.auditFilePath" -}}{{ .Values.vaultServerSidecar.auditMountPath | trimSuffix "/" }}/{{ .Values.vaultServerSidecar.auditFile }}{{- end -}}
+
+{{/* Whether a monitoring.coreos.com kind is served by the cluster (or rendering is forced). */}}
+{{- define "cybedefend-bridge.hasMonitoringApi" -}}
+{{- $kind := .kind -}}
+{{- if or .force (.root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind)) -}}true{{- end -}}
+{{- end -}}
 
 {{/* Checks that values.schema.json cannot express (they span several keys). */}}
 {{- define "cybedefend-bridge.validate" -}}
@@ -64,7 +73,33 @@ app.kubernetes.io/part-of: cybedefend-bridge
 {{- if not (or .Values.cybedefend.existingSecret $auth.credential_vault_path) -}}
 {{- fail "cybedefend.existingSecret (a Secret holding the CybeDefend PAT) or config.cybedefend.auth.credential_vault_path is required" -}}
 {{- end -}}
-{{- if and .Values.ha.enabled (lt (int .Values.replicaCount) 2) -}}
+{{- $vss := .Values.vaultServerSidecar.enabled -}}
+{{- if and $vss (eq .Values.mode "sidecar") -}}
+{{- fail "vaultServerSidecar.enabled runs the bridge inside the Vault server pod: use mode cluster (Kubernetes auth with the Vault pod's ServiceAccount), not sidecar" -}}
+{{- end -}}
+{{- if and $vss (or .Values.metrics.serviceMonitor.enabled .Values.auditSocket.enabled .Values.persistence.enabled) -}}
+{{- fail "vaultServerSidecar.enabled renders no Service or PVC: metrics.serviceMonitor, auditSocket and persistence must stay off (scrape the Vault pod's port 8080 with a PodMonitor of your own)" -}}
+{{- end -}}
+{{- if and (eq .Values.mode "sidecar") .Values.vault.agent.injector (not $vss) -}}
+{{- /* The Vault Agent injector's admission rules (vault-k8s agent-inject/agent), checked here so helm fails before the webhook does. */ -}}
+{{- $uid := .Values.securityContext.runAsUser | default 0 | int64 -}}
+{{- if le $uid 0 -}}
+{{- fail "mode sidecar: securityContext.runAsUser must be set and non-zero (the injector's agent-run-as-same-user reads Containers[0].securityContext.runAsUser and refuses nil or 0)" -}}
+{{- end -}}
+{{- if le (.Values.securityContext.runAsGroup | default 0 | int64) 0 -}}
+{{- fail "mode sidecar: securityContext.runAsGroup must be set and non-zero (it becomes the agent's vault.hashicorp.com/agent-run-as-group)" -}}
+{{- end -}}
+{{- if not .Values.serviceAccount.automountServiceAccountToken -}}
+{{- fail "mode sidecar with vault.agent.injector: serviceAccount.automountServiceAccountToken must be true (the injector needs the token mount; it refuses the pod otherwise)" -}}
+{{- end -}}
+{{- if not (default .Values.vault.kubernetesAuth.role .Values.vault.agent.role) -}}
+{{- fail "mode sidecar: vault.agent.role or vault.kubernetesAuth.role is required (the injector refuses a pod without a Vault role)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
+{{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret with the certificate and key)" -}}
+{{- end -}}
+{{- if and .Values.ha.enabled (not $vss) (lt (int .Values.replicaCount) 2) -}}
 {{- fail "ha.enabled needs replicaCount >= 2" -}}
 {{- end -}}
 {{- if and (not .Values.ha.enabled) (gt (int .Values.replicaCount) 1) -}}
@@ -72,9 +107,6 @@ app.kubernetes.io/part-of: cybedefend-bridge
 {{- end -}}
 {{- if and .Values.ha.enabled .Values.persistence.enabled -}}
 {{- fail "ha.enabled with persistence.enabled: replicas cannot share one ledger volume; use the default emptyDir (the ledger is rebuilt from Vault)" -}}
-{{- end -}}
-{{- if and .Values.ha.enabled .Values.podDisruptionBudget.enabled -}}
-{{- fail "podDisruptionBudget.enabled with ha.enabled: only the leader is Ready, so a PDB would block evicting it forever; leave the PDB off with HA" -}}
 {{- end -}}
 {{- $ledger := .Values.config.ledger | default dict -}}
 {{- if and (eq ($ledger.key_source | default "vault") "file") (not .Values.persistence.enabled) -}}
@@ -121,6 +153,14 @@ app.kubernetes.io/part-of: cybedefend-bridge
 {{- if .Values.webhook.existingSecret -}}
 {{- $_ := set $server "webhook_token_file" (include "cybedefend-bridge.webhookTokenFile" .) -}}
 {{- end -}}
+{{- /* Only when set: the bridge's settings forbid unknown keys, so an unset option must not appear. */ -}}
+{{- if .Values.tls.enabled -}}
+{{- $_ := set $server "tls_cert_file" (printf "%s/%s" (include "cybedefend-bridge.tlsDir" .) .Values.tls.certKey) -}}
+{{- $_ := set $server "tls_key_file" (printf "%s/%s" (include "cybedefend-bridge.tlsDir" .) .Values.tls.keyKey) -}}
+{{- end -}}
+{{- if .Values.metricsAuth.existingSecret -}}
+{{- $_ := set $server "metrics_token_file" (include "cybedefend-bridge.metricsTokenFile" .) -}}
+{{- end -}}
 {{- $_ := set $cfg "server" $server -}}
 {{- $ledger := get $cfg "ledger" | default dict -}}
 {{- $_ := set $ledger "path" (printf "%s/ledger.sqlite3" (include "cybedefend-bridge.ledgerDir" .)) -}}
@@ -128,6 +168,13 @@ app.kubernetes.io/part-of: cybedefend-bridge
 {{- $ha := get $cfg "ha" | default dict -}}
 {{- $_ := set $ha "enabled" .Values.ha.enabled -}}
 {{- $_ := set $cfg "ha" $ha -}}
+{{- if .Values.vaultServerSidecar.enabled -}}
+{{- $triggers := get $cfg "triggers" | default dict -}}
+{{- $file := get $triggers "audit_file" | default dict -}}
+{{- $_ := set $file "path" (include "cybedefend-bridge.auditFilePath" .) -}}
+{{- $_ := set $triggers "audit_file" $file -}}
+{{- $_ := set $cfg "triggers" $triggers -}}
+{{- end -}}
 {{- if .Values.auditSocket.enabled -}}
 {{- $triggers := get $cfg "triggers" | default dict -}}
 {{- $sock := get $triggers "audit_socket" | default dict -}}
