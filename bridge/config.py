@@ -286,8 +286,20 @@ class ServerSettings(_Section):
         None, description="File holding the bearer token for POST /v1/sync and /v1/audit. Unset: those endpoints are off."
     )
     status_requires_token: bool = Field(False, description="Require the webhook bearer token for /v1/status too.")
+    metrics_token_file: Path | None = Field(
+        None, description="File holding a bearer token required on GET /metrics and /v1/status. Unset: those are open (protect them with the NetworkPolicy)."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body, bytes.")
-    ready_max_intervals: float = Field(3.0, gt=0, description="/readyz fails when the last full pass is older than this many intervals.")
+    ready_max_intervals: float = Field(
+        3.0, gt=0, description="/v1/status and the pass_fresh metric call the last full pass stale past this many intervals (readiness does not depend on it)."
+    )
+    threads: int = Field(4, ge=1, le=64, description="Worker threads answering requests; connections beyond them wait without holding a thread.")
+    connection_limit: int = Field(
+        256, ge=8, le=10000, description="Open connections at most; past it new ones wait in the kernel's backlog until one closes."
+    )
+    channel_timeout_seconds: int = Field(
+        30, ge=1, le=3600, description="A connection with no activity for this long is closed, seconds."
+    )
 
 
 class AuditFileSettings(_Section):

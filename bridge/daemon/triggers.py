@@ -77,10 +77,16 @@ class AuditMatcher:
         if entry.get("type") != "response" or entry.get("error"):
             return []
         req = entry.get("request")
-        if not isinstance(req, dict) or req.get("operation") not in _WRITE_OPS:
+        if not isinstance(req, dict):
             return []
-        path, op = req.get("path"), req["operation"]
-        if not isinstance(path, str):
+        # Checked as a string first: `[] in frozenset` raises TypeError (unhashable), and one odd
+        # line must never cost the rest of its batch.
+        op, path = req.get("operation"), req.get("path")
+        if not isinstance(op, str) or op not in _WRITE_OPS or not isinstance(path, str):
+            return []
+        # `.` / `..` / empty (`//`) segments: not a name the bridge can trust to mean one secret
+        # (the engine's listing would never produce it); the periodic full pass covers whatever it was.
+        if any(seg in (".", "..") for seg in path.split("/")) or "//" in path.strip("/"):
             return []
         ns_info = req.get("namespace", {})  # absent before Vault 0.11: the root namespace
         if not isinstance(ns_info, dict):
