@@ -14,8 +14,9 @@ It wires the lifecycles of parts the composition root (`bridge.app`) built:
   leadership or an upstream: with HA every replica is Ready (a standby forwards what it receives
   to the leader), so `helm --wait`, `kubectl rollout status`, Flux and Argo CD finish, and a
   Vault outage does not take every replica out of its Service (the webhook and audit ingest
-  keep being answered; the periodic full pass catches up). Leadership, Vault health (probe
-  cached VAULT_HEALTH_CACHE_SECONDS so probes cannot hammer Vault), CybeDefend as the last pass
+  keep being answered; the periodic full pass catches up). Leadership, Vault health (probed
+  every VAULT_HEALTH_CACHE_SECONDS by the upstream-health thread, never on a request path, so
+  neither probes nor scrapes can hammer or wait for Vault), CybeDefend as the last pass
   saw it, and whether the last full pass is within `server.ready_max_intervals` periods are in
   /v1/status and the metrics instead.
 - `run()` (main thread): SIGTERM/SIGINT stop taking triggers, set `stop` (the engine finishes the
@@ -134,6 +135,7 @@ class Daemon:
         self._scheduler: SchedulerPort | None = None
         self._server: ServerPort | None = None
         self._worker: threading.Thread | None = None
+        self._health: threading.Thread | None = None
         self._keeper: LeaseKeeper | None = None
         self.port: int | None = None
         forward = parts.forward
@@ -162,6 +164,10 @@ class Daemon:
         # daemon=True: past the grace period the process must be able to exit mid-secret.
         self._worker = threading.Thread(target=self._work, name="sync-worker", daemon=True)
         self._worker.start()
+        # Upstream health is probed here, off every request path: a hung Vault must never make a
+        # probe or a scrape wait, and the metrics stay true between scrapes and probes.
+        self._health = threading.Thread(target=self._watch_upstreams, name="upstream-health", daemon=True)
+        self._health.start()
         for service in p.services:
             service.start()
         self._scheduler = p.make_scheduler(self._settings.schedule, self._tick)
@@ -384,7 +390,6 @@ class Daemon:
 
     def ready(self) -> list[Check]:
         """Can this replica accept work? Never leadership nor an upstream (see the module docstring)."""
-        self._refresh_upstreams()
         checks: list[Check] = [
             ("config", True, ""),  # this object exists only with validated settings
             ("http", self.port is not None, "not bound"),
@@ -392,6 +397,14 @@ class Daemon:
         ]
         self._p.metrics.ready.set(1 if all(c[1] for c in checks) else 0)
         return checks
+
+    def _watch_upstreams(self) -> None:
+        while not self._draining.is_set():
+            try:
+                self._refresh_upstreams()
+            except Exception as exc:  # the watcher outlives anything a probe throws
+                log.warning("upstream_health_failed", error=type(exc).__name__)
+            self._draining.wait(VAULT_HEALTH_CACHE_SECONDS)
 
     def _refresh_upstreams(self) -> bool:
         vault = self._vault_ok()
@@ -429,7 +442,7 @@ class Daemon:
         doc = dict(self._p.engine.status())
         lease = self._p.lease
         checks = self.ready()
-        vault = self._refresh_upstreams()
+        vault = self._vault[1] if self._vault is not None else None  # as last probed (None: not yet)
         fresh, age, limit = self._pass_fresh()
         doc["daemon"] = {
             "ready": all(c[1] for c in checks),
