@@ -234,7 +234,8 @@ def run_daemon(config_path: Path) -> int:
     if settings.triggers.audit_socket is not None:
         sock = settings.triggers.audit_socket
         listener = AuditSocketListener(sock.bind, sock.port, sock.allowed_peers, lambda line: socket_handler[0](line),
-                                       services_stop, metrics=metrics)
+                                       services_stop, metrics=metrics, max_connections=sock.max_connections,
+                                       idle_timeout_seconds=sock.idle_timeout_seconds)
     try:
         built = _start_up(settings, metrics, stop, server)
     except BaseException:

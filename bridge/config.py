@@ -313,6 +313,12 @@ class AuditSocketSettings(_Section):
     allowed_peers: list[str] = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"], description="CIDRs allowed to connect; others are refused."
     )
+    max_connections: int = Field(
+        8, ge=1, le=256, description="Connections served at once; past it the longest-idle one is evicted, else the new one is refused."
+    )
+    idle_timeout_seconds: float = Field(
+        900.0, ge=1, le=86400, description="A connection silent this long is closed (Vault reconnects on its next write), seconds."
+    )
 
 
 class TriggerSettings(_Section):
