@@ -129,7 +129,7 @@ class Metrics:
         self.ready = Gauge(p + "ready", "1 when /readyz answers 200 (the replica accepts work; not leadership, not upstream health).", registry=r)
         self.upstream_healthy = Gauge(
             p + "upstream_healthy",
-            "1 when the upstream looks healthy: vault = the token works (probed, cached 5 s); cybedefend = the last pass did not fail.",
+            "1 when the upstream looks healthy: vault = the token works (probed every 5 s); cybedefend = the last pass did not fail.",
             ["upstream"],
             registry=r,
         )
