@@ -293,6 +293,10 @@ class ServerSettings(_Section):
     ready_max_intervals: float = Field(
         3.0, gt=0, description="/v1/status and the pass_fresh metric call the last full pass stale past this many intervals (readiness does not depend on it)."
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) served on the HTTP port; with tls_key_file, the port speaks HTTPS only. Re-read when it changes."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (unencrypted). Re-read when it changes.")
     threads: int = Field(4, ge=1, le=64, description="Worker threads answering requests; connections beyond them wait without holding a thread.")
     connection_limit: int = Field(
         256, ge=8, le=10000, description="Open connections at most; past it new ones wait in the kernel's backlog until one closes."
@@ -300,6 +304,12 @@ class ServerSettings(_Section):
     channel_timeout_seconds: int = Field(
         30, ge=1, le=3600, description="A connection with no activity for this long is closed, seconds."
     )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file are set together or not at all")
+        return self
 
 
 class AuditFileSettings(_Section):

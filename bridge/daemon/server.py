@@ -11,6 +11,10 @@ waitress answers 413 and closes without draining the rest, so a client still sen
 past the limit may see a connection reset instead of the 413 (the stdlib server drained up to
 8 MiB; not draining is what keeps an oversized sender from holding the loop).
 
+With `server.tls_cert_file` and `server.tls_key_file` the port speaks HTTPS only, terminated by
+`bridge.daemon.tls.TlsFront` in front of waitress (which has no TLS, and why it cannot simply be
+handed ssl sockets is explained there); the certificate is re-read when its files change.
+
 Everything the server knows comes through callables (`Hooks`), which `set_hooks` may replace
 while it serves: the composition root binds the port with start-up hooks before Vault answers,
 then hands the same server to the daemon. Bearer tokens are compared in constant time. Access
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from waitress.server import create_server
 from bridge.config import ServerSettings
 from bridge.daemon.audit import parse_ingest_body
 from bridge.daemon.ha import FORWARD_HEADER
+from bridge.daemon.tls import TlsFront, private_socket_dir
 from bridge.errors import BadRequest, IngestRejected
 from bridge.logs import get_logger
 from bridge.metrics import CONTENT_TYPE, Metrics
@@ -162,6 +169,8 @@ class HttpServer:
         self._server: Any = None  # waitress's server object (untyped internals kept to this module)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._tls: TlsFront | None = None
+        self._socket_dir: str | None = None
         self.port: int | None = None
 
     def set_hooks(self, hooks: Hooks) -> None:
@@ -188,10 +197,16 @@ class HttpServer:
             if self._server is not None and self.port is not None:
                 return self.port
             s = self.settings
+            if s.tls_cert_file is not None and s.tls_key_file is not None:
+                # waitress has no TLS and cannot be handed ssl sockets (see bridge.daemon.tls): it
+                # serves a private Unix socket, and the TLS front owns the public address.
+                self._socket_dir = private_socket_dir()
+                listen: dict[str, Any] = {"unix_socket": os.path.join(self._socket_dir, "http.sock"), "unix_socket_perms": "600"}
+            else:
+                listen = {"host": s.bind, "port": s.port}
             server: Any = create_server(
                 self._wsgi,
-                host=s.bind,
-                port=s.port,
+                **listen,
                 threads=s.threads,
                 connection_limit=s.connection_limit,
                 channel_timeout=s.channel_timeout_seconds,
@@ -204,10 +219,24 @@ class HttpServer:
                 asyncore_loop_timeout=1,
             )
             self._server = server
-            self.port = int(server.effective_port)
+            if "unix_socket" in listen:
+                assert s.tls_cert_file is not None and s.tls_key_file is not None
+                try:
+                    self._tls = TlsFront(s.bind, s.port, listen["unix_socket"], s.tls_cert_file, s.tls_key_file,
+                                         max_connections=s.connection_limit, idle_timeout=s.channel_timeout_seconds)
+                except BaseException:
+                    server.close()
+                    self._server = None
+                    shutil.rmtree(self._socket_dir, ignore_errors=True)
+                    self._socket_dir = None
+                    raise
+                self._tls.start()
+                self.port = self._tls.port
+            else:
+                self.port = int(server.effective_port)
             self._thread = threading.Thread(target=server.run, name="http", daemon=True)
             self._thread.start()
-        log.info("http_listening", bind=s.bind, port=self.port, threads=s.threads)
+        log.info("http_listening", bind=s.bind, port=self.port, threads=s.threads, tls=self._tls is not None)
         return self.port
 
     def stop(self) -> None:
@@ -216,6 +245,9 @@ class HttpServer:
             thread, self._thread = self._thread, None
         if server is None:
             return
+        tls, self._tls = self._tls, None
+        if tls is not None:
+            tls.close()
         # Closing sockets from this thread while the loop polls them races with it; the trigger
         # runs the close inside the loop's own thread, and the loop ends once its map is empty.
         from waitress import wasyncore
@@ -227,6 +259,9 @@ class HttpServer:
         if thread is not None:
             thread.join(timeout=5)
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        socket_dir, self._socket_dir = self._socket_dir, None
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
 
     # -- WSGI -------------------------------------------------------------------------------
 
