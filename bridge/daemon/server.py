@@ -227,7 +227,7 @@ class HttpServer:
                 except BaseException:
                     server.close()
                     self._server = None
-                    shutil.rmtree(self._socket_dir, ignore_errors=True)
+                    shutil.rmtree(listen["unix_socket"].rsplit("/", 1)[0], ignore_errors=True)
                     self._socket_dir = None
                     raise
                 self._tls.start()
