@@ -254,7 +254,8 @@ def run_daemon(config_path: Path) -> int:
     renewer = threading.Thread(target=bridge.vault.run_renewer, args=(renewer_stop,), name="vault-renewer", daemon=True)
     renewer.start()
 
-    queue = TriggerQueue(settings.triggers.debounce_seconds, settings.triggers.queue_size, metrics)
+    queue = TriggerQueue(settings.triggers.debounce_seconds, settings.triggers.queue_size, metrics,
+                         leading_edge=settings.triggers.leading_edge)
     kv_versions = {}
     for src in settings.sources:
         try:

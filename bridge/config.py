@@ -336,6 +336,9 @@ class TriggerSettings(_Section):
     audit_socket: AuditSocketSettings | None = Field(None, description="Listen for a socket audit device (see caveats in docs).")
     audit_ingest: bool = Field(False, description="Accept forwarded audit lines on POST /v1/audit (needs webhook_token_file).")
     debounce_seconds: float = Field(0.25, ge=0, le=60, description="A burst of writes to one path within this costs one sync, seconds.")
+    leading_edge: bool = Field(
+        True, description="The first write to a path after debounce_seconds of quiet syncs at once; the rest of a burst costs one follow-up sync."
+    )
     queue_size: int = Field(1000, ge=1, description="Pending targeted syncs; on overflow a full pass is scheduled instead.")
 
 
