@@ -60,6 +60,9 @@ def test_two_replicas_one_leader_no_duplicates_failover_and_forwarding(stack: St
     wait_for(lambda: sorted(roles(a, b)) == [0.0, 1.0], 30, 0.1)
     leader, standby = (a, b) if a.metric(LEADER) == 1 else (b, a)
     leader.wait_ready()
+    # A replica still starting (logging in to Vault) also reports leader 0 and is Ready: wait until
+    # the standby's daemon runs, i.e. it has seen the lease, before looking at its role.
+    wait_for(lambda: "daemon" in standby.status(), 30, 0.1)
     for _ in range(3):  # stable: renewals do not flap
         assert roles(leader, standby) == [1.0, 0.0]
         # Every replica is Ready (rollouts and GitOps tools finish); leadership is in status and metrics.
