@@ -1,7 +1,7 @@
 """The real daemon under test: `python -m bridge run --config FILE` in its own process.
 
 Started with the scheduler's first pass due at once and the next one an hour later, so after
-/readyz turns 200 (a full pass has finished) the daemon sits idle between passes; that idle
+/v1/status shows a finished full pass the daemon sits idle between passes; that idle
 stretch is what benchmark 4 measures, and the audit trigger is what benchmark 3 measures.
 """
 
@@ -41,7 +41,7 @@ def proc_status_kib(pid: int) -> dict[str, int]:
 
 
 class DaemonProcess:
-    """`cybedefend-bridge run`; `__enter__` returns once /readyz answers 200."""
+    """`cybedefend-bridge run`; `__enter__` returns once /v1/status shows a finished full pass."""
 
     def __init__(self, raw_settings: dict[str, Any], workdir: Path, tag: str, ready_timeout: float = 600.0) -> None:
         self.port = _free_port()
@@ -81,8 +81,10 @@ class DaemonProcess:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited with {self._proc.returncode}; see {self._log_path}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
+                # /readyz answers 200 once the daemon accepts work; the first full pass is in /v1/status.
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/status", timeout=2) as resp:
+                    daemon = json.loads(resp.read()).get("daemon") or {}
+                    if resp.status == 200 and daemon.get("last_full_pass_age_seconds") is not None:
                         return
             except (urllib.error.URLError, OSError):
                 pass

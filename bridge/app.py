@@ -19,6 +19,7 @@ from typing import Any
 
 from bridge.config import Settings
 from bridge.cybedefend.client import CybeDefendClient, read_credential_file
+from bridge.daemon.server import Hooks, HttpServer
 from bridge.dockerhub import DockerHubVerifier
 from bridge.engine.sync import SyncEngine
 from bridge.errors import BridgeError, ConfigError
@@ -28,6 +29,7 @@ from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.retry import backoff_delay
+from bridge.validation import REJECT_CODES
 from bridge.vault.source import VaultSource
 
 log = get_logger(__name__)
@@ -151,19 +153,43 @@ def _build_with_retry(settings: Settings, metrics: Metrics, stop: threading.Even
                 return None
 
 
-def _start_up(settings: Settings, metrics: Metrics, stop: threading.Event) -> Bridge | None:
-    """Build the bridge while already answering probes: /healthz 200 (the process is fine), /readyz 503.
+def startup_hooks(metrics: Metrics, *, audit_ingest: bool, max_lines: int = 10_000) -> Hooks:
+    """What the port answers while the bridge still waits for Vault and CybeDefend.
+
+    The replica is live and Ready: it accepts work. POST /v1/sync and /v1/audit answer 202 and
+    count what they deferred (`trigger_events_deferred`): the first pass of the daemon is a
+    full pass that reads Vault after them, so nothing is lost. This matters for OpenBao, which
+    sends a test entry to every declared HTTP audit device when it starts or reloads and refuses
+    to start when that POST is not answered 2xx — a bridge waiting for that very OpenBao must
+    not answer 503.
+    """
+    from bridge.daemon.audit import parse_ingest_body
+
+    def on_sync(paths: list[str] | None, source: str) -> bool:
+        metrics.ingest_deferred.labels(source="forwarded" if source == "forwarded" else "webhook").inc(len(paths) if paths else 1)
+        return True
+
+    def on_audit(body: bytes) -> dict[str, int]:
+        lines = len(parse_ingest_body(body, max_lines))  # an unacceptable body is still 400/413
+        metrics.ingest_deferred.labels(source="audit_ingest").inc(lines)
+        return {"accepted": lines, "keys": 0, "rejected": 0, "deferred": lines}
+
+    return Hooks(
+        live=lambda: [("startup", True, "")],
+        ready=lambda: [("config", True, ""), ("http", True, ""), ("triggers", True, "")],
+        status=lambda: {"starting": True, "waiting_for": "vault and cybedefend"},
+        on_sync=on_sync,
+        on_audit=on_audit if audit_ingest else None,
+    )
+
+
+def _start_up(settings: Settings, metrics: Metrics, stop: threading.Event, server: HttpServer) -> Bridge | None:
+    """Build the bridge while already serving (`server` is started and keeps serving afterwards).
 
     Without this, a pod starting during a Vault outage would fail its liveness probe and be
     restarted in a loop — the bridge's liveness must not depend on an upstream. SIGTERM/SIGINT
     during the wait end it cleanly (as PID 1, SIGTERM has no default action).
     """
-    from bridge.daemon.server import HttpServer
-
-    server = HttpServer(settings.server, metrics=metrics, live=lambda: True,
-                        ready=lambda: (False, "starting: waiting for Vault and CybeDefend"),
-                        status=lambda: {"starting": True}, on_sync=lambda paths, source: False,
-                        on_audit=None, webhook_token=None)
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -172,7 +198,6 @@ def _start_up(settings: Settings, metrics: Metrics, stop: threading.Event) -> Br
     try:
         return _build_with_retry(settings, metrics, stop)
     finally:
-        server.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -185,16 +210,21 @@ def run_daemon(config_path: Path) -> int:
     from bridge.daemon.ha import Lease
     from bridge.daemon.loop import Daemon, DaemonParts, ServerHooks
     from bridge.daemon.scheduler import Scheduler
-    from bridge.daemon.server import HttpServer, make_audit_ingest
+    from bridge.daemon.server import make_audit_ingest
     from bridge.daemon.triggers import AuditMatcher, TriggerQueue, line_handler
     from bridge.logs import configure
 
     settings = load_settings(config_path)
     configure(settings.logging.level, settings.logging.format)
-    metrics = Metrics()
+    metrics = Metrics(reject_reasons=REJECT_CODES)
     stop = threading.Event()
     services_stop = threading.Event()
     webhook_token = _read_token_file(settings.server.webhook_token_file, "server.webhook_token_file")
+    metrics_token = _read_token_file(settings.server.metrics_token_file, "server.metrics_token_file")
+    # One server for the whole life of the process, bound before Vault is reached (see
+    # `startup_hooks`); the daemon swaps in its own hooks once the bridge is built.
+    server = HttpServer(settings.server, metrics=metrics, hooks=startup_hooks(metrics, audit_ingest=settings.triggers.audit_ingest),
+                        webhook_token=webhook_token, metrics_token=metrics_token)
     # Listen for a socket audit device *before* waiting for Vault: a Vault whose config declares
     # one refuses to start until this address accepts connections, so binding only after Vault
     # answered would deadlock a joint start. Until the daemon starts the listener's thread,
@@ -204,14 +234,17 @@ def run_daemon(config_path: Path) -> int:
     if settings.triggers.audit_socket is not None:
         sock = settings.triggers.audit_socket
         listener = AuditSocketListener(sock.bind, sock.port, sock.allowed_peers, lambda line: socket_handler[0](line),
-                                       services_stop, metrics=metrics)
+                                       services_stop, metrics=metrics, max_connections=sock.max_connections,
+                                       idle_timeout_seconds=sock.idle_timeout_seconds)
     try:
-        built = _start_up(settings, metrics, stop)
+        built = _start_up(settings, metrics, stop, server)
     except BaseException:
+        server.stop()
         if listener is not None:
             listener.close()
         raise
     if built is None:  # stopped while waiting for Vault or CybeDefend
+        server.stop()
         if listener is not None:
             listener.close()
         log.info("stopped", during="start-up")
@@ -221,7 +254,8 @@ def run_daemon(config_path: Path) -> int:
     renewer = threading.Thread(target=bridge.vault.run_renewer, args=(renewer_stop,), name="vault-renewer", daemon=True)
     renewer.start()
 
-    queue = TriggerQueue(settings.triggers.debounce_seconds, settings.triggers.queue_size, metrics)
+    queue = TriggerQueue(settings.triggers.debounce_seconds, settings.triggers.queue_size, metrics,
+                         leading_edge=settings.triggers.leading_edge)
     kv_versions = {}
     for src in settings.sources:
         try:
@@ -245,8 +279,8 @@ def run_daemon(config_path: Path) -> int:
         lease = Lease(bridge.vault, settings.ha, identity=identity, address=settings.ha.advertise_address, metrics=metrics)
 
     def make_server(hooks: ServerHooks) -> HttpServer:
-        return HttpServer(settings.server, metrics=metrics, live=hooks.live, ready=hooks.ready, status=hooks.status,
-                          on_sync=hooks.on_sync, on_audit=hooks.on_audit, webhook_token=webhook_token)
+        server.set_hooks(hooks)  # already serving; start() returns its port
+        return server
 
     def reload() -> Settings:
         new = load_settings(config_path)

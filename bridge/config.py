@@ -286,8 +286,30 @@ class ServerSettings(_Section):
         None, description="File holding the bearer token for POST /v1/sync and /v1/audit. Unset: those endpoints are off."
     )
     status_requires_token: bool = Field(False, description="Require the webhook bearer token for /v1/status too.")
+    metrics_token_file: Path | None = Field(
+        None, description="File holding a bearer token required on GET /metrics and /v1/status. Unset: those are open (protect them with the NetworkPolicy)."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body, bytes.")
-    ready_max_intervals: float = Field(3.0, gt=0, description="/readyz fails when the last full pass is older than this many intervals.")
+    ready_max_intervals: float = Field(
+        3.0, gt=0, description="/v1/status and the pass_fresh metric call the last full pass stale past this many intervals (readiness does not depend on it)."
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) served on the HTTP port; with tls_key_file, the port speaks HTTPS only. Re-read when it changes."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (unencrypted). Re-read when it changes.")
+    threads: int = Field(4, ge=1, le=64, description="Worker threads answering requests; connections beyond them wait without holding a thread.")
+    connection_limit: int = Field(
+        256, ge=8, le=10000, description="Open connections at most; past it new ones wait in the kernel's backlog until one closes."
+    )
+    channel_timeout_seconds: int = Field(
+        30, ge=1, le=3600, description="A connection with no activity for this long is closed, seconds."
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file are set together or not at all")
+        return self
 
 
 class AuditFileSettings(_Section):
@@ -301,6 +323,12 @@ class AuditSocketSettings(_Section):
     allowed_peers: list[str] = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"], description="CIDRs allowed to connect; others are refused."
     )
+    max_connections: int = Field(
+        8, ge=1, le=256, description="Connections served at once; past it the longest-idle one is evicted, else the new one is refused."
+    )
+    idle_timeout_seconds: float = Field(
+        900.0, ge=1, le=86400, description="A connection silent this long is closed (Vault reconnects on its next write), seconds."
+    )
 
 
 class TriggerSettings(_Section):
@@ -308,6 +336,9 @@ class TriggerSettings(_Section):
     audit_socket: AuditSocketSettings | None = Field(None, description="Listen for a socket audit device (see caveats in docs).")
     audit_ingest: bool = Field(False, description="Accept forwarded audit lines on POST /v1/audit (needs webhook_token_file).")
     debounce_seconds: float = Field(0.25, ge=0, le=60, description="A burst of writes to one path within this costs one sync, seconds.")
+    leading_edge: bool = Field(
+        True, description="The first write to a path after debounce_seconds of quiet syncs at once; the rest of a burst costs one follow-up sync."
+    )
     queue_size: int = Field(1000, ge=1, description="Pending targeted syncs; on overflow a full pass is scheduled instead.")
 
 

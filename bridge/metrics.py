@@ -4,14 +4,33 @@ Labels are bounded sets only (trigger, action, result, reason code, endpoint nam
 class, operation): never a path, username, token or credential id. `docs/metrics.md` is
 checked against `METRIC_NAMES` by a test, and the Grafana dashboard and alert rules are checked
 against a live /metrics.
+
+Every bounded label set is created at zero when `Metrics` is built, so that a panel or an
+`increase()` sees 0 before the first event rather than no series at all (and a counter's first
+increment is not lost to `increase()`, which needs two samples). `_created` series are off: they
+doubled the sample count for a timestamp nobody graphs. The process and platform collectors give
+`process_resident_memory_bytes`, `process_cpu_seconds_total`, `process_start_time_seconds` and
+`python_info`, as every Prometheus exporter does.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bridge import __version__
+from bridge.model import ActionKind, Result, State
 
 PREFIX = "cybedefend_bridge_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -24,6 +43,15 @@ ACTION_RESULTS = ("ok", "failed", "deferred")
 ENDPOINTS = (
     "client_apps", "token_exchange", "create", "list", "get", "delete", "get_links", "set_links", "all_credentials"
 )
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
+PASS_KINDS = ("full", "targeted")
+LOGIN_RESULTS = ("ok", "failed")
+RETRY_TARGETS = ("vault", "cybedefend")
+UPSTREAMS = ("vault", "cybedefend")
+TRIGGER_SOURCES = ("audit_file", "audit_socket", "audit_ingest", "webhook", "forwarded")
+
+# Process-wide in prometheus_client (it has no per-registry switch); the bridge never wants them.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 
 DELETION_WHYS = ("superseded", "duplicate", "retired", "moved")
@@ -32,9 +60,15 @@ DELETION_WHYS = ("superseded", "duplicate", "retired", "moved")
 class Metrics:
     """All of the bridge's metrics, registered in the registry it is given (tests pass their own)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, reject_reasons: Sequence[str] = (),
+                 process_collectors: bool = True) -> None:
+        """`reject_reasons`: the validation's reason codes (given by the composition root, which
+        knows them), created at zero like every other bounded label set."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        if process_collectors:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         p = PREFIX
         self.passes = Counter(p + "passes", "Sync passes by trigger and result.", ["trigger", "result"], registry=r)
         self.pass_duration = Histogram(
@@ -104,16 +138,61 @@ class Metrics:
             p + "scheduler_events", "Scheduler events: executed, missed, skipped (already running), error.", ["event"], registry=r
         )
         self.leader = Gauge(p + "leader", "1 when this replica holds the HA lease (always 1 without HA).", registry=r)
-        self.ready = Gauge(p + "ready", "1 when /readyz answers 200.", registry=r)
+        self.ready = Gauge(p + "ready", "1 when /readyz answers 200 (the replica accepts work; not leadership, not upstream health).", registry=r)
+        self.upstream_healthy = Gauge(
+            p + "upstream_healthy",
+            "1 when the upstream looks healthy: vault = the token works (probed every 5 s); cybedefend = the last pass did not fail.",
+            ["upstream"],
+            registry=r,
+        )
+        self.full_pass_fresh = Gauge(
+            p + "full_pass_fresh", "1 when the last full pass finished within server.ready_max_intervals scheduler periods.", registry=r
+        )
+        self.ingest_deferred = Counter(
+            p + "trigger_events_deferred",
+            "Trigger requests answered while the bridge was still starting (Vault not reached yet): covered by the first full pass.",
+            ["source"],
+            registry=r,
+        )
         self.build_info = Gauge(p + "build_info", "Build information; the value is always 1.", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
+        self._zero(reject_reasons)
+
+    def _zero(self, reject_reasons: Sequence[str]) -> None:
+        for trigger in TRIGGERS:
+            for result in PASS_RESULTS:
+                self.passes.labels(trigger=trigger, result=result)
+            self.trigger_events.labels(source=trigger)
+        for kind in PASS_KINDS:
+            self.pass_duration.labels(kind=kind)
+        for action in ActionKind:
+            for outcome in Result:
+                self.actions.labels(action=action.value, result=outcome.value)
+        for state in State:
+            self.secrets.labels(state=state.value)
+        for reason in reject_reasons:
+            self.rejects.labels(reason=reason)
+        for result in LOGIN_RESULTS:
+            self.vault_logins.labels(result=result)
+            self.vault_renewals.labels(result=result)
+        for endpoint in ENDPOINTS:
+            self.api_duration.labels(endpoint=endpoint)
+            for status_class in STATUS_CLASSES:
+                self.api_requests.labels(endpoint=endpoint, status_class=status_class)
+        for target in RETRY_TARGETS:
+            self.retries.labels(target=target)
+        for source in TRIGGER_SOURCES:
+            self.trigger_dropped.labels(source=source)
+            self.ingest_deferred.labels(source=source)
+        for upstream in UPSTREAMS:
+            self.upstream_healthy.labels(upstream=upstream)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 def _names() -> tuple[str, ...]:
-    m = Metrics(CollectorRegistry())
+    m = Metrics(CollectorRegistry())  # the process collectors' names are included
     return tuple(sorted({mf.name for mf in m.registry.collect()}))
 
 

@@ -196,7 +196,12 @@ class DaemonProc:
             if not self.alive():
                 # Its log is not quoted here: if it ever leaked a secret, the test output would too.
                 raise AssertionError(f"the daemon exited with {self.proc.returncode if self.proc else None}; see {self.dir}")
-            return self.code("/readyz") == 200
+            if self.code("/readyz") != 200:
+                return False
+            # /readyz says "accepts work", not "has synced": wait for the first full pass as well.
+            code, body = self.get("/v1/status")
+            daemon = json.loads(body).get("daemon") if code == 200 else None
+            return isinstance(daemon, dict) and daemon.get("last_full_pass_age_seconds") is not None
 
         wait_for(ready, timeout)
 

@@ -147,8 +147,7 @@ def build(
     token = Sensitive(TOKEN)
 
     def make_server(h: ServerHooks) -> HttpServer:
-        return HttpServer(settings.server, metrics=m, live=h.live, ready=h.ready, status=h.status,
-                          on_sync=h.on_sync, on_audit=h.on_audit, webhook_token=token)
+        return HttpServer(settings.server, metrics=m, hooks=h, webhook_token=token)
 
     def make_scheduler(s: ScheduleSettings, tick: Callable[[], None]) -> Scheduler:
         return Scheduler(s, tick, m, rng=OffsetRng(first_run))
@@ -190,7 +189,14 @@ def http(port: int, method: str, path: str, body: Any = None, token: str | None 
         return exc.code, exc.read().decode()
 
 
-def test_startup_pass_then_ready_and_readiness_follows_vault(running: list[Daemon]) -> None:
+def status_daemon(port: int) -> dict[str, Any]:
+    code, body = http(port, "GET", "/v1/status")
+    assert code == 200
+    doc: dict[str, Any] = json.loads(body)["daemon"]
+    return doc
+
+
+def test_ready_means_accepting_work_and_vault_health_is_reported_not_gating(running: list[Daemon]) -> None:
     vault_up = [True]
     offset = [0.0]
     daemon, engine, m = build(
@@ -198,20 +204,37 @@ def test_startup_pass_then_ready_and_readiness_follows_vault(running: list[Daemo
     )
     running.append(daemon)
     port = daemon.start()
-    assert http(port, "GET", "/readyz") == (503, "no full pass has finished yet\n")
-    assert wait_for(lambda: http(port, "GET", "/readyz")[0] == 200)
+    # Ready before the first pass: the replica accepts work (triggers queue up behind the startup pass).
+    assert http(port, "GET", "/readyz") == (200, "ok\n")
+    assert status_daemon(port)["last_full_pass_fresh"] is False
+    assert wait_for(lambda: engine.requests)
     assert engine.requests[0].trigger == "startup" and engine.requests[0].paths is None
+    assert wait_for(lambda: status_daemon(port)["last_full_pass_fresh"] is True)
     assert m.registry.get_sample_value("cybedefend_bridge_ready") == 1
+    assert m.registry.get_sample_value("cybedefend_bridge_full_pass_fresh") == 1
     vault_up[0] = False
     offset[0] += 10  # past the Vault health cache
-    assert http(port, "GET", "/readyz") == (503, "vault unavailable or its login failing\n")
-    assert http(port, "GET", "/healthz")[0] == 200  # an upstream outage never fails liveness
+    assert http(port, "GET", "/readyz")[0] == 200  # a Vault outage keeps the replica in its Service
+    assert http(port, "GET", "/healthz")[0] == 200  # and never fails liveness
+    assert wait_for(lambda: status_daemon(port)["vault"] == {"healthy": False}, 10)  # the watcher probes every 5 s
+    doc = status_daemon(port)
+    assert doc["cybedefend"]["last_pass_result"] == "ok" and doc["cybedefend"]["healthy"] is True
+    assert m.registry.get_sample_value("cybedefend_bridge_upstream_healthy", {"upstream": "vault"}) == 0
+    assert m.registry.get_sample_value("cybedefend_bridge_upstream_healthy", {"upstream": "cybedefend"}) == 1
     vault_up[0] = True
     offset[0] += 10
-    assert http(port, "GET", "/readyz")[0] == 200
+    assert wait_for(lambda: status_daemon(port)["vault"] == {"healthy": True}, 10)
+    assert m.registry.get_sample_value("cybedefend_bridge_upstream_healthy", {"upstream": "vault"}) == 1
     offset[0] += 3 * 3600 + 20  # more than ready_max_intervals (3) x interval since the pass
-    status, reason = http(port, "GET", "/readyz")
-    assert status == 503 and "last full pass finished" in reason
+    doc = status_daemon(port)
+    assert doc["last_full_pass_fresh"] is False and doc["ready"] is True
+    assert m.registry.get_sample_value("cybedefend_bridge_full_pass_fresh") == 0
+    code, body = http(port, "GET", "/readyz?verbose")
+    assert (code, body) == (200, "[+]config ok\n[+]http ok\n[+]triggers ok\nreadyz check passed\n")
+    code, body = http(port, "GET", "/healthz?verbose")
+    assert (code, body) == (200, "[+]sync-worker ok\n[+]scheduler ok\nlivez check passed\n")
+    daemon.shutdown()
+    assert m.registry.get_sample_value("cybedefend_bridge_ready") == 0
 
 
 def test_a_webhook_leads_to_a_targeted_pass(running: list[Daemon]) -> None:
@@ -240,7 +263,7 @@ def test_forwarded_audit_lines_lead_to_a_targeted_pass(running: list[Daemon]) ->
         method="POST", headers={"Authorization": f"Bearer {TOKEN}"},
     )
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1 built here
-        assert resp.status == 202 and json.loads(resp.read()) == {"accepted": 2}
+        assert resp.status == 202 and json.loads(resp.read()) == {"accepted": 2, "keys": 1, "rejected": 0}
     assert wait_for(lambda: engine.requests)
     assert engine.requests[0].paths == frozenset({"secret/team/b"})
     assert engine.requests[0].trigger == "audit_ingest"
@@ -277,9 +300,11 @@ def test_standby_forwards_triggers_to_the_leader(running: list[Daemon]) -> None:
     assert leader_engine.requests[0].trigger == "forwarded"
     time.sleep(0.3)
     assert standby_engine.requests == []  # neither the forwarded keys nor its own schedule ran
-    status, reason = http(port, "GET", "/readyz")
-    assert status == 503 and reason.startswith("standby (leader: http://127.0.0.1:")
-    assert sm.registry.get_sample_value("cybedefend_bridge_leader") is not None
+    assert http(port, "GET", "/readyz")[0] == 200  # a standby accepts work too (it forwards it)
+    doc = status_daemon(port)
+    assert doc["leader"] is False and doc["ha"] is True and doc["leader_address"] == f"http://127.0.0.1:{leader_port}"
+    assert sm.registry.get_sample_value("cybedefend_bridge_leader") == 0
+    assert status_daemon(leader_port)["leader"] is True
 
 
 def test_a_failed_forward_is_dropped_and_counted(running: list[Daemon]) -> None:
@@ -336,14 +361,14 @@ def test_liveness_and_a_bounded_shutdown(running: list[Daemon]) -> None:
         make_settings(), engine=lambda stop: FakeEngine(stop, 20, 0.3), lease=lease, on_shutdown=hook.set
     )
     port = daemon.start()
-    assert daemon.live() and http(port, "GET", "/healthz")[0] == 200
+    assert all(ok for _, ok, _ in daemon.live()) and http(port, "GET", "/healthz")[0] == 200
     assert engine.running.wait(5)
     t0 = time.monotonic()
     daemon.shutdown()
     assert time.monotonic() - t0 < 1.0  # one secret (0.3 s), not the pass (6 s)
     assert engine.progress[-1].startswith("done ")
     assert hook.is_set() and lease.released
-    assert not daemon.live()
+    assert not all(ok for _, ok, _ in daemon.live())
     assert daemon.on_sync(["secret/team/a"], "webhook") is False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import json
 import logging
@@ -12,9 +13,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import bridge.daemon.server
 from bridge.config import ServerSettings
-from bridge.daemon.server import MAX_SYNC_PATHS, HttpServer
+from bridge.daemon.ha import FORWARD_HEADER
+from bridge.daemon.server import MAX_SYNC_PATHS, Check, HttpServer
+from bridge.daemon.server import Hooks as ServerHooks
 from bridge.errors import IngestRejected
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.model import Sensitive
@@ -32,11 +34,11 @@ class Hooks:
     audits: list[bytes] = field(default_factory=list)
     audit_error: Exception | None = None
 
-    def live(self) -> bool:
-        return self.live_ok
+    def live(self) -> list[Check]:
+        return [("worker", self.live_ok, "thread not running")]
 
-    def ready(self) -> tuple[bool, str]:
-        return self.ready_state
+    def ready(self) -> list[Check]:
+        return [("config", True, ""), ("triggers", self.ready_state[0], self.ready_state[1])]
 
     def status(self) -> dict[str, Any]:
         return {"secrets": [{"path": "secret/a", "state": "registered"}], "last_pass": None}
@@ -45,24 +47,28 @@ class Hooks:
         self.syncs.append((paths, source))
         return self.accept
 
-    def on_audit(self, body: bytes) -> int:
+    def on_audit(self, body: bytes) -> dict[str, int] | None:
         if self.audit_error is not None:
             raise self.audit_error
+        if not self.accept:
+            return None
         self.audits.append(body)
-        return len(body.splitlines())
+        return {"accepted": len(body.splitlines())}
+
+    def server_hooks(self, audit: bool = True) -> ServerHooks:
+        return ServerHooks(self.live, self.ready, self.status, self.on_sync, self.on_audit if audit else None)
 
 
-def start(hooks: Hooks, *, token: str | None = TOKEN, audit: bool = True, **kw: Any) -> tuple[HttpServer, int]:
+def start(
+    hooks: Hooks, *, token: str | None = TOKEN, audit: bool = True, metrics_token: str | None = None, **kw: Any
+) -> tuple[HttpServer, int]:
     settings = ServerSettings(bind="127.0.0.1", port=0, **kw)
     server = HttpServer(
         settings,
         metrics=Metrics(),
-        live=hooks.live,
-        ready=hooks.ready,
-        status=hooks.status,
-        on_sync=hooks.on_sync,
-        on_audit=hooks.on_audit if audit else None,
+        hooks=hooks.server_hooks(audit),
         webhook_token=Sensitive(token) if token else None,
+        metrics_token=Sensitive(metrics_token) if metrics_token else None,
     )
     return server, server.start()
 
@@ -109,14 +115,25 @@ def test_healthz_follows_live_only(served: tuple[HttpServer, int], hooks: Hooks)
     assert call(served[1], "GET", "/healthz")[0] == 200
     hooks.live_ok = False
     status, _, body = call(served[1], "GET", "/healthz")
-    assert status == 503 and b"not live" in body
+    assert status == 503 and body == b"[-]worker failed: thread not running\nlivez check failed\n"
 
 
 def test_readyz_answers_503_with_the_reason(served: tuple[HttpServer, int], hooks: Hooks) -> None:
-    assert call(served[1], "GET", "/readyz")[:3:2] == (200, b"ready\n")
-    hooks.ready_state = (False, "no full pass has finished yet")
+    assert call(served[1], "GET", "/readyz")[:3:2] == (200, b"ok\n")
+    hooks.ready_state = (False, "shutting down")
     status, _, body = call(served[1], "GET", "/readyz")
-    assert status == 503 and body == b"no full pass has finished yet\n"
+    assert status == 503 and body == b"[-]triggers failed: shutting down\nreadyz check failed\n"
+
+
+@pytest.mark.parametrize("query", ["?verbose", "?verbose=1", "?x=1&verbose="])
+def test_probes_explain_themselves_when_verbose(served: tuple[HttpServer, int], hooks: Hooks, query: str) -> None:
+    status, _, body = call(served[1], "GET", "/readyz" + query)
+    assert status == 200 and body == b"[+]config ok\n[+]triggers ok\nreadyz check passed\n"
+    hooks.ready_state = (False, "shutting down")
+    status, _, body = call(served[1], "GET", "/readyz" + query)
+    assert status == 503 and body == b"[+]config ok\n[-]triggers failed: shutting down\nreadyz check failed\n"
+    status, _, body = call(served[1], "GET", "/healthz" + query)
+    assert status == 200 and body == b"[+]worker ok\nlivez check passed\n"
 
 
 def test_status_is_json(served: tuple[HttpServer, int]) -> None:
@@ -137,13 +154,13 @@ def test_status_behind_the_token_when_configured(hooks: Hooks) -> None:
 
 def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], hooks: Hooks, monkeypatch: pytest.MonkeyPatch) -> None:
     compared: list[tuple[bytes, bytes]] = []
-    real = bridge.daemon.server.hmac.compare_digest
+    real = hmac.compare_digest
 
-    def spy(a: Any, b: Any) -> bool:
+    def spy(a: bytes, b: bytes) -> bool:
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(bridge.daemon.server.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # the server calls it through the module
     status, _, body = call(served[1], "POST", "/v1/sync", json.dumps({"paths": ["/secret/team/a/", "secret/b"]}).encode(), auth())
     assert status == 202 and json.loads(body) == {"accepted": True, "full": False, "paths": 2}
     assert hooks.syncs == [(["secret/team/a", "secret/b"], "webhook")]
@@ -154,7 +171,7 @@ def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], h
 
 
 def test_a_forwarded_sync_is_labelled_forwarded(served: tuple[HttpServer, int], hooks: Hooks) -> None:
-    headers = auth() | {bridge.daemon.server.FORWARD_HEADER: "1"}
+    headers = auth() | {FORWARD_HEADER: "1"}
     assert call(served[1], "POST", "/v1/sync", b'{"paths": ["secret/a"]}', headers)[0] == 202
     assert hooks.syncs == [(["secret/a"], "forwarded")]
 
@@ -200,21 +217,36 @@ def test_oversized_body_is_413_before_it_is_read(served: tuple[HttpServer, int],
         assert resp.status == 413
     finally:
         conn.close()
-    big = b"x" * ((1 << 20) + 1)
-    assert call(served[1], "POST", "/v1/audit", big, auth())[0] == 413
-    assert hooks.syncs == [] and hooks.audits == []
-
-
-def test_chunked_bodies_need_a_length(served: tuple[HttpServer, int]) -> None:
+    # Exactly the limit is taken; one byte more is refused from the header (waitress closes the
+    # connection after a 413 without reading the body, so the client must not be sending it).
+    limit = 1 << 20
+    assert call(served[1], "POST", "/v1/audit", b"\n" * limit, auth())[0] == 202
     conn = http.client.HTTPConnection("127.0.0.1", served[1], timeout=5)
     try:
-        conn.putrequest("POST", "/v1/sync")
+        conn.putrequest("POST", "/v1/audit")
         conn.putheader("Authorization", f"Bearer {TOKEN}")
-        conn.putheader("Transfer-Encoding", "chunked")
-        conn.endheaders()  # the answer must not wait for (or try to parse) the chunks
-        assert conn.getresponse().status == 411
+        conn.putheader("Content-Length", str(limit + 1))
+        conn.endheaders()
+        assert conn.getresponse().status == 413
     finally:
         conn.close()
+    assert hooks.syncs == [] and len(hooks.audits) == 1
+
+
+def test_chunked_bodies_are_bounded_while_they_are_read(served: tuple[HttpServer, int], hooks: Hooks) -> None:
+    # waitress de-chunks and counts as it reads: past max_body_bytes it answers 413 without buffering the rest.
+    def chunked(chunks: list[bytes]) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", served[1], timeout=5)
+        try:
+            conn.request("POST", "/v1/sync", body=iter(chunks), headers=auth(), encode_chunked=True)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert chunked([b'{"paths": ', b'["secret/a"]}']) == 202
+    assert hooks.syncs == [(["secret/a"], "webhook")]
+    assert chunked([b"x" * (1 << 19)] * 3) == 413
+    assert len(hooks.syncs) == 1
 
 
 @pytest.mark.parametrize(
@@ -242,6 +274,7 @@ def test_malformed_sync_bodies_are_400(served: tuple[HttpServer, int], hooks: Ho
 def test_sync_while_shutting_down_is_503(served: tuple[HttpServer, int], hooks: Hooks) -> None:
     hooks.accept = False
     assert call(served[1], "POST", "/v1/sync", b"", auth())[0] == 503
+    assert call(served[1], "POST", "/v1/audit", b"{}\n", auth())[0] == 503
 
 
 def test_audit_lines_are_handed_over_and_counted(served: tuple[HttpServer, int], hooks: Hooks) -> None:
@@ -278,3 +311,61 @@ def test_neither_the_token_nor_bodies_are_logged(hooks: Hooks, caplog: pytest.Lo
     assert TOKEN not in logged
     assert SECRET_BODY_MARK not in logged
     assert TOKEN not in repr(vars(server))  # the token stays wrapped in the object too
+
+
+def test_metrics_and_status_behind_the_metrics_token(hooks: Hooks) -> None:
+    metrics_token = "mtk_0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+    server, port = start(hooks, metrics_token=metrics_token)
+    try:
+        assert call(port, "GET", "/metrics")[0] == 401
+        assert call(port, "GET", "/metrics", headers=auth())[0] == 401  # the webhook token is not the metrics token
+        status, headers, _ = call(port, "GET", "/metrics", headers=auth(metrics_token))
+        assert status == 200 and headers["content-type"] == CONTENT_TYPE
+        assert call(port, "GET", "/v1/status")[0] == 401
+        assert call(port, "GET", "/v1/status", headers=auth(metrics_token))[0] == 200
+        assert call(port, "GET", "/healthz")[0] == 200  # probes never need a token (kubelet has none)
+        assert call(port, "GET", "/readyz")[0] == 200
+    finally:
+        server.stop()
+    assert metrics_token not in repr(vars(server))
+
+
+@pytest.mark.slow
+def test_trickling_clients_neither_hold_threads_nor_block_a_normal_client(hooks: Hooks) -> None:
+    """200 clients that send a request one byte at a time cost sockets, not threads."""
+    import socket
+    import threading
+    import time
+
+    before = threading.active_count()
+    server, port = start(hooks, threads=2, connection_limit=400)
+    slow: list[socket.socket] = []
+    try:
+        started = threading.active_count()
+        assert started - before <= 2 + 2  # the loop thread and the worker pool (threads=2), nothing per connection
+        request = f"POST /v1/sync HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 20\r\n\r\n".encode()
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(request[:5])
+            slow.append(s)
+        for i in range(5, 25):  # keep trickling, a byte per client per round, well within channel_timeout
+            for s in slow:
+                s.sendall(request[i : i + 1])
+            assert threading.active_count() == started
+            t0 = time.monotonic()
+            assert call(port, "GET", "/healthz")[0] == 200
+            assert time.monotonic() - t0 < 2.0
+        # Past the headers, into the body: still no thread is spent on them.
+        for s in slow:
+            s.sendall(request[25:] + b'{"paths"')
+        assert threading.active_count() == started
+        assert call(port, "GET", "/metrics")[0] == 200
+        assert hooks.syncs == []  # none of the slow requests was complete, so none reached a handler
+    finally:
+        for s in slow:
+            s.close()
+        server.stop()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before  # stop() ends the loop and the workers

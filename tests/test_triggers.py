@@ -372,3 +372,74 @@ def test_fixture_holds_no_clear_secret() -> None:
     # every data value in a KV write is HMAC'd
     e = json.loads(line("request", "create", "secret/data/dockerhub/team-a"))
     assert all(str(v).startswith("hmac-sha256:") for v in e["request"]["data"]["data"].values())
+
+
+# --- leading edge ----------------------------------------------------------------------------
+
+
+def test_leading_edge_a_lone_write_is_due_at_once() -> None:
+    clock = FakeClock()
+    q = TriggerQueue(0.25, 10, Metrics(), clock, leading_edge=True)
+    q.offer([A], "audit_file")
+    req = q.take(0)  # no clock movement: no debounce to wait out
+    assert req is not None and req.paths == frozenset({A}) and req.received_at == {A: 1000.0}
+
+
+def test_leading_edge_a_burst_costs_the_leading_sync_and_one_follow_up() -> None:
+    clock = FakeClock()
+    q = TriggerQueue(0.25, 10, Metrics(), clock, leading_edge=True)
+    q.offer([A], "audit_file")
+    first = q.take(0)
+    assert first is not None and first.paths == frozenset({A})
+    # The pass for the first write runs; meanwhile the burst goes on and nobody takes.
+    for _ in range(5):
+        clock.now += 0.1
+        q.offer([A], "audit_file")
+        assert q.take(0) is None  # still within the debounce of the latest write
+    clock.now += 0.26  # the burst settled
+    follow_up = q.take(0)
+    assert follow_up is not None and follow_up.paths == frozenset({A})
+    assert follow_up.received_at == {A: 1000.1}  # the first write after the leading one
+    assert q.take(0) is None  # one follow-up, not one per write
+
+
+def test_leading_edge_writes_while_busy_coalesce_across_keys() -> None:
+    clock = FakeClock()
+    q = TriggerQueue(0.25, 10, Metrics(), clock, leading_edge=True)
+    q.offer(["k/a"], "webhook")
+    q.offer(["k/b"], "audit_socket")
+    clock.now += 0.05
+    q.offer(["k/a"], "webhook")  # while the worker is still busy elsewhere
+    both = q.take(0)
+    assert both is not None and both.paths == frozenset({"k/a", "k/b"}) and both.trigger == "webhook"
+    assert q.take(0) is None
+
+
+def test_leading_edge_again_after_a_quiet_period_and_max_delay_still_holds() -> None:
+    clock = FakeClock()
+    q = TriggerQueue(0.25, 10, Metrics(), clock, leading_edge=True, max_delay_seconds=1.0)
+    q.offer([A], "audit_file")
+    assert q.take(0) is not None
+    clock.now += 0.3  # quiet for longer than the debounce: the next write leads again
+    q.offer([A], "audit_file")
+    assert q.take(0) is not None
+    for _ in range(9):  # now written every 0.1 s (never quiet): debounced, yet bounded by max_delay
+        clock.now += 0.1
+        q.offer([A], "audit_file")
+    assert q.take(0) is None
+    clock.now += 0.15
+    q.offer([A], "audit_file")
+    assert q.take(0) is None  # 0.95 s after the first debounced write
+    clock.now += 0.1
+    q.offer([A], "audit_file")
+    assert q.take(0) is not None  # 1.05 s after it: max_delay, though the writes never stopped
+
+
+def test_leading_edge_memory_of_recent_writes_is_bounded() -> None:
+    clock = FakeClock()
+    q = TriggerQueue(0.25, 5, Metrics(), clock, leading_edge=True)
+    for i in range(100):
+        q.offer([f"k/{i}"], "audit_file")
+        assert q.take(0) is not None
+        clock.now += 0.3
+    assert len(q._recent) <= 2 * 5 + 1

@@ -9,14 +9,25 @@ production; this is for setups where neither is possible.
 
 Only peers inside `allowed_peers` are served; others are closed at once, counted, and logged
 once per address (a scanner must not flood the log).
+
+Connections are bounded (`max_connections`) but silent ones cannot lock Vault out: when a new
+allowed peer arrives at the bound, the connection idle longest (silent at least
+`EVICT_MIN_IDLE_SECONDS`) is closed to make room, and only when every connection is busy is the
+new one refused. A connection silent for `idle_timeout_seconds` is closed, and TCP keepalive
+finds peers that vanished without a FIN. Vault keeps one connection to a socket device and
+reconnects when a write fails; the write that finds a closed connection may be lost, which the
+periodic full pass covers — hence a generous idle timeout by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from bridge.daemon.audit import MAX_LINE_BYTES, LineSplitter
 from bridge.errors import ConfigError
@@ -28,6 +39,27 @@ log = get_logger(__name__)
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _POLL = 0.2  # how often blocked accept/recv calls look at the stop flags, seconds
 _MAX_LOGGED_PEERS = 256
+EVICT_MIN_IDLE_SECONDS = 1.0  # a connection that sent within this is busy, never evicted
+# TCP keepalive: probe after 60 s of silence, every 10 s, give up after 3 unanswered probes.
+_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+
+
+def _keepalive(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE:
+        opt = getattr(socket, name, None)  # Linux has all three; other platforms keep their defaults
+        if opt is not None:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    peer: str
+    last_activity: float
+    thread: threading.Thread | None = None
+    evicted: threading.Event = field(default_factory=threading.Event)
 
 
 def _parse_networks(cidrs: Sequence[str]) -> list[_Network]:
@@ -54,6 +86,8 @@ class AuditSocketListener:
         metrics: Metrics | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
         max_connections: int = 8,
+        idle_timeout_seconds: float = 900.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._networks = _parse_networks(allowed_peers)
         self._on_line = on_line
@@ -62,10 +96,14 @@ class AuditSocketListener:
         self._metrics = metrics
         self._max_line = max_line_bytes
         self._max_conn = max_connections
+        self._idle_timeout = idle_timeout_seconds
+        self._mono = monotonic
         self._lock = threading.Lock()
-        self._handlers: set[threading.Thread] = set()
+        self._conns: set[_Conn] = set()
         self._logged_peers: set[str] = set()
         self.refused = 0  # connections refused since start (also a metric when one is given)
+        self.evicted = 0  # idle connections closed to make room for a new one
+        self.timed_out = 0  # connections closed after idle_timeout_seconds of silence
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         try:
             self._sock = socket.create_server((bind, port), family=family, backlog=16)
@@ -110,7 +148,7 @@ class AuditSocketListener:
         else:
             self._sock.close()
         with self._lock:
-            handlers = list(self._handlers)
+            handlers = [c.thread for c in self._conns if c.thread is not None]
         for t in handlers:
             t.join(timeout)
 
@@ -127,16 +165,37 @@ class AuditSocketListener:
         return any(ip.version == n.version and ip in n for n in self._networks)
 
     def _admit(self, conn: socket.socket, host: str) -> None:
-        with self._lock:
-            busy = len(self._handlers) >= self._max_conn
-        if not self._allowed(host) or busy:
+        if not self._allowed(host):
             conn.close()
-            self._refuse(host, "too_many_connections" if busy and self._allowed(host) else "peer_not_allowed")
+            self._refuse(host, "peer_not_allowed")
             return
-        t = threading.Thread(target=self._handle, args=(conn,), name="audit-socket-conn", daemon=True)
+        victim: _Conn | None = None
         with self._lock:
-            self._handlers.add(t)
-        t.start()
+            live = [c for c in self._conns if not c.evicted.is_set()]
+            if len(live) >= self._max_conn:
+                idlest = min(live, key=lambda c: c.last_activity)
+                if self._mono() - idlest.last_activity < EVICT_MIN_IDLE_SECONDS:
+                    busy = True  # every connection is sending: refusing the newcomer loses less
+                else:
+                    busy, victim = False, idlest
+                    victim.evicted.set()
+                    self.evicted += 1
+            else:
+                busy = False
+            if not busy:
+                new = _Conn(conn, host, self._mono())
+                thread = threading.Thread(target=self._handle, args=(new,), name="audit-socket-conn", daemon=True)
+                new.thread = thread
+                self._conns.add(new)
+        if busy:
+            conn.close()
+            self._refuse(host, "too_many_connections")
+            return
+        if victim is not None:
+            log.info("audit_socket_evicted_idle", peer=victim.peer, idle_seconds=round(self._mono() - victim.last_activity, 1))
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF at once and cleans up
+        thread.start()
 
     def _refuse(self, host: str, reason: str) -> None:
         self.refused += 1
@@ -146,21 +205,29 @@ class AuditSocketListener:
             self._logged_peers.add(host)
             log.warning("audit_socket_refused", peer=host, reason=reason)
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, c: _Conn) -> None:
         splitter = LineSplitter(self._on_line, self._max_line)
+        conn = c.sock
         try:
+            with contextlib.suppress(OSError):
+                _keepalive(conn)
             conn.settimeout(_POLL)
-            while not self._stopping():
+            while not self._stopping() and not c.evicted.is_set():
                 try:
                     data = conn.recv(1 << 16)
                 except TimeoutError:
+                    if self._mono() - c.last_activity >= self._idle_timeout:
+                        self.timed_out += 1
+                        log.info("audit_socket_idle_closed", peer=c.peer, idle_timeout_seconds=self._idle_timeout)
+                        break
                     continue
                 except OSError:
                     break
                 if not data:
                     break
+                c.last_activity = self._mono()
                 splitter.feed(data)
         finally:
             conn.close()
             with self._lock:
-                self._handlers.discard(threading.current_thread())
+                self._conns.discard(c)

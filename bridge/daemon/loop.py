@@ -10,9 +10,15 @@ It wires the lifecycles of parts the composition root (`bridge.app`) built:
   `stop` event so the pass ends after its current secret; a new leader's next full pass is
   brought forward.
 - /healthz: our own threads only (scheduler, worker, lease keeper), never Vault or CybeDefend.
-  /readyz: not draining, leader (with HA), Vault healthy (probe cached VAULT_HEALTH_CACHE_SECONDS
-  so probes cannot hammer Vault), and a full pass finished within `server.ready_max_intervals`
-  scheduler periods (none yet: not ready).
+  /readyz: "can this replica accept work" — config loaded, HTTP bound, not draining. Never
+  leadership or an upstream: with HA every replica is Ready (a standby forwards what it receives
+  to the leader), so `helm --wait`, `kubectl rollout status`, Flux and Argo CD finish, and a
+  Vault outage does not take every replica out of its Service (the webhook and audit ingest
+  keep being answered; the periodic full pass catches up). Leadership, Vault health (probed
+  every VAULT_HEALTH_CACHE_SECONDS by the upstream-health thread, never on a request path, so
+  neither probes nor scrapes can hammer or wait for Vault), CybeDefend as the last pass
+  saw it, and whether the last full pass is within `server.ready_max_intervals` periods are in
+  /v1/status and the metrics instead.
 - `run()` (main thread): SIGTERM/SIGINT stop taking triggers, set `stop` (the engine finishes the
   secret in flight), wait up to `sync.shutdown_grace_seconds`, release the lease, call
   `on_shutdown` (where the composition root closes the ledger and revokes the Vault token), and
@@ -39,6 +45,7 @@ from typing import Any, Protocol
 
 from bridge.config import ScheduleSettings, Settings
 from bridge.daemon.ha import LeaseKeeper, LeasePort, forward_to_leader
+from bridge.daemon.server import Check, Hooks, IngestResult
 from bridge.errors import ConfigError, IngestRejected
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
@@ -85,15 +92,7 @@ class ServicePort(Protocol):
     def close(self) -> object: ...
 
 
-@dataclass(frozen=True, slots=True)
-class ServerHooks:
-    """The callables the daemon gives the HTTP server (see `bridge.daemon.server.HttpServer`)."""
-
-    live: Callable[[], bool]
-    ready: Callable[[], tuple[bool, str]]
-    status: Callable[[], Mapping[str, Any]]
-    on_sync: Callable[[list[str] | None, str], bool]
-    on_audit: Callable[[bytes], int] | None
+ServerHooks = Hooks  # the callables the daemon gives the HTTP server (`bridge.daemon.server.Hooks`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +108,7 @@ class DaemonParts:
     vault_healthy: Callable[[], bool]  # True when Vault answers and our token works
     lease: LeasePort | None = None  # None: no HA, this replica always acts
     webhook_token: Sensitive | None = None  # for forwarding to the leader
-    audit_ingest: Callable[[bytes], tuple[int, list[str]]] | None = None  # server.make_audit_ingest
+    audit_ingest: Callable[[bytes], IngestResult] | None = None  # server.make_audit_ingest
     services: Sequence[ServicePort] = ()
     reload: Callable[[], Settings] | None = None  # SIGHUP: new settings, or ConfigError
     on_shutdown: Callable[[], None] | None = None
@@ -130,11 +129,13 @@ class Daemon:
         self._in_pass = False
         self._first_tick = True
         self._last_full: float | None = None  # monotonic time the last full ok/partial pass ended
+        self._last_result: str | None = None  # result of the last pass: CybeDefend health as it saw it
         self._vault_lock = threading.Lock()
         self._vault: tuple[float, bool] | None = None
         self._scheduler: SchedulerPort | None = None
         self._server: ServerPort | None = None
         self._worker: threading.Thread | None = None
+        self._health: threading.Thread | None = None
         self._keeper: LeaseKeeper | None = None
         self.port: int | None = None
         forward = parts.forward
@@ -163,6 +164,10 @@ class Daemon:
         # daemon=True: past the grace period the process must be able to exit mid-secret.
         self._worker = threading.Thread(target=self._work, name="sync-worker", daemon=True)
         self._worker.start()
+        # Upstream health is probed here, off every request path: a hung Vault must never make a
+        # probe or a scrape wait, and the metrics stay true between scrapes and probes.
+        self._health = threading.Thread(target=self._watch_upstreams, name="upstream-health", daemon=True)
+        self._health.start()
         for service in p.services:
             service.start()
         self._scheduler = p.make_scheduler(self._settings.schedule, self._tick)
@@ -305,6 +310,8 @@ class Daemon:
             self._in_pass = True
         try:
             report = self._p.engine.run(request)
+            self._last_result = report.result
+            self._p.metrics.upstream_healthy.labels(upstream="cybedefend").set(0 if report.result == "failed" else 1)
         finally:
             with self._lock:
                 self._in_pass = False
@@ -351,55 +358,68 @@ class Daemon:
             self._p.queue.offer(paths, source)  # False on overflow: the queue asked for a full pass
         return True
 
-    def _audit_hook(self) -> Callable[[bytes], int] | None:
+    def _audit_hook(self) -> Callable[[bytes], Mapping[str, int] | None] | None:
         ingest = self._p.audit_ingest
         if ingest is None:
             return None
 
-        def on_audit(body: bytes) -> int:
+        def on_audit(body: bytes) -> Mapping[str, int] | None:
             if self._draining.is_set():
-                return -1
+                return None
             try:
-                count, keys = ingest(body)
+                result = ingest(body)
             except IngestRejected as exc:
                 if exc.too_large:  # writes were lost: a full pass covers them
                     self._p.queue.request_full("audit_ingest")
                 raise
-            if keys:
-                self._p.queue.offer(keys, "audit_ingest")
-            return count
+            if result.keys:
+                self._p.queue.offer(result.keys, "audit_ingest")
+            return result.counts()
 
         return on_audit
 
-    def live(self) -> bool:
-        if self._worker is None or not self._worker.is_alive():
-            return False
-        if self._p.lease is not None and (self._keeper is None or not self._keeper.alive()):
-            return False
-        return self._scheduler is not None and self._scheduler.alive()
+    def live(self) -> list[Check]:
+        """Our own threads only: a dead upstream must never get the pod restarted."""
+        worker = self._worker is not None and self._worker.is_alive()
+        scheduler = self._scheduler is not None and self._scheduler.alive()
+        checks: list[Check] = [("sync-worker", worker, "thread not running"), ("scheduler", scheduler, "not running")]
+        if self._p.lease is not None:
+            keeper = self._keeper is not None and self._keeper.alive()
+            checks.append(("lease-keeper", keeper, "thread not running"))
+        return checks
 
-    def ready(self) -> tuple[bool, str]:
-        ok, reason = self._readiness()
-        self._p.metrics.ready.set(1 if ok else 0)
-        return ok, reason
+    def ready(self) -> list[Check]:
+        """Can this replica accept work? Never leadership nor an upstream (see the module docstring)."""
+        checks: list[Check] = [
+            ("config", True, ""),  # this object exists only with validated settings
+            ("http", self.port is not None, "not bound"),
+            ("triggers", not self._draining.is_set(), "shutting down"),
+        ]
+        self._p.metrics.ready.set(1 if all(c[1] for c in checks) else 0)
+        return checks
 
-    def _readiness(self) -> tuple[bool, str]:
+    def _watch_upstreams(self) -> None:
+        while not self._draining.is_set():
+            try:
+                self._refresh_upstreams()
+            except Exception as exc:  # the watcher outlives anything a probe throws
+                log.warning("upstream_health_failed", error=type(exc).__name__)
+            self._draining.wait(VAULT_HEALTH_CACHE_SECONDS)
+
+    def _refresh_upstreams(self) -> bool:
+        vault = self._vault_ok()
+        self._p.metrics.upstream_healthy.labels(upstream="vault").set(1 if vault else 0)
         lease = self._p.lease
-        if self._draining.is_set():
-            return False, "shutting down"
-        if lease is not None and not lease.is_leader():
-            address = lease.leader_address()
-            return False, f"standby (leader: {address})" if address else "standby (no leader known)"
-        if not self._vault_ok():
-            return False, "vault unavailable or its login failing"
-        if self._last_full is None:
-            return False, "no full pass has finished yet"
+        self._p.metrics.leader.set(1 if lease is None or lease.is_leader() else 0)
+        return vault
+
+    def _pass_fresh(self) -> tuple[bool, float | None, float]:
         period = self._scheduler.period_seconds() if self._scheduler else self._settings.schedule.interval_seconds
         limit = self._settings.server.ready_max_intervals * period
-        age = self._mono() - self._last_full
-        if age > limit:
-            return False, f"last full pass finished {age:.0f}s ago (limit {limit:.0f}s)"
-        return True, "ready"
+        age = None if self._last_full is None else self._mono() - self._last_full
+        fresh = age is not None and age <= limit
+        self._p.metrics.full_pass_fresh.set(1 if fresh else 0)
+        return fresh, age, limit
 
     def _vault_ok(self) -> bool:
         now = self._mono()
@@ -421,14 +441,24 @@ class Daemon:
     def status(self) -> Mapping[str, Any]:
         doc = dict(self._p.engine.status())
         lease = self._p.lease
-        ready, reason = self.ready()
+        checks = self.ready()
+        vault = self._vault[1] if self._vault is not None else None  # as last probed (None: not yet)
+        fresh, age, limit = self._pass_fresh()
         doc["daemon"] = {
-            "ready": ready,
-            "ready_reason": reason,
+            "ready": all(c[1] for c in checks),
+            "ready_checks": {name: "ok" if ok else reason for name, ok, reason in checks},
             "leader": lease.is_leader() if lease is not None else True,
             "leader_address": lease.leader_address() if lease is not None else None,
+            "ha": lease is not None,
+            "vault": {"healthy": vault},
+            # What CybeDefend looked like to the last pass (None before one): the bridge does not
+            # probe it on its own, since every probe would cost a token exchange.
+            "cybedefend": {"healthy": None if self._last_result is None else self._last_result != "failed",
+                           "last_pass_result": self._last_result},
             "next_full_pass_at": self._scheduler.next_run_time() if self._scheduler else None,
-            "last_full_pass_age_seconds": None if self._last_full is None else round(self._mono() - self._last_full, 3),
+            "last_full_pass_age_seconds": None if age is None else round(age, 3),
+            "last_full_pass_fresh": fresh,
+            "last_full_pass_max_age_seconds": round(limit, 3),
             "draining": self._draining.is_set(),
         }
         return doc

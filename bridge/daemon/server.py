@@ -1,30 +1,45 @@
 """The daemon's one HTTP port: /metrics, /healthz, /readyz, /v1/status, POST /v1/sync and /v1/audit.
 
-Stdlib `ThreadingHTTPServer` with daemon threads: the endpoints are few and small, and the
-server must keep answering /healthz while a pass runs. Everything it knows comes through
-callables, so it holds no state of its own. Protections: the bearer token is compared in
-constant time; a body's size is judged from Content-Length before a byte is read; sockets
-time out so a slow client cannot hold a thread forever; HTTP/1.0, so every response closes the
-connection and an unread body can never be parsed as a next request. Access logs name the
-method, path (without query) and status, never a header or body.
+Served by waitress, the only module importing it: one asyncore loop reads and writes every
+connection and a fixed pool of `server.threads` workers runs the handlers, so a thousand
+trickling clients cost a thousand sockets in that loop, not a thousand threads (the stdlib's
+`ThreadingHTTPServer` this replaced started one thread per connection). A request reaches a
+worker only once its headers and body are complete; `server.connection_limit` bounds open
+connections and `server.channel_timeout_seconds` closes idle ones. Bodies are bounded by
+`server.max_body_bytes` from Content-Length (or while de-chunking) before they are buffered;
+waitress answers 413 and closes without draining the rest, so a client still sending a body far
+past the limit may see a connection reset instead of the 413 (the stdlib server drained up to
+8 MiB; not draining is what keeps an oversized sender from holding the loop).
+
+With `server.tls_cert_file` and `server.tls_key_file` the port speaks HTTPS only, terminated by
+`bridge.daemon.tls.TlsFront` in front of waitress (which has no TLS, and why it cannot simply be
+handed ssl sockets is explained there); the certificate is re-read when its files change.
+
+Everything the server knows comes through callables (`Hooks`), which `set_hooks` may replace
+while it serves: the composition root binds the port with start-up hooks before Vault answers,
+then hands the same server to the daemon. Bearer tokens are compared in constant time. Access
+logs name the method, path (without query) and status, never a header or body.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
-import socket
+import os
+import shutil
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
+
+from waitress.server import create_server
 
 from bridge.config import ServerSettings
 from bridge.daemon.audit import parse_ingest_body
 from bridge.daemon.ha import FORWARD_HEADER
+from bridge.daemon.tls import TlsFront, private_socket_dir
 from bridge.errors import BadRequest, IngestRejected
 from bridge.logs import get_logger
 from bridge.metrics import CONTENT_TYPE, Metrics
@@ -34,11 +49,6 @@ log = get_logger(__name__)
 
 MAX_SYNC_PATHS = 1000
 MAX_PATH_LENGTH = 1024
-SOCKET_TIMEOUT_SECONDS = 10.0
-# After an early answer (401, 404, 413, …) what the client still sends is read and dropped, within
-# these bounds, so that it sees our answer rather than a connection reset.
-_LINGER_BYTES = 8 << 20
-_LINGER_SECONDS = 2.0
 
 OnSync = Callable[[list[str] | None, str], bool]
 
@@ -76,258 +86,290 @@ def parse_sync_body(body: bytes) -> list[str] | None:
     return out
 
 
-def make_audit_ingest(match: Callable[[bytes], list[str]], max_lines: int) -> Callable[[bytes], tuple[int, list[str]]]:
-    """Split a POST /v1/audit body and match each line -> (lines accepted, keys written).
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one POST /v1/audit body gave: lines read, keys to sync, lines that could not be judged."""
 
-    Raises `IngestRejected` (answered 413 or 400) for a body it will not take.
+    lines: int
+    keys: list[str]
+    rejected: int = 0  # a line whose matching failed (malformed shape): skipped, the rest still counts
+
+    def counts(self) -> dict[str, int]:
+        return {"accepted": self.lines, "keys": len(self.keys), "rejected": self.rejected}
+
+
+def make_audit_ingest(match: Callable[[bytes], list[str]], max_lines: int) -> Callable[[bytes], IngestResult]:
+    """Split a POST /v1/audit body and match each line on its own -> `IngestResult`.
+
+    Raises `IngestRejected` (answered 413 or 400) for a body it will not take as a whole; a line
+    the matcher chokes on is counted as rejected and never costs the other lines their sync.
     """
 
-    def ingest(body: bytes) -> tuple[int, list[str]]:
+    def ingest(body: bytes) -> IngestResult:
         lines = parse_ingest_body(body, max_lines)
-        keys = dict.fromkeys(k for line in lines for k in match(line))
-        return len(lines), list(keys)
+        keys: dict[str, None] = {}
+        rejected = 0
+        for line in lines:
+            try:
+                keys.update(dict.fromkeys(match(line)))
+            except Exception as exc:  # one odd line must not lose the batch; the full pass is the safety net
+                rejected += 1
+                log.debug("audit_line_rejected", error=type(exc).__name__)
+        return IngestResult(len(lines), list(keys), rejected)
 
     return ingest
 
 
+Check = tuple[str, bool, str]  # (name, ok, reason when not ok): one line of /healthz or /readyz?verbose
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What the server asks the rest of the bridge; replaced as a whole by `HttpServer.set_hooks`."""
+
+    live: Callable[[], Sequence[Check]]
+    ready: Callable[[], Sequence[Check]]
+    status: Callable[[], Mapping[str, Any]]
+    on_sync: Callable[[list[str] | None, str], bool]  # False: not accepting (shutting down)
+    on_audit: Callable[[bytes], Mapping[str, int] | None] | None  # None result: not accepting; None hook: ingest off
+
+
+def probe_text(kind: str, checks: Sequence[Check], verbose: bool) -> tuple[bool, str]:
+    """Kubernetes-style probe body: `ok`, or with `?verbose` one `[+]name ok` / `[-]name failed: reason` line per check."""
+    ok = all(c[1] for c in checks)
+    lines = [f"[+]{name} ok" if good else f"[-]{name} failed: {reason or 'failed'}" for name, good, reason in checks]
+    if verbose:
+        return ok, "\n".join([*lines, f"{kind} check passed" if ok else f"{kind} check failed"])
+    if ok:
+        return ok, "ok"
+    return ok, "\n".join([*(ln for ln in lines if ln.startswith("[-]")), f"{kind} check failed"])
+
+
+_Response = tuple[int, bytes, str, list[tuple[str, str]]]
+_TEXT = "text/plain; charset=utf-8"
+
+
 class HttpServer:
-    """Serves the endpoints on `settings.bind:settings.port` until `stop()`."""
+    """Serves the endpoints on `settings.bind:settings.port` from `start()` until `stop()`."""
 
     def __init__(
         self,
         settings: ServerSettings,
         *,
         metrics: Metrics,
-        live: Callable[[], bool],
-        ready: Callable[[], tuple[bool, str]],
-        status: Callable[[], Mapping[str, Any]],
-        on_sync: OnSync,
-        on_audit: Callable[[bytes], int] | None,
+        hooks: Hooks,
         webhook_token: Sensitive | None,
+        metrics_token: Sensitive | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.live = live
-        self.ready = ready
-        self.status = status
-        self.on_sync = on_sync
-        self.on_audit = on_audit
+        self._hooks = hooks
         self._token = webhook_token if webhook_token else None  # kept wrapped: vars(server) shows no value
-        self._httpd: ThreadingHTTPServer | None = None
+        self._metrics_token = metrics_token if metrics_token else None
+        self._server: Any = None  # waitress's server object (untyped internals kept to this module)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._tls: TlsFront | None = None
+        self._socket_dir: str | None = None
+        self.port: int | None = None
+
+    def set_hooks(self, hooks: Hooks) -> None:
+        """Swap what the endpoints answer with, e.g. from start-up hooks to the daemon's; atomic per request."""
+        self._hooks = hooks
 
     @property
     def webhooks_enabled(self) -> bool:
         return self._token is not None
 
-    def authorized(self, header: str | None) -> bool:
-        """Constant-time check of an `Authorization: Bearer <token>` header."""
-        if self._token is None or not header:
+    def authorized(self, header: str | None, token: Sensitive | None = None) -> bool:
+        """Constant-time check of an `Authorization: Bearer <token>` header (the webhook token by default)."""
+        token = token if token is not None else self._token
+        if token is None or not header:
             return False
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self._token.reveal().encode())
+        return hmac.compare_digest(value.strip().encode(), token.reveal().encode())
 
     def start(self) -> int:
-        """Bind and serve on a daemon thread; returns the bound port (useful with port 0)."""
-        handler = type("BoundHandler", (_Handler,), {"app": self})
-        httpd = ThreadingHTTPServer((self.settings.bind, self.settings.port), handler)
-        httpd.daemon_threads = True
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, name="http", kwargs={"poll_interval": 0.2}, daemon=True)
-        self._thread.start()
-        port = int(httpd.server_address[1])
-        log.info("http_listening", bind=self.settings.bind, port=port)
-        return port
+        """Bind and serve on a daemon thread; returns the bound port (useful with port 0). Idempotent."""
+        with self._lock:
+            if self._server is not None and self.port is not None:
+                return self.port
+            s = self.settings
+            if s.tls_cert_file is not None and s.tls_key_file is not None:
+                # waitress has no TLS and cannot be handed ssl sockets (see bridge.daemon.tls): it
+                # serves a private Unix socket, and the TLS front owns the public address.
+                self._socket_dir = private_socket_dir()
+                listen: dict[str, Any] = {"unix_socket": os.path.join(self._socket_dir, "http.sock"), "unix_socket_perms": "600"}
+            else:
+                listen = {"host": s.bind, "port": s.port}
+            server: Any = create_server(
+                self._wsgi,
+                **listen,
+                threads=s.threads,
+                connection_limit=s.connection_limit,
+                channel_timeout=s.channel_timeout_seconds,
+                cleanup_interval=max(1, min(30, s.channel_timeout_seconds // 2)),
+                max_request_body_size=s.max_body_bytes + 1,  # waitress refuses a length >= this
+                ident="cybedefend-bridge",
+                expose_tracebacks=False,
+                clear_untrusted_proxy_headers=True,
+                asyncore_use_poll=True,  # select() fails past fd 1024; poll() does not
+                asyncore_loop_timeout=1,
+            )
+            self._server = server
+            if "unix_socket" in listen:
+                assert s.tls_cert_file is not None and s.tls_key_file is not None
+                try:
+                    self._tls = TlsFront(s.bind, s.port, listen["unix_socket"], s.tls_cert_file, s.tls_key_file,
+                                         max_connections=s.connection_limit, idle_timeout=s.channel_timeout_seconds)
+                except BaseException:
+                    server.close()
+                    self._server = None
+                    shutil.rmtree(listen["unix_socket"].rsplit("/", 1)[0], ignore_errors=True)
+                    self._socket_dir = None
+                    raise
+                self._tls.start()
+                self.port = self._tls.port
+            else:
+                self.port = int(server.effective_port)
+            self._thread = threading.Thread(target=server.run, name="http", daemon=True)
+            self._thread.start()
+        log.info("http_listening", bind=s.bind, port=self.port, threads=s.threads, tls=self._tls is not None)
+        return self.port
 
     def stop(self) -> None:
-        httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-
-class _Handler(BaseHTTPRequestHandler):
-    app: HttpServer
-    _consumed = True  # no request body left unread (set False while a POST is handled)
-    protocol_version = "HTTP/1.0"
-    timeout = SOCKET_TIMEOUT_SECONDS
-    server_version = "cybedefend-bridge"
-    sys_version = ""
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _text(self, status: int, text: str) -> None:
-        self._send(status, (text + "\n").encode())
-
-    def _json(self, status: int, doc: Any) -> None:
-        self._send(status, json.dumps(doc, default=str).encode(), "application/json")
-
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0]
-
-    def log_message(self, format: str, *args: Any) -> None:  # stdlib's signature
-        pass  # replaced by log_request/log_error below, which never print headers or bodies
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.debug("http_request", method=self.command, path=self._path(), status=str(code))
-
-    def log_error(self, format: str, *args: Any) -> None:
-        log.debug("http_error", client=self.client_address[0])
-
-    def _content_length(self) -> int | None:
-        """The declared body size, or None after answering 400/411 for a bad or chunked one."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self._text(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-            return None
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return 0
-        if not raw.strip().isdigit():
-            self._text(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
-            return None
-        return int(raw)
-
-    def _linger(self) -> None:
-        if self._consumed or not (self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding")):
+        with self._lock:
+            server, self._server = self._server, None
+            thread, self._thread = self._thread, None
+        if server is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(_LINGER_SECONDS)
-            deadline, left = time.monotonic() + _LINGER_SECONDS, _LINGER_BYTES
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.rfile.read1(min(1 << 16, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
+        tls, self._tls = self._tls, None
+        if tls is not None:
+            tls.close()
+        # Closing sockets from this thread while the loop polls them races with it; the trigger
+        # runs the close inside the loop's own thread, and the loop ends once its map is empty.
+        from waitress import wasyncore
 
-    def _read_authorized_body(self) -> bytes | None:
-        """Auth, then size, then the body; answers and returns None when any of them fails."""
-        app = self.app
-        if not app.authorized(self.headers.get("Authorization")):
-            self._send(HTTPStatus.UNAUTHORIZED, b"unauthorized\n")
-            return None
-        length = self._content_length()
-        if length is None:
-            return None
-        if length > app.settings.max_body_bytes:
-            self._text(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {app.settings.max_body_bytes} bytes")
-            return None
-        body = self.rfile.read(length) if length else b""
-        self._consumed = True
-        if len(body) != length:
-            self._text(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
-            return None
-        return body
+        try:
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        except OSError:
+            wasyncore.close_all(server._map)
+        if thread is not None:
+            thread.join(timeout=5)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        socket_dir, self._socket_dir = self._socket_dir, None
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
 
-    # -- routes -----------------------------------------------------------------------------
+    # -- WSGI -------------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        path, app = self._path(), self.app
+    def _wsgi(self, environ: Mapping[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = str(environ.get("REQUEST_METHOD", "GET"))
+        path = str(environ.get("PATH_INFO", "")) or "/"
+        try:
+            status, body, ctype, extra = self._route(method, path, environ)
+        except Exception as exc:  # never a traceback to the client or to waitress's logger
+            log.error("http_handler_failed", path=path, error=type(exc).__name__)
+            status, body, ctype, extra = 500, b"internal error\n", _TEXT, []
+        log.debug("http_request", method=method, path=path, status=str(status))
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"), *extra]
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [b"" if method == "HEAD" else body]
+
+    def _route(self, method: str, path: str, environ: Mapping[str, Any]) -> _Response:
+        if method in ("GET", "HEAD"):
+            if path in ("/v1/sync", "/v1/audit"):
+                return 405, b"", _TEXT, [("Allow", "POST")]
+            return self._get(path, environ)
+        if method == "POST":
+            if path in ("/metrics", "/healthz", "/readyz", "/v1/status"):
+                return 405, b"", _TEXT, [("Allow", "GET")]
+            return self._post(path, environ)
+        allow = "POST" if path in ("/v1/sync", "/v1/audit") else "GET"
+        return 405, b"", _TEXT, [("Allow", allow)]
+
+    def _get(self, path: str, environ: Mapping[str, Any]) -> _Response:
+        hooks, auth = self._hooks, environ.get("HTTP_AUTHORIZATION")
         if path == "/metrics":
-            self._send(HTTPStatus.OK, app.metrics.exposition(), CONTENT_TYPE)
-        elif path == "/healthz":
-            # Only our own threads count: never Vault or CybeDefend (a dead upstream must not
-            # get the pod restarted).
+            if self._metrics_token is not None and not self.authorized(auth, self._metrics_token):
+                return _unauthorized()
+            return 200, self.metrics.exposition(), CONTENT_TYPE, []
+        if path in ("/healthz", "/livez", "/readyz"):
+            kind = "readyz" if path == "/readyz" else "livez"
             try:
-                ok = bool(app.live())
-            except Exception:  # a broken probe callback is "not live", never a 500 loop
-                ok = False
-            self._text(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, "ok" if ok else "not live")
-        elif path == "/readyz":
+                checks = list((hooks.ready if kind == "readyz" else hooks.live)())
+            except Exception as exc:  # a broken probe callback is "not ok", never a 500 loop
+                checks = [("probe", False, f"check raised {type(exc).__name__}")]
+            if kind == "readyz":
+                self.metrics.ready.set(1 if all(c[1] for c in checks) else 0)
+            verbose = "verbose" in parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
+            ok, text = probe_text(kind, checks, verbose)
+            return (200 if ok else 503), (text + "\n").encode(), _TEXT, []
+        if path == "/v1/status":
+            allowed = [t for t in (self._metrics_token, self._token if self.settings.status_requires_token else None) if t]
+            if self.settings.status_requires_token and not self.webhooks_enabled and self._metrics_token is None:
+                return _text(404, "status needs a token but no webhook_token_file is set")
+            if allowed and not any(self.authorized(auth, t) for t in allowed):
+                return _unauthorized()
             try:
-                ready, reason = app.ready()
-            except Exception as exc:
-                ready, reason = False, f"readiness check failed: {type(exc).__name__}"
-            self._text(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, reason or ("ready" if ready else "not ready"))
-        elif path == "/v1/status":
-            if app.settings.status_requires_token:
-                if not app.webhooks_enabled:
-                    self._text(HTTPStatus.NOT_FOUND, "status needs a token but no webhook_token_file is set")
-                    return
-                if not app.authorized(self.headers.get("Authorization")):
-                    self._send(HTTPStatus.UNAUTHORIZED, b"unauthorized\n")
-                    return
-            try:
-                doc = dict(app.status())
+                doc = dict(hooks.status())
             except Exception as exc:  # e.g. the ledger is busy or broken: say so, keep serving
                 log.warning("status_failed", error=type(exc).__name__)
-                self._text(HTTPStatus.INTERNAL_SERVER_ERROR, "status unavailable")
-                return
-            self._json(HTTPStatus.OK, doc)
-        elif path in ("/v1/sync", "/v1/audit"):
-            self._method_not_allowed("POST")
-        else:
-            self._text(HTTPStatus.NOT_FOUND, "not found")
+                return _text(500, "status unavailable")
+            return 200, json.dumps(doc, default=str).encode(), "application/json", []
+        return _text(404, "not found")
 
-    do_HEAD = do_GET
-
-    def do_POST(self) -> None:
-        self._consumed = False
-        try:
-            self._post()
-        finally:
-            self._linger()
-
-    def _post(self) -> None:
-        path, app = self._path(), self.app
+    def _post(self, path: str, environ: Mapping[str, Any]) -> _Response:
+        hooks = self._hooks
         if path == "/v1/sync":
-            if not app.webhooks_enabled:
-                self._text(HTTPStatus.NOT_FOUND, "webhook disabled (no webhook_token_file)")
-                return
-            body = self._read_authorized_body()
-            if body is None:
-                return
+            if not self.webhooks_enabled:
+                return _text(404, "webhook disabled (no webhook_token_file)")
+        elif path == "/v1/audit":
+            if hooks.on_audit is None or not self.webhooks_enabled:
+                return _text(404, "audit ingest disabled")
+        else:
+            return _text(404, "not found")
+        if not self.authorized(environ.get("HTTP_AUTHORIZATION")):
+            return _unauthorized()
+        body = _read_body(environ)
+        if path == "/v1/sync":
             try:
                 paths = parse_sync_body(body)
             except BadRequest as exc:
-                self._text(HTTPStatus.BAD_REQUEST, str(exc))
-                return
-            source = "forwarded" if self.headers.get(FORWARD_HEADER) else "webhook"
-            if not app.on_sync(paths, source):
-                self._text(HTTPStatus.SERVICE_UNAVAILABLE, "not accepting triggers (shutting down)")
-                return
-            self._json(HTTPStatus.ACCEPTED, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
-        elif path == "/v1/audit":
-            if app.on_audit is None or not app.webhooks_enabled:
-                self._text(HTTPStatus.NOT_FOUND, "audit ingest disabled")
-                return
-            body = self._read_authorized_body()
-            if body is None:
-                return
-            try:
-                accepted = app.on_audit(body)
-            except IngestRejected as exc:  # its messages are fixed texts, never body content
-                self._text(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if exc.too_large else HTTPStatus.BAD_REQUEST, str(exc))
-                return
-            except ValueError:
-                self._text(HTTPStatus.BAD_REQUEST, "bad audit body")
-                return
-            if accepted < 0:
-                self._text(HTTPStatus.SERVICE_UNAVAILABLE, "not accepting triggers (shutting down)")
-                return
-            self._json(HTTPStatus.ACCEPTED, {"accepted": accepted})
-        elif path in ("/metrics", "/healthz", "/readyz", "/v1/status"):
-            self._method_not_allowed("GET")
-        else:
-            self._text(HTTPStatus.NOT_FOUND, "not found")
+                return _text(400, str(exc))
+            forwarded = bool(environ.get("HTTP_" + FORWARD_HEADER.upper().replace("-", "_")))
+            if not hooks.on_sync(paths, "forwarded" if forwarded else "webhook"):
+                return _text(503, "not accepting triggers (shutting down)")
+            return _json(202, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
+        assert hooks.on_audit is not None  # checked above
+        try:
+            counts = hooks.on_audit(body)
+        except IngestRejected as exc:  # its messages are fixed texts, never body content
+            return _text(413 if exc.too_large else 400, str(exc))
+        if counts is None:
+            return _text(503, "not accepting triggers (shutting down)")
+        return _json(202, dict(counts))
 
-    def _method_not_allowed(self, allow: str) -> None:
-        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
-        self.send_header("Allow", allow)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+
+def _read_body(environ: Mapping[str, Any]) -> bytes:
+    # waitress has read and bounded the whole body (max_request_body_size) before calling us.
+    stream = environ["wsgi.input"]
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    return bytes(stream.read(length)) if length > 0 else b""
+
+
+def _text(status: int, text: str) -> _Response:
+    return status, (text + "\n").encode(), _TEXT, []
+
+
+def _json(status: int, doc: Any) -> _Response:
+    return status, json.dumps(doc, default=str).encode(), "application/json", []
+
+
+def _unauthorized() -> _Response:
+    return 401, b"unauthorized\n", _TEXT, [("WWW-Authenticate", "Bearer")]

@@ -77,10 +77,16 @@ class AuditMatcher:
         if entry.get("type") != "response" or entry.get("error"):
             return []
         req = entry.get("request")
-        if not isinstance(req, dict) or req.get("operation") not in _WRITE_OPS:
+        if not isinstance(req, dict):
             return []
-        path, op = req.get("path"), req["operation"]
-        if not isinstance(path, str):
+        # Checked as a string first: `[] in frozenset` raises TypeError (unhashable), and one odd
+        # line must never cost the rest of its batch.
+        op, path = req.get("operation"), req.get("path")
+        if not isinstance(op, str) or op not in _WRITE_OPS or not isinstance(path, str):
+            return []
+        # `.` / `..` / empty (`//`) segments: not a name the bridge can trust to mean one secret
+        # (the engine's listing would never produce it); the periodic full pass covers whatever it was.
+        if any(seg in (".", "..") for seg in path.split("/")) or "//" in path.strip("/"):
             return []
         ns_info = req.get("namespace", {})  # absent before Vault 0.11: the root namespace
         if not isinstance(ns_info, dict):
@@ -137,6 +143,7 @@ class _Pending:
     heard_at: float  # reported in PassRequest.received_at (first write of the burst)
     first_seen: float  # queue clock: bounds how long a never-settling burst can wait
     last_seen: float  # queue clock: debounce runs from the latest write
+    leading: bool = False  # first write after a quiet period: due at once, no debounce
 
 
 class TriggerQueue:
@@ -146,6 +153,13 @@ class TriggerQueue:
     `max_delay_seconds` (default 10 x debounce, at least 1 s) so that a key written
     continuously is still synced. `clock` decides readiness; `take`'s `timeout` is how long the
     calling thread may block, in real seconds.
+
+    With `leading_edge`, the first write to a key after a quiet period (no write to it heard for
+    `debounce_seconds`) is due at once: a lone write is synced without waiting out the debounce.
+    Writes that follow it within the window are debounced as before, so a burst costs the leading
+    sync plus one follow-up; writes that arrive while a pass runs (nobody takes) pile up into that
+    one follow-up, whatever their number. A sync reads the secret from Vault when it runs, so the follow-up
+    sees the burst's last write.
     """
 
     def __init__(
@@ -156,6 +170,7 @@ class TriggerQueue:
         clock: Callable[[], float] = time.monotonic,
         *,
         max_delay_seconds: float | None = None,
+        leading_edge: bool = False,
     ) -> None:
         if max_size < 1 or debounce_seconds < 0:
             raise ValueError("max_size must be >= 1 and debounce_seconds >= 0")
@@ -168,6 +183,10 @@ class TriggerQueue:
         self._pending: dict[str, _Pending] = {}
         self._full_source: str | None = None
         self._closed = False
+        self._leading = leading_edge
+        # Leading edge: when a write to each key was last heard, to tell a quiet period from a
+        # burst. Pruned to keys heard within the debounce window, so bounded like `_pending`.
+        self._recent: dict[str, float] = {}
 
     @property
     def pending(self) -> int:
@@ -206,11 +225,26 @@ class TriggerQueue:
             for k in wanted:
                 p = self._pending.get(k)
                 if p is None:
-                    self._pending[k] = _Pending(source, heard, now, now)
+                    self._pending[k] = _Pending(source, heard, now, now, leading=self._leading and self._quiet(k, now))
                 else:
                     p.last_seen = now
+                if self._leading:
+                    self._recent[k] = now
+            if self._leading:
+                self._prune_recent(now)
             self._cond.notify_all()
             return True
+
+    def _quiet(self, key: str, now: float) -> bool:
+        last = self._recent.get(key)
+        return last is None or now - last >= self._debounce
+
+    def _prune_recent(self, now: float) -> None:
+        if len(self._recent) <= 2 * self._max_size:
+            return
+        self._recent = {k: t for k, t in self._recent.items() if now - t < self._debounce}
+        if len(self._recent) > 2 * self._max_size:
+            self._recent.clear()  # forgetting only makes the next write leading: one early sync more
 
     def _overflow(self, source: str, new_count: int) -> None:
         dropped: dict[str, int] = {source: new_count}
@@ -256,6 +290,8 @@ class TriggerQueue:
                 self._cond.wait(remaining)
 
     def _due(self, p: _Pending) -> float:
+        if p.leading:
+            return p.first_seen
         return min(p.last_seen + self._debounce, p.first_seen + self._max_delay)
 
     def _targeted(self, ready: list[str]) -> PassRequest:

@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 from bridge.config import ServerSettings
 from bridge.daemon.audit import decode_audit_line
 from bridge.daemon.audit_socket import AuditSocketListener
-from bridge.daemon.server import HttpServer
+from bridge.daemon.server import Check, Hooks, HttpServer
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from tests.chaos.rig import ChaosRig
@@ -128,6 +128,10 @@ def test_tls_to_openbao_verifies_with_the_right_ca_and_fails_clearly_with_a_wron
 WEBHOOK_TOKEN = "whk_" + "7" * 40
 
 
+def _ok() -> list[Check]:
+    return [("test", True, "")]
+
+
 @pytest.fixture
 def webhook() -> Any:
     calls: list[Any] = []
@@ -137,9 +141,8 @@ def webhook() -> Any:
         return True
 
     server = HttpServer(
-        ServerSettings(bind="127.0.0.1", port=0, max_body_bytes=4096), metrics=Metrics(), live=lambda: True,
-        ready=lambda: (True, "ready"), status=lambda: {"ok": True},
-        on_sync=on_sync, on_audit=None,
+        ServerSettings(bind="127.0.0.1", port=0, max_body_bytes=4096), metrics=Metrics(),
+        hooks=Hooks(live=_ok, ready=_ok, status=lambda: {"ok": True}, on_sync=on_sync, on_audit=None),
         webhook_token=Sensitive(WEBHOOK_TOKEN),
     )
     port = server.start()
@@ -307,8 +310,8 @@ def test_metrics_and_status_served_over_http_hold_no_secret(rig: ChaosRig) -> No
     assert rig.run().result == "ok"
     assert rig.metrics is not None
     server = HttpServer(
-        ServerSettings(bind="127.0.0.1", port=0), metrics=rig.metrics, live=lambda: True,
-        ready=lambda: (True, "ready"), status=bridge.engine.status, on_sync=lambda p, s: True, on_audit=None,
+        ServerSettings(bind="127.0.0.1", port=0), metrics=rig.metrics,
+        hooks=Hooks(live=_ok, ready=_ok, status=bridge.engine.status, on_sync=lambda p, s: True, on_audit=None),
         webhook_token=Sensitive(WEBHOOK_TOKEN),
     )
     port = server.start()

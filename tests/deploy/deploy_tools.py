@@ -156,12 +156,13 @@ def exported_series() -> frozenset[str]:
     return frozenset(names)
 
 
-_METRIC_RE = re.compile(r"\bcybedefend_bridge_[a-zA-Z0-9_]+")
+# The bridge's own names share a prefix; the standard process collector's are exported by the bridge too.
+_METRIC_RE = re.compile(r"\b(?:cybedefend_bridge|process|python)_[a-zA-Z0-9_]+")
 _LABEL_VALUES_RE = re.compile(r"^label_values\((.*),\s*[a-zA-Z_][a-zA-Z0-9_]*\)$")
 
 
 def metrics_in(expr: str) -> set[str]:
-    """Bridge metric names an expression refers to (by prefix; the bridge's names all share it)."""
+    """Bridge metric names an expression refers to (by prefix: cybedefend_bridge_, process_, python_)."""
     return set(_METRIC_RE.findall(expr))
 
 

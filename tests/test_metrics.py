@@ -1,0 +1,55 @@
+"""What /metrics exposes before anything happened: process collectors, zeroes, no `_created` series."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.metrics import ACTIONS, ENDPOINTS, PASS_RESULTS, TRIGGERS, Metrics
+from bridge.validation import REJECT_CODES
+
+
+def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(m.exposition().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def test_no_created_series() -> None:
+    text = Metrics().exposition().decode()
+    assert "_created" not in text
+    assert "cybedefend_bridge_passes_total" in text  # counters are still there, just without their twin
+
+
+def test_process_and_platform_collectors() -> None:
+    names = {name for name, _ in samples(Metrics())}
+    for wanted in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds",
+                   "process_open_fds", "python_info"):
+        assert wanted in names
+
+
+def test_bounded_label_sets_start_at_zero() -> None:
+    got = samples(Metrics(reject_reasons=REJECT_CODES))
+
+    def value(name: str, **labels: str) -> float | None:
+        return got.get((name, tuple(sorted(labels.items()))))
+
+    for trigger in TRIGGERS:
+        for result in PASS_RESULTS:
+            assert value("cybedefend_bridge_passes_total", trigger=trigger, result=result) == 0
+    for action in ACTIONS:
+        assert value("cybedefend_bridge_actions_total", action=action, result="failed") == 0
+    for endpoint in ENDPOINTS:
+        assert value("cybedefend_bridge_cybedefend_requests_total", endpoint=endpoint, status_class="5xx") == 0
+    for reason in REJECT_CODES:
+        assert value("cybedefend_bridge_rejects_total", reason=reason) == 0
+    assert value("cybedefend_bridge_trigger_events_dropped_total", source="audit_ingest") == 0
+    assert value("cybedefend_bridge_trigger_events_deferred_total", source="webhook") == 0
+    assert value("cybedefend_bridge_vault_logins_total", result="failed") == 0
+    assert value("cybedefend_bridge_upstream_healthy", upstream="vault") == 0
+    assert value("cybedefend_bridge_secrets", state="failed") == 0
+
+
+def test_without_reject_reasons_no_reason_series_is_invented() -> None:
+    assert not any(name == "cybedefend_bridge_rejects_total" for name, _ in samples(Metrics()))
