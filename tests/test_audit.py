@@ -20,7 +20,7 @@ from bridge.daemon.audit_socket import AuditSocketListener
 from bridge.daemon.triggers import AuditMatcher, TriggerQueue, line_handler
 from bridge.errors import ConfigError, IngestRejected
 from bridge.metrics import Metrics
-from tests.openbao import OpenBao
+from tests.support.openbao import OpenBao
 
 FIXTURE = Path(__file__).parent / "data" / "audit" / "openbao-file.jsonl"
 REAL = FIXTURE.read_bytes().splitlines()
@@ -226,6 +226,7 @@ def test_tailer_thread_stops_promptly_and_does_not_busy_loop(tmp_path: Path) -> 
     assert all(s == 0.05 for s in sleeps)
 
 
+@pytest.mark.integration
 def test_tailer_on_a_real_openbao_file_device(openbao_factory: Callable[..., OpenBao], tmp_path: Path) -> None:
     audit_log = tmp_path / "audit.log"
     bao = openbao_factory(audit_log=audit_log)
@@ -263,6 +264,7 @@ def socket_config(port: int) -> str:
     return f'audit "socket" "s" {{\n  options {{\n    address = "127.0.0.1:{port}"\n    socket_type = "tcp"\n  }}\n}}\n'
 
 
+@pytest.mark.integration
 def test_socket_listener_with_a_real_openbao_socket_device(
     openbao_factory: Callable[..., OpenBao], stop: threading.Event
 ) -> None:

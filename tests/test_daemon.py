@@ -275,7 +275,9 @@ def test_standby_forwards_triggers_to_the_leader(running: list[Daemon]) -> None:
     assert wait_for(lambda: leader_engine.requests)
     assert leader_engine.requests[0].paths == frozenset({"secret/team/a", "secret/team/b"})
     assert leader_engine.requests[0].trigger == "forwarded"
-    time.sleep(0.3)
+    # Its own schedule (first run at once) has fired: as a standby it must not have run a pass.
+    assert wait_for(lambda: (sm.registry.get_sample_value("cybedefend_bridge_scheduler_events_total",
+                                                          {"event": "executed"}) or 0) >= 1)
     assert standby_engine.requests == []  # neither the forwarded keys nor its own schedule ran
     status, reason = http(port, "GET", "/readyz")
     assert status == 503 and reason.startswith("standby (leader: http://127.0.0.1:")
@@ -311,8 +313,7 @@ def test_a_standby_never_forwards_a_forwarded_request_again(running: list[Daemon
     assert wait_for(
         lambda: m.registry.get_sample_value("cybedefend_bridge_trigger_events_dropped_total", {"source": "forwarded"}) == 1
     )
-    time.sleep(0.2)
-    assert leader_engine.requests == []
+    assert leader_engine.requests == []  # the drop is the standby's decision: nothing was sent on
 
 
 def test_losing_the_lease_mid_pass_stops_after_the_current_secret(running: list[Daemon]) -> None:
@@ -348,12 +349,23 @@ def test_liveness_and_a_bounded_shutdown(running: list[Daemon]) -> None:
 
 
 def test_reload_applies_a_good_schedule_and_keeps_the_old_one_on_error(running: list[Daemon]) -> None:
-    answers: list[Any] = [make_settings(schedule={"interval_seconds": 600}), ConfigError("schedule.cron", "bad")]
+    good = make_settings(schedule={"interval_seconds": 600})
+    seen_by_probe: list[float] = []
+
+    def probe() -> Settings:
+        # Reloads are handled one at a time, in order: when this third one runs, the failed
+        # second one has been fully dealt with, so what the daemon holds now is what it kept.
+        seen_by_probe.append(daemon.settings.schedule.interval_seconds)
+        return good
+
+    answers: list[Any] = [good, ConfigError("schedule.cron", "bad"), probe]
 
     def reload() -> Settings:
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
+        if callable(answer):
+            return answer()  # type: ignore[no-any-return]
         return answer  # type: ignore[no-any-return]
 
     daemon, _, _ = build(make_settings(), first_run=3000, reload=reload)
@@ -365,8 +377,9 @@ def test_reload_applies_a_good_schedule_and_keeps_the_old_one_on_error(running: 
         daemon.request_reload()
         assert wait_for(lambda: daemon.settings.schedule.interval_seconds == 600)
         daemon.request_reload()
-        assert wait_for(lambda: not answers)
-        time.sleep(0.2)
+        daemon.request_reload()
+        assert wait_for(lambda: seen_by_probe)
+        assert seen_by_probe == [600]
         assert daemon.settings.schedule.interval_seconds == 600
     finally:
         daemon.request_stop()

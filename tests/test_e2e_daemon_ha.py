@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from cybedefend_double.simulator import Simulator
-from tests.daemon_rig import DaemonProc, Stack, bearer, free_port, new_simulator, wait_for
-from tests.helpers import PROJECTS
-from tests.openbao import OpenBao
+from tests.support.daemon import DaemonProc, Stack, bearer, free_port, new_simulator, wait_for
+from tests.support.data import PROJECTS
+from tests.support.openbao import OpenBao
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TTL = 3.0

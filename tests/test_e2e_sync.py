@@ -20,8 +20,8 @@ from bridge.config import Settings, parse_settings
 from bridge.model import Marker, Sensitive, State
 from bridge.ports import PassRequest
 from cybedefend_double.simulator import Fault, Simulator
-from tests.helpers import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
-from tests.openbao import OpenBao
+from tests.support.data import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
+from tests.support.openbao import OpenBao
 
 pytestmark = pytest.mark.integration
 PAT = "cdp_" + hashlib.sha256(b"e2e-pat").hexdigest()

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.retry import RetryPolicy, TokenBucket, backoff_ceiling, backoff_delay, parse_retry_after
-from tests.cybedefend_mock import FakeClock
+from tests.support.cybedefend_mock import FakeClock
 
 # ---- backoff ----------------------------------------------------------------------------------
 

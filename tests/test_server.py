@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import json
 import logging
@@ -12,8 +13,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import bridge.daemon.server
 from bridge.config import ServerSettings
+from bridge.daemon.ha import FORWARD_HEADER
 from bridge.daemon.server import MAX_SYNC_PATHS, HttpServer
 from bridge.errors import IngestRejected
 from bridge.metrics import CONTENT_TYPE, Metrics
@@ -137,13 +138,13 @@ def test_status_behind_the_token_when_configured(hooks: Hooks) -> None:
 
 def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], hooks: Hooks, monkeypatch: pytest.MonkeyPatch) -> None:
     compared: list[tuple[bytes, bytes]] = []
-    real = bridge.daemon.server.hmac.compare_digest
+    real = hmac.compare_digest
 
     def spy(a: Any, b: Any) -> bool:
         compared.append((a, b))
-        return real(a, b)
+        return bool(real(a, b))
 
-    monkeypatch.setattr(bridge.daemon.server.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # the module object bridge.daemon.server uses
     status, _, body = call(served[1], "POST", "/v1/sync", json.dumps({"paths": ["/secret/team/a/", "secret/b"]}).encode(), auth())
     assert status == 202 and json.loads(body) == {"accepted": True, "full": False, "paths": 2}
     assert hooks.syncs == [(["secret/team/a", "secret/b"], "webhook")]
@@ -154,7 +155,7 @@ def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], h
 
 
 def test_a_forwarded_sync_is_labelled_forwarded(served: tuple[HttpServer, int], hooks: Hooks) -> None:
-    headers = auth() | {bridge.daemon.server.FORWARD_HEADER: "1"}
+    headers = auth() | {FORWARD_HEADER: "1"}
     assert call(served[1], "POST", "/v1/sync", b'{"paths": ["secret/a"]}', headers)[0] == 202
     assert hooks.syncs == [(["secret/a"], "forwarded")]
 

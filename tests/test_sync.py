@@ -18,10 +18,11 @@ from bridge.keyring import Keyring
 from bridge.ledger import SqliteLedger
 from bridge.metrics import Metrics
 from bridge.model import Marker, Sensitive, State
-from bridge.ports import PassRequest
-from tests.fake_source import FakeSecretSource
-from tests.fakes import FakeRegistrar
-from tests.helpers import ORG, PROJECTS, assert_no_leak, settings, tagged, token
+from bridge.ports import LedgerRecord, PassRequest
+from tests.support.config import settings
+from tests.support.data import ORG, PROJECTS, assert_no_leak, tagged, token
+from tests.support.fake_source import FakeSecretSource
+from tests.support.fakes import FakeRegistrar
 
 FULL = PassRequest(trigger="manual")
 
@@ -59,6 +60,12 @@ class World:
         return self.vault.put("secret", f"dockerhub/{name}", {"accessToken": tok, "dockerhubUsername": f"user-{name}"},
                               tagged(project, **tag_kw))
 
+    def row(self, key: str) -> LedgerRecord:
+        """The ledger's row for `key`, which must exist."""
+        rec = self.ledger.get(key)
+        assert rec is not None, f"no ledger row for {key}"
+        return rec
+
     def run(self, request: PassRequest = FULL) -> Any:
         return self.engine.run(request)
 
@@ -79,6 +86,7 @@ class World:
             found = by_marker.get(digest, [])
             assert len(found) == 1, f"{rec.key}: {len(found)} credentials"
             cred, marker = found[0]
+            assert rec.fingerprint is not None
             assert cred.id == rec.credential_id and marker.revision == f"v{rec.version}.{rec.fingerprint[:8]}"
             latest = self.vault.peek(rec.mount, rec.path)
             assert self.api.token_of(cred.id).reveal() == latest["accessToken"]
@@ -149,7 +157,7 @@ def test_retire_under_delete_policy_deletes(w: World) -> None:
     w.vault.set_tags("secret", "dockerhub/a", {})
     report = w.run()
     assert report.counts["retired"] == 1 and len(w.creds()) == 1
-    assert w.ledger.get("secret/dockerhub/a").state == State.RETIRED
+    assert w.row("secret/dockerhub/a").state == State.RETIRED
 
 
 def test_delete_guard_rail_pauses_deletions_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
@@ -281,7 +289,7 @@ def test_remote_400_rejects_the_secret_until_it_changes(w: World) -> None:
     w.api.inject("create", InvalidRequest("accessToken rejected", status=400))
     report = w.run()
     assert report.counts["failed"] == 1
-    rec = w.ledger.get("secret/dockerhub/a")
+    rec = w.row("secret/dockerhub/a")
     assert rec.state == State.REJECTED and rec.last_result == "remote_rejected"
     assert w.run().counts["created"] == 0
     w.put("a", 2)
@@ -294,8 +302,8 @@ def test_forbidden_project_fails_alone(w: World) -> None:
     w.put("b", 2, PROJECTS[1])
     report = w.run()
     assert report.counts == {**report.counts, "created": 1, "failed": 1}
-    assert "403" in (w.ledger.get("secret/dockerhub/b").reason or "") or "permission" in (
-        w.ledger.get("secret/dockerhub/b").reason or "").lower()
+    assert "403" in (w.row("secret/dockerhub/b").reason or "") or "permission" in (
+        w.row("secret/dockerhub/b").reason or "").lower()
 
 
 def test_move_to_another_project(w: World) -> None:
@@ -328,7 +336,7 @@ def test_targeted_pass_touches_only_the_named_secret(w: World) -> None:
     w.put("b", 4)
     report = w.run(PassRequest(trigger="webhook", paths=frozenset({"secret/dockerhub/a"})))
     assert report.counts["rotated"] == 1 and not report.full
-    assert w.ledger.get("secret/dockerhub/b").version == 1
+    assert w.row("secret/dockerhub/b").version == 1
 
 
 def test_stop_request_defers_what_has_not_started(w: World) -> None:
@@ -377,7 +385,7 @@ def test_rejected_new_version_keeps_the_old_credential(w: World) -> None:
     w.vault.put("secret", "dockerhub/a", {"accessToken": "garbage", "dockerhubUsername": "u"}, tagged(PROJECTS[0]))
     report = w.run()
     assert report.counts["rejected"] == 1 and len(w.creds()) == 1
-    rec = w.ledger.get("secret/dockerhub/a")
+    rec = w.row("secret/dockerhub/a")
     assert rec.credential_id == w.creds()[0].id and rec.seen_version == 2
     w.put("a", 3)
     assert w.run().counts["rotated"] == 1

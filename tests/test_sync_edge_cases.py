@@ -18,8 +18,8 @@ from bridge.ledger import SqliteLedger
 from bridge.model import Marker, SecretRef, State
 from bridge.ports import LedgerRecord
 from cybedefend_double.simulator import Simulator
-from tests.helpers import PROJECTS, seeded_simulator, tagged, token
-from tests.openbao import OpenBao
+from tests.support.data import PROJECTS, seeded_simulator, tagged, token
+from tests.support.openbao import OpenBao
 from tests.test_sync import FULL, World
 
 KEY_A = "secret/dockerhub/a"
@@ -252,7 +252,7 @@ def test_retire_after_an_interrupted_rotation_deletes_every_credential_of_the_se
 
 def test_kv1_failed_secret_waits_for_its_backoff() -> None:
     from bridge.errors import RateLimited
-    from tests.fake_source import FakeSecretSource
+    from tests.support.fake_source import FakeSecretSource
 
     w = World(sources=[{"mount": "kv1", "path": "dockerhub", "kv_version": 1}])
     w.vault = FakeSecretSource({"kv1": 1})

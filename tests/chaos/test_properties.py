@@ -30,10 +30,10 @@ from bridge.metrics import Metrics
 from bridge.model import SecretRef, Sensitive
 from bridge.ports import PassRequest
 from tests.chaos.invariant import Cred, Expect, Want, check_invariant
-from tests.fake_source import FakeSecretSource
-from tests.fakes import FakeRegistrar
-from tests.helpers import ORG, PROJECTS, tagged, token
-from tests.helpers import settings as make_settings
+from tests.support.config import settings as make_settings
+from tests.support.data import ORG, PROJECTS, tagged, token
+from tests.support.fake_source import FakeSecretSource
+from tests.support.fakes import FakeRegistrar
 
 FULL = PassRequest(trigger="manual")
 NAMES = ("a", "b", "c", "d")

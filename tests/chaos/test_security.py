@@ -37,8 +37,8 @@ from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from tests.chaos.rig import ChaosRig
 from tests.chaos.test_vault_outages import policy_for
-from tests.helpers import PROJECTS, assert_no_leak, forms
-from tests.openbao import OpenBao, free_port_pair
+from tests.support.data import PROJECTS, assert_no_leak, forms
+from tests.support.openbao import OpenBao, free_port_pair
 
 pytestmark = pytest.mark.integration
 AUDIT_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "audit" / "openbao-file.jsonl"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,7 +27,8 @@ import yaml
 from cybedefend_double.openbao import DevOpenBao
 from cybedefend_double.simulator import Simulator
 from tests.deploy.deploy_tools import ROOT, in_ci, run, tool
-from tests.helpers import forms
+from tests.support.data import forms
+from tests.support.procs import free_port
 
 DOCKERFILE = ROOT / "Dockerfile"
 # Measured reliable in CI (3/3 cold builds, ~100 s each), so CI runs it; elsewhere it is opt-in.
@@ -73,13 +73,6 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert {"!pyproject.toml", "!bridge/"} <= set(lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback URL built here)
@@ -102,6 +95,7 @@ def _wait_status(url: str, want: int, timeout: float, alive: Callable[[], bool])
     return status
 
 
+@pytest.mark.integration  # starts OpenBao beside the container
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not IMAGE_TEST, reason=IMAGE_TEST_REASON)
@@ -126,7 +120,7 @@ def test_image_builds_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> Non
         sim.start()
         bao.kv_put("secret", "dockerhub/image-test", {"dockerhubUsername": "image-test", "accessToken": access_token},
                    {"cybedefend-project-id": PROJECT})
-        port = _free_port()
+        port = free_port()
         conf = _write_config(tmp_path / "etc", bao, sim.url, port, pat)
         # Lowered ulimits: podman's defaults exceed what this sandbox lets runc set. The ledger's
         # tmpfs gets `U` (owned by the container's user, as fsGroup does in Kubernetes): podman
