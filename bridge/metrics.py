@@ -18,9 +18,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Bounded label values, so that a caller's typo cannot create a new series.
 TRIGGERS = ("schedule", "startup", "audit_file", "audit_socket", "audit_ingest", "webhook", "manual", "forwarded")
-PASS_RESULTS = ("ok", "partial", "failed", "aborted")
-ACTIONS = ("create", "rotate", "move", "retire", "adopt", "refresh", "skip", "reject")
-ACTION_RESULTS = ("ok", "failed", "deferred")
 ENDPOINTS = (
     "client_apps", "token_exchange", "create", "list", "get", "delete", "get_links", "set_links", "all_credentials"
 )

@@ -151,7 +151,7 @@ class Ledger(Protocol):
 class PassRequest:
     """What to sync: everything (paths is None) or a few `mount/path` keys from a trigger."""
 
-    trigger: str  # bounded: schedule, startup, audit_file, audit_socket, audit_ingest, webhook, manual, drift
+    trigger: str  # bounded: one of bridge.metrics.TRIGGERS
     paths: frozenset[str] | None = None
     dry_run: bool = False
     force_drift_check: bool = False

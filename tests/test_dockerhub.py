@@ -13,7 +13,7 @@ from bridge.errors import TransientError
 from bridge.model import Sensitive, State
 from tests.support.data import assert_no_leak, token
 from tests.support.fake_source import FakeSecretSource
-from tests.test_sync import World
+from tests.support.world import World
 
 GOOD, BAD = token(1, "hub-good"), token(2, "hub-bad")
 

@@ -22,7 +22,7 @@ from bridge.errors import (
 from bridge.metrics import Metrics
 from bridge.model import SecretRef
 from bridge.vault.source import VaultSource
-from bridge.vault.transport import RateLimiter, error_for_status, translate
+from bridge.vault.transport import error_for_status, translate
 from tests.support.openbao import OpenBao
 
 pytestmark = pytest.mark.timeout(60)
@@ -486,11 +486,3 @@ def test_unreachable_vault_is_unavailable_not_a_library_error(tmp_path: Path) ->
     assert isinstance(info.value.__cause__, VaultUnavailable) and "hvs.unreachable-token" not in str(info.value)
     assert vs.healthy() is False
     vs.close()
-
-
-def test_rate_limiter_spaces_requests() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(10.0, clock, clock.sleep)
-    for _ in range(30):
-        limiter.acquire()
-    assert clock.now - 1000.0 == pytest.approx(2.0, abs=0.01)  # 10 burst, then 20 at 10/s
