@@ -33,6 +33,7 @@ from bridge.errors import ConfigError
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.ports import PassReport, PassRequest
+from tests.support.procs import eventually
 
 TOKEN = "whk_daemon_test_token_0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
@@ -169,13 +170,6 @@ def running() -> Iterator[list[Daemon]]:
         d.shutdown()
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def http(port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN) -> tuple[int, str]:
@@ -199,7 +193,7 @@ def test_startup_pass_then_ready_and_readiness_follows_vault(running: list[Daemo
     running.append(daemon)
     port = daemon.start()
     assert http(port, "GET", "/readyz") == (503, "no full pass has finished yet\n")
-    assert wait_for(lambda: http(port, "GET", "/readyz")[0] == 200)
+    assert eventually(lambda: http(port, "GET", "/readyz")[0] == 200)
     assert engine.requests[0].trigger == "startup" and engine.requests[0].paths is None
     assert m.registry.get_sample_value("cybedefend_bridge_ready") == 1
     vault_up[0] = False
@@ -219,7 +213,7 @@ def test_a_webhook_leads_to_a_targeted_pass(running: list[Daemon]) -> None:
     running.append(daemon)
     port = daemon.start()
     assert http(port, "POST", "/v1/sync", {"paths": ["secret/team/a"]})[0] == 202
-    assert wait_for(lambda: engine.requests)
+    assert eventually(lambda: engine.requests)
     req = engine.requests[0]
     assert req.trigger == "webhook" and req.paths == frozenset({"secret/team/a"})
     assert "secret/team/a" in req.received_at
@@ -241,7 +235,7 @@ def test_forwarded_audit_lines_lead_to_a_targeted_pass(running: list[Daemon]) ->
     )
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1 built here
         assert resp.status == 202 and json.loads(resp.read()) == {"accepted": 2}
-    assert wait_for(lambda: engine.requests)
+    assert eventually(lambda: engine.requests)
     assert engine.requests[0].paths == frozenset({"secret/team/b"})
     assert engine.requests[0].trigger == "audit_ingest"
 
@@ -257,7 +251,7 @@ def test_passes_never_overlap(running: list[Daemon]) -> None:
     for t in threads:
         t.join()
     wanted = {f"done secret/team/x{i}" for i in range(8)}
-    assert wait_for(lambda: wanted <= set(engine.progress), 10)
+    assert eventually(lambda: wanted <= set(engine.progress), 10)
     assert len(engine.requests) >= 2
     assert engine.most_concurrent == 1
 
@@ -272,11 +266,11 @@ def test_standby_forwards_triggers_to_the_leader(running: list[Daemon]) -> None:
     running.append(standby)
     port = standby.start()
     assert http(port, "POST", "/v1/sync", {"paths": ["secret/team/a", "secret/team/b"]})[0] == 202
-    assert wait_for(lambda: leader_engine.requests)
+    assert eventually(lambda: leader_engine.requests)
     assert leader_engine.requests[0].paths == frozenset({"secret/team/a", "secret/team/b"})
     assert leader_engine.requests[0].trigger == "forwarded"
     # Its own schedule (first run at once) has fired: as a standby it must not have run a pass.
-    assert wait_for(lambda: (sm.registry.get_sample_value("cybedefend_bridge_scheduler_events_total",
+    assert eventually(lambda: (sm.registry.get_sample_value("cybedefend_bridge_scheduler_events_total",
                                                           {"event": "executed"}) or 0) >= 1)
     assert standby_engine.requests == []  # neither the forwarded keys nor its own schedule ran
     status, reason = http(port, "GET", "/readyz")
@@ -293,7 +287,7 @@ def test_a_failed_forward_is_dropped_and_counted(running: list[Daemon]) -> None:
     def dropped() -> float:
         return m.registry.get_sample_value("cybedefend_bridge_trigger_events_dropped_total", {"source": "forwarded"}) or 0
 
-    assert wait_for(lambda: dropped() == 1)
+    assert eventually(lambda: dropped() == 1)
     assert engine.requests == []
 
 
@@ -310,7 +304,7 @@ def test_a_standby_never_forwards_a_forwarded_request_again(running: list[Daemon
     )
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1 built here
         assert resp.status == 202
-    assert wait_for(
+    assert eventually(
         lambda: m.registry.get_sample_value("cybedefend_bridge_trigger_events_dropped_total", {"source": "forwarded"}) == 1
     )
     assert leader_engine.requests == []  # the drop is the standby's decision: nothing was sent on
@@ -321,13 +315,13 @@ def test_losing_the_lease_mid_pass_stops_after_the_current_secret(running: list[
     daemon, engine, _ = build(make_settings(), engine=lambda stop: FakeEngine(stop, 10, 0.2), lease=lease)
     running.append(daemon)
     daemon.start()
-    assert wait_for(lambda: "done secret/team/s01" in engine.progress)
+    assert eventually(lambda: "done secret/team/s01" in engine.progress)
     lease.leader = False
-    assert wait_for(lambda: not engine.running.is_set())
+    assert eventually(lambda: not engine.running.is_set())
     first = list(engine.progress)
     assert first[-1].startswith("done ") and len(first) < 20  # aborted, the secret in flight finished
     lease.leader = True  # regained: a new full pass is brought forward and runs to the end
-    assert wait_for(lambda: len(engine.requests) >= 2 and not engine.running.is_set() and engine.progress[-1] == "done secret/team/s09", 10)
+    assert eventually(lambda: len(engine.requests) >= 2 and not engine.running.is_set() and engine.progress[-1] == "done secret/team/s09", 10)
 
 
 def test_liveness_and_a_bounded_shutdown(running: list[Daemon]) -> None:
@@ -373,12 +367,12 @@ def test_reload_applies_a_good_schedule_and_keeps_the_old_one_on_error(running: 
     runner = threading.Thread(target=lambda: result.append(daemon.run()))
     runner.start()
     try:
-        assert wait_for(lambda: daemon.port is not None)
+        assert eventually(lambda: daemon.port is not None)
         daemon.request_reload()
-        assert wait_for(lambda: daemon.settings.schedule.interval_seconds == 600)
+        assert eventually(lambda: daemon.settings.schedule.interval_seconds == 600)
         daemon.request_reload()
         daemon.request_reload()
-        assert wait_for(lambda: seen_by_probe)
+        assert eventually(lambda: seen_by_probe)
         assert seen_by_probe == [600]
         assert daemon.settings.schedule.interval_seconds == 600
     finally:
@@ -454,7 +448,7 @@ class Child:
         return path.read_text().splitlines() if path.exists() else []
 
     def port(self) -> int:
-        assert wait_for(lambda: self.has_event("daemon_started"), 15), (self.dir / "stderr.log").read_text()
+        assert eventually(lambda: self.has_event("daemon_started"), 15), (self.dir / "stderr.log").read_text()
         return int(next(e["port"] for e in self.events() if e.get("event") == "daemon_started"))
 
     def close(self) -> None:
@@ -480,7 +474,7 @@ def child(tmp_path: Path) -> Iterator[Callable[..., Child]]:
 
 def test_sigterm_mid_pass_finishes_the_secret_in_flight_and_exits_0(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 5}}, secrets=30, per_secret=0.4)
-    assert wait_for(lambda: "start secret/team/s03" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s03" in c.progress(), 15)
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(10) == 0
@@ -496,9 +490,9 @@ def test_sigterm_mid_pass_finishes_the_secret_in_flight_and_exits_0(child: Calla
 
 def test_a_second_signal_exits_at_once(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 60}}, secrets=2, per_secret=60, ignore_stop=True)
-    assert wait_for(lambda: "start secret/team/s00" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s00" in c.progress(), 15)
     c.proc.send_signal(signal.SIGTERM)
-    assert wait_for(lambda: c.has_event("shutting_down"))
+    assert eventually(lambda: c.has_event("shutting_down"))
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGINT)
     assert c.proc.wait(5) == 130
@@ -508,7 +502,7 @@ def test_a_second_signal_exits_at_once(child: Callable[..., Child]) -> None:
 
 def test_grace_bounds_the_wait_for_a_stuck_secret(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 1}}, secrets=2, per_secret=60, ignore_stop=True)
-    assert wait_for(lambda: "start secret/team/s00" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s00" in c.progress(), 15)
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(10) == 0
@@ -526,14 +520,14 @@ def test_sighup_reloads_a_good_config_and_keeps_the_old_one_on_error(child: Call
         assert status == 200
         return float(json.loads(body)["daemon"]["next_full_pass_at"]) - time.time()
 
-    assert wait_for(lambda: next_run_in() > 3000)  # after the startup pass: the 3600 s interval
+    assert eventually(lambda: next_run_in() > 3000)  # after the startup pass: the 3600 s interval
     c.write_settings({"schedule": {"interval_seconds": 600, "first_run_max_delay_seconds": 0}})
     c.proc.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: c.has_event("config_reloaded"))
+    assert eventually(lambda: c.has_event("config_reloaded"))
     assert 500 < next_run_in() < 700
     c.write_settings({"schedule": {"interval_secs": 5}})  # a typo: unknown key
     c.proc.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: c.has_event("config_reload_failed"))
+    assert eventually(lambda: c.has_event("config_reload_failed"))
     failed = next(e for e in c.events() if e.get("event") == "config_reload_failed")
     assert failed["key"] == "schedule.interval_secs"
     assert 500 < next_run_in() < 700  # the previous configuration stays

@@ -39,6 +39,7 @@ from tests.chaos.rig import ChaosRig
 from tests.chaos.test_vault_outages import policy_for
 from tests.support.data import PROJECTS, assert_no_leak, forms
 from tests.support.openbao import OpenBao, free_port_pair
+from tests.support.procs import eventually
 
 pytestmark = pytest.mark.integration
 AUDIT_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "audit" / "openbao-file.jsonl"
@@ -190,13 +191,6 @@ def send_lines(port: int, lines: list[bytes]) -> bool:
     return True
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def test_the_audit_listener_refuses_peers_outside_the_allow_list_and_ignores_malformed_lines() -> None:
@@ -208,7 +202,7 @@ def test_the_audit_listener_refuses_peers_outside_the_allow_list_and_ignores_mal
     outside.start()
     try:
         send_lines(outside.port, [good])
-        assert wait_for(lambda: outside.refused >= 1), "a peer outside the allow-list was not refused"
+        assert eventually(lambda: outside.refused >= 1), "a peer outside the allow-list was not refused"
         time.sleep(0.3)
         assert received == [], "a refused peer's line was delivered"
     finally:
@@ -217,7 +211,7 @@ def test_the_audit_listener_refuses_peers_outside_the_allow_list_and_ignores_mal
     inside.start()
     try:
         send_lines(inside.port, [*malformed, good])
-        assert wait_for(lambda: good in received), "the allowed peer's valid line did not arrive"
+        assert eventually(lambda: good in received), "the allowed peer's valid line did not arrive"
         assert inside.refused == 0
     finally:
         inside.close()

@@ -3,7 +3,8 @@
 `ChildProcess` is one command in its own process, its stdout and stderr appended to files in a
 directory, the environment cleaned of `VAULT_*`, `BAO_*` and `BRIDGE_*` (so the operator's shell
 cannot steer a test) and the repository on `PYTHONPATH`. `close()` always kills it; `stop()` asks
-with SIGTERM first. `free_port`, `wait_for` and a loopback `http` come with it.
+with SIGTERM first. `free_port`, `wait_for` (returns the value, raises on timeout), `eventually`
+(returns a bool) and a loopback `http` come with it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def wait_for(check: Callable[[], T | None], timeout: float = 10.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s{error}")
         time.sleep(interval)
+
+
+def eventually(cond: Callable[[], object], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """True as soon as `cond()` is truthy, False if it is not within `timeout` (for `assert eventually(...)`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
