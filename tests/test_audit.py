@@ -21,6 +21,7 @@ from bridge.daemon.triggers import AuditMatcher, TriggerQueue, line_handler
 from bridge.errors import ConfigError, IngestRejected
 from bridge.metrics import Metrics
 from tests.support.openbao import OpenBao
+from tests.support.procs import eventually
 
 FIXTURE = Path(__file__).parent / "data" / "audit" / "openbao-file.jsonl"
 REAL = FIXTURE.read_bytes().splitlines()
@@ -215,7 +216,8 @@ def test_tailer_thread_stops_promptly_and_does_not_busy_loop(tmp_path: Path) -> 
     deadline = time.monotonic() + 3
     while not got and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)
+    polls = len(sleeps)
+    assert eventually(lambda: len(sleeps) >= polls + 5, timeout=3)  # five more polls, nothing more to deliver
     t0 = time.monotonic()
     stop.set()
     t.join(2)

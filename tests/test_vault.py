@@ -212,6 +212,7 @@ def test_state_store_check_and_set(openbao: OpenBao, kv_mount: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # waits out real token TTLs on the server
 def test_renewal_at_fraction_of_ttl(openbao: OpenBao, kv_mount: str) -> None:
     token = openbao.create_token(["default"], ttl="4s", renewable=True)
     clock = FakeClock()
@@ -250,6 +251,7 @@ def test_approle_relogin_after_revoke_and_revoke_on_close(openbao: OpenBao, kv_m
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # waits out real token TTLs on the server
 def test_max_ttl_near_logs_in_again(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     role_id, secret_id = openbao.enable_approle("bridge-maxttl", allow_all(openbao), token_ttl="4s", token_max_ttl="5s")
     (tmp_path / "role").write_text(role_id)
@@ -271,6 +273,7 @@ def test_max_ttl_near_logs_in_again(openbao: OpenBao, kv_mount: str, tmp_path: P
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # waits out real token TTLs on the server
 def test_token_expiring_mid_pass(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     for i in range(30):
         openbao.write_secret(kv_mount, f"dockerhub/s{i}", {"accessToken": "x"}, TAG)
