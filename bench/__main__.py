@@ -26,7 +26,7 @@ from bench.report import Results, render, write
 from bench.rig import Lab, new_simulator
 from bench.steady import run_steady
 from bridge.logs import configure
-from tests.openbao import find_bao
+from tests.support.openbao import find_bao
 
 
 @dataclass(frozen=True)

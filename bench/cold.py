@@ -14,8 +14,9 @@ from pathlib import Path
 
 from bench.floors import curl_fetch
 from bench.procs import BridgeProcess, posts_floor
-from bench.rig import API_CONCURRENCY, API_RATE, ORG, PROJECTS, Lab, name, new_simulator, token
+from bench.rig import API_CONCURRENCY, API_RATE, Lab, name, new_simulator, token
 from bench.stats import median
+from tests.support.data import ORG, PROJECTS
 
 COLD = "cold"
 

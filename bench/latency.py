@@ -19,9 +19,10 @@ from pathlib import Path
 
 from bench.daemon_proc import DaemonProcess
 from bench.floors import ApiFloor, three_calls
-from bench.rig import API_CONCURRENCY, ORG, PAT, PROJECTS, Lab, name, new_simulator
+from bench.rig import API_CONCURRENCY, PAT, Lab, name, new_simulator
 from bench.stats import percentile
 from cybedefend_double.simulator import Simulator
+from tests.support.data import ORG, PROJECTS
 
 LAT, FLOOR = "lat", "latfloor"
 

@@ -16,14 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.procs import REPO, child_env
+
+ROOT = REPO
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -41,7 +37,7 @@ class BridgeProcess:
         self._log: IO[bytes] = open(workdir / f"bridge-{tag}.log", "ab")  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", "bridge", str(self.config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT, env=_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT, env=child_env(),
         )
         self.ready = self._read()
         self.pid = int(self.ready["pid"])
@@ -103,7 +99,7 @@ def posts_floor(url: str, pat_file: Path, bodies: list[dict[str, Any]], concurre
     try:
         done = subprocess.run(
             [sys.executable, "-m", "bench.worker", "posts", url, str(pat_file), str(path), str(concurrency), org],
-            capture_output=True, text=True, cwd=ROOT, env=_env(), check=False, timeout=600,
+            capture_output=True, text=True, cwd=ROOT, env=child_env(), check=False, timeout=600,
         )
     finally:
         path.unlink()

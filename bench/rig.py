@@ -1,6 +1,6 @@
 """The bench's laboratory: a real OpenBao dev server, the CybeDefend double, seeded secrets, settings.
 
-One `Lab` per run. It starts `bao server -dev` (through `tests.openbao.OpenBao`, the same
+One `Lab` per run. It starts `bao server -dev` (through `tests.support.openbao.OpenBao`, the same
 launcher the test suite uses), writes N tagged KV v2 secrets quickly over a pooled client, and
 hands out bridge settings pointing at a given double. Nothing here measures anything.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,14 +17,14 @@ from typing import Any
 import httpx
 
 from bridge.app import Bridge, build
-from bridge.config import Settings, parse_settings
+from bridge.config import Settings
 from cybedefend_double.simulator import Simulator
-from tests.helpers import seeded_simulator
-from tests.openbao import OpenBao
+from tests.support.config import merged, parse, raw_config
+from tests.support.data import ORG, PROJECTS, credential, seeded_simulator
+from tests.support.data import token as support_token
+from tests.support.openbao import OpenBao
 
-ORG = "5b0c6d7e-1f2a-4b3c-8d4e-5f6a7b8c9d0e"
-PROJECTS = [str(uuid.UUID(int=0x2000 + i, version=4)) for i in range(8)]
-PAT = "cdp_" + hashlib.sha256(b"bench-pat").hexdigest()
+PAT = credential("cdp", "bench-pat")
 PREFIX = "dockerhub"
 # Both HTTP paths get a rate cap far above what a pass can reach, so the cap is never what we measure.
 API_RATE = 1_000_000.0
@@ -34,7 +33,7 @@ API_CONCURRENCY = 4  # cybedefend.max_concurrency: the default
 
 def token(i: int, generation: int = 0) -> str:
     """A DockerHub-shaped token, unique per (secret, generation); never a real one."""
-    return "dckr_pat_" + hashlib.sha256(f"bench/{i}/{generation}".encode()).hexdigest()[:27]
+    return support_token(i, f"bench/{generation}")
 
 
 def name(i: int) -> str:
@@ -125,24 +124,16 @@ class Lab:
     # --- the bridge ----------------------------------------------------------------------
     def raw_settings(self, sim_url: str, tag: str, prefix: str = PREFIX, **sections: dict[str, Any]) -> dict[str, Any]:
         """Bridge settings as a config file would hold them; `tag` names this bridge's ledger."""
-        raw: dict[str, Any] = {
-            "vault": {"address": self.bao.addr, "auth": {"method": "token", "token_file": str(self.workdir / "vault-token")}},
-            "sources": [{"mount": self.mount, "path": prefix}],
-            "cybedefend": {
-                "api_url": sim_url, "auth_url": sim_url, "organization_id": ORG,
-                "auth": {"credential_file": str(self.workdir / "pat")},
-                "max_concurrency": API_CONCURRENCY, "max_requests_per_second": API_RATE,
-            },
-            "ledger": {"key_source": "file", "key_file": str(self.workdir / "fingerprint.key"),
-                       "path": str(self.workdir / f"ledger-{tag}.sqlite3")},
-            "logging": {"level": "warning", "format": "json"},
-        }
-        for section, values in sections.items():
-            raw.setdefault(section, {}).update(values)
-        return raw
+        return merged(raw_config(
+            self.workdir, vault_addr=self.bao.addr, vault_token_file=self.workdir / "vault-token", cybedefend_url=sim_url,
+            mount=self.mount, prefix=prefix, ledger_name=f"ledger-{tag}.sqlite3",
+            cybedefend={"max_concurrency": API_CONCURRENCY, "max_requests_per_second": API_RATE},
+            ledger={"key_source": "file", "key_file": str(self.workdir / "fingerprint.key")},
+            logging={"level": "warning", "format": "json"},
+        ), sections)
 
     def settings(self, sim_url: str, tag: str, prefix: str = PREFIX, **sections: dict[str, Any]) -> Settings:
-        return parse_settings(self.raw_settings(sim_url, tag, prefix, **sections), env={})
+        return parse(self.raw_settings(sim_url, tag, prefix, **sections))
 
     def bridge(self, sim_url: str, tag: str | None = None, prefix: str = PREFIX) -> Bridge:
         """A bridge built by the composition root in this process (the smoke test uses it)."""

@@ -140,10 +140,6 @@ class LedgerError(BridgeError):
     pass
 
 
-class LeaseError(BridgeError):
-    retryable = True
-
-
 class CasConflict(BridgeError):
     """A KV v2 check-and-set write found a different version: another replica wrote first."""
 

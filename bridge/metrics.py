@@ -37,9 +37,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Bounded label values, so that a caller's typo cannot create a new series.
 TRIGGERS = ("schedule", "startup", "audit_file", "audit_socket", "audit_ingest", "webhook", "manual", "forwarded")
-PASS_RESULTS = ("ok", "partial", "failed", "aborted")
-ACTIONS = ("create", "rotate", "move", "retire", "adopt", "refresh", "skip", "reject")
-ACTION_RESULTS = ("ok", "failed", "deferred")
 ENDPOINTS = (
     "client_apps", "token_exchange", "create", "list", "get", "delete", "get_links", "set_links", "all_credentials"
 )
@@ -54,6 +51,7 @@ TRIGGER_SOURCES = ("audit_file", "audit_socket", "audit_ingest", "webhook", "for
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 
+PASS_RESULTS = ("ok", "partial", "failed", "aborted")  # PassReport.result
 DELETION_WHYS = ("superseded", "duplicate", "retired", "moved")
 
 

@@ -151,7 +151,7 @@ class Ledger(Protocol):
 class PassRequest:
     """What to sync: everything (paths is None) or a few `mount/path` keys from a trigger."""
 
-    trigger: str  # bounded: schedule, startup, audit_file, audit_socket, audit_ingest, webhook, manual, drift
+    trigger: str  # bounded: one of bridge.metrics.TRIGGERS
     paths: frozenset[str] | None = None
     force_drift_check: bool = False
     # An explicit one-shot run (`sync --once`) is a request to try now: every key skips its backoff.

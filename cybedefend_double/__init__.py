@@ -1,7 +1,8 @@
 """The CybeDefend double, the dev OpenBao launcher and the demo: tooling around the bridge, not the bridge.
 
-Installed by the `demo` extra (`pip install -e '.[demo]'`), never part of the product wheel or
-image (docs/adr/0006-layout.md). It may import `bridge` (the demo wires a real bridge); `bridge`
+A distribution of its own (cybedefend_double/pyproject.toml), installed beside the bridge from a
+clone (`pip install -e . -e ./cybedefend_double`), never part of the product wheel or image
+(docs/adr/0006-layout.md). It may import `bridge` (the demo wires a real bridge); `bridge`
 never imports it (an import-linter contract in pyproject.toml).
 
 - `simulator`   the double's state and its public face (`Simulator`, `Fault`)

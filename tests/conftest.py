@@ -13,7 +13,19 @@ from typing import Any
 
 import pytest
 
-from tests.openbao import OpenBao
+from tests.support.openbao import OpenBao
+
+# Fixtures that start (or stand on) a real OpenBao server: a test using one must be marked
+# `integration`, so `-m "not integration"` really is the subset that needs no OpenBao.
+OPENBAO_FIXTURES = frozenset({"openbao", "openbao_factory", "kv_mount", "kv1_mount", "chaos_bao"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items
+                if OPENBAO_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("integration") is None]
+    if unmarked:
+        listed = "\n  ".join(unmarked[:50])
+        raise pytest.UsageError(f"{len(unmarked)} tests start OpenBao but are not marked integration:\n  {listed}")
 
 
 @pytest.fixture(scope="session")

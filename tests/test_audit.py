@@ -20,7 +20,8 @@ from bridge.daemon.audit_socket import AuditSocketListener
 from bridge.daemon.triggers import AuditMatcher, TriggerQueue, line_handler
 from bridge.errors import ConfigError, IngestRejected
 from bridge.metrics import Metrics
-from tests.openbao import OpenBao
+from tests.support.openbao import OpenBao
+from tests.support.procs import eventually
 
 FIXTURE = Path(__file__).parent / "data" / "audit" / "openbao-file.jsonl"
 REAL = FIXTURE.read_bytes().splitlines()
@@ -215,7 +216,8 @@ def test_tailer_thread_stops_promptly_and_does_not_busy_loop(tmp_path: Path) -> 
     deadline = time.monotonic() + 3
     while not got and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)
+    polls = len(sleeps)
+    assert eventually(lambda: len(sleeps) >= polls + 5, timeout=3)  # five more polls, nothing more to deliver
     t0 = time.monotonic()
     stop.set()
     t.join(2)
@@ -226,6 +228,7 @@ def test_tailer_thread_stops_promptly_and_does_not_busy_loop(tmp_path: Path) -> 
     assert all(s == 0.05 for s in sleeps)
 
 
+@pytest.mark.integration
 def test_tailer_on_a_real_openbao_file_device(openbao_factory: Callable[..., OpenBao], tmp_path: Path) -> None:
     audit_log = tmp_path / "audit.log"
     bao = openbao_factory(audit_log=audit_log)
@@ -263,6 +266,7 @@ def socket_config(port: int) -> str:
     return f'audit "socket" "s" {{\n  options {{\n    address = "127.0.0.1:{port}"\n    socket_type = "tcp"\n  }}\n}}\n'
 
 
+@pytest.mark.integration
 def test_socket_listener_with_a_real_openbao_socket_device(
     openbao_factory: Callable[..., OpenBao], stop: threading.Event
 ) -> None:

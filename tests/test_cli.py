@@ -17,16 +17,16 @@ import yaml
 
 from cybedefend_double.records import Fault
 from cybedefend_double.simulator import Simulator
-from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
-from tests.openbao import OpenBao
+from tests.support.data import ORG, PROJECTS, assert_no_leak, tagged, token
+from tests.support.openbao import OpenBao
+from tests.support.procs import child_env
 
 PAT = "cdp_cli_test_pat_0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # from any working directory
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True, timeout=timeout,
                           env=env, check=False, cwd=cwd)
 
@@ -96,6 +96,7 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--config" in out.stderr and "cannot read" in out.stderr
 
 
+@pytest.mark.integration
 def test_check_reports_each_check(setup: tuple[Path, Simulator, list[str]], tmp_path: Path) -> None:
     config, _, secrets = setup
     out = cli("check", "--config", str(config))
@@ -108,6 +109,7 @@ def test_check_reports_each_check(setup: tuple[Path, Simulator, list[str]], tmp_
     assert_no_leak([out.stdout, out.stderr, bad.stdout, bad.stderr], [*secrets, "cdp_wrong_pat_value_000000"])
 
 
+@pytest.mark.integration
 def test_plan_is_a_dry_run_with_reasons_and_no_values(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, sim, secrets = setup
     table = cli("plan", "--config", str(config))
@@ -119,6 +121,7 @@ def test_plan_is_a_dry_run_with_reasons_and_no_values(setup: tuple[Path, Simulat
     assert_no_leak([table.stdout, table.stderr, json.dumps(as_json)], secrets)
 
 
+@pytest.mark.integration
 def test_sync_once_summary_and_exit_codes(setup: tuple[Path, Simulator, list[str]], openbao: OpenBao,
                                           kv_mount: str) -> None:
     config, sim, secrets = setup
@@ -139,6 +142,7 @@ def test_sync_once_summary_and_exit_codes(setup: tuple[Path, Simulator, list[str
     assert_no_leak([first.stdout, first.stderr, second.stdout, second.stderr, status.stdout], secrets)
 
 
+@pytest.mark.integration
 def test_unreachable_vault_fails_with_what_to_do(setup: tuple[Path, Simulator, list[str]], tmp_path: Path) -> None:
     config, _, _ = setup
     raw = yaml.safe_load(config.read_text())
@@ -148,6 +152,7 @@ def test_unreachable_vault_fails_with_what_to_do(setup: tuple[Path, Simulator, l
     assert out.returncode == 1 and "cybedefend-bridge check" in out.stderr
 
 
+@pytest.mark.integration
 def test_progress_bar_on_a_terminal_only(setup: tuple[Path, Simulator, list[str]], openbao: OpenBao,
                                          kv_mount: str) -> None:
     import pty
@@ -159,7 +164,7 @@ def test_progress_bar_on_a_terminal_only(setup: tuple[Path, Simulator, list[str]
         openbao.write_secret(kv_mount, f"dockerhub/bar{i}", {"accessToken": tok, "dockerhubUsername": "u"},
                              tagged(PROJECTS[i % 3]))
     main_fd, tty_fd = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env = child_env()
     try:
         proc = subprocess.run([sys.executable, "-m", "bridge", "sync", "--once", "--config", str(config)],
                               stdout=subprocess.PIPE, stderr=tty_fd, text=True, timeout=120, env=env, check=False)

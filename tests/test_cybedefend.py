@@ -29,7 +29,7 @@ from bridge.errors import (
 )
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from tests.cybedefend_mock import API, API_KEY, AUTH, CLI_APP, ORG, PAT, PROJECT, FakeClock, MockApi, error, make_client
+from tests.support.cybedefend_mock import API, API_KEY, AUTH, CLI_APP, ORG, PAT, PROJECT, FakeClock, MockApi, error, make_client
 
 DH_TOKEN = "dckr_pat_SuperSecretDockerHubToken123"
 CRED = "9c1e4b2a-6d3f-4e8a-b7c5-1f2e3d4c5b6a"

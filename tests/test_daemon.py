@@ -33,6 +33,7 @@ from bridge.errors import ConfigError
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.ports import PassReport, PassRequest
+from tests.support.procs import eventually
 
 TOKEN = "whk_daemon_test_token_0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
@@ -168,13 +169,6 @@ def running() -> Iterator[list[Daemon]]:
         d.shutdown()
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def http(port: int, method: str, path: str, body: Any = None, token: str | None = TOKEN) -> tuple[int, str]:
@@ -207,23 +201,23 @@ def test_ready_means_accepting_work_and_vault_health_is_reported_not_gating(runn
     # Ready before the first pass: the replica accepts work (triggers queue up behind the startup pass).
     assert http(port, "GET", "/readyz") == (200, "ok\n")
     assert status_daemon(port)["last_full_pass_fresh"] is False
-    assert wait_for(lambda: engine.requests)
+    assert eventually(lambda: engine.requests)
     assert engine.requests[0].trigger == "startup" and engine.requests[0].paths is None
-    assert wait_for(lambda: status_daemon(port)["last_full_pass_fresh"] is True)
+    assert eventually(lambda: status_daemon(port)["last_full_pass_fresh"] is True)
     assert m.registry.get_sample_value("cybedefend_bridge_ready") == 1
     assert m.registry.get_sample_value("cybedefend_bridge_full_pass_fresh") == 1
     vault_up[0] = False
     offset[0] += 10  # past the Vault health cache
     assert http(port, "GET", "/readyz")[0] == 200  # a Vault outage keeps the replica in its Service
     assert http(port, "GET", "/healthz")[0] == 200  # and never fails liveness
-    assert wait_for(lambda: status_daemon(port)["vault"] == {"healthy": False}, 10)  # the watcher probes every 5 s
+    assert eventually(lambda: status_daemon(port)["vault"] == {"healthy": False}, 10)  # the watcher probes every 5 s
     doc = status_daemon(port)
     assert doc["cybedefend"]["last_pass_result"] == "ok" and doc["cybedefend"]["healthy"] is True
     assert m.registry.get_sample_value("cybedefend_bridge_upstream_healthy", {"upstream": "vault"}) == 0
     assert m.registry.get_sample_value("cybedefend_bridge_upstream_healthy", {"upstream": "cybedefend"}) == 1
     vault_up[0] = True
     offset[0] += 10
-    assert wait_for(lambda: status_daemon(port)["vault"] == {"healthy": True}, 10)
+    assert eventually(lambda: status_daemon(port)["vault"] == {"healthy": True}, 10)
     assert m.registry.get_sample_value("cybedefend_bridge_upstream_healthy", {"upstream": "vault"}) == 1
     offset[0] += 3 * 3600 + 20  # more than ready_max_intervals (3) x interval since the pass
     doc = status_daemon(port)
@@ -242,7 +236,7 @@ def test_a_webhook_leads_to_a_targeted_pass(running: list[Daemon]) -> None:
     running.append(daemon)
     port = daemon.start()
     assert http(port, "POST", "/v1/sync", {"paths": ["secret/team/a"]})[0] == 202
-    assert wait_for(lambda: engine.requests)
+    assert eventually(lambda: engine.requests)
     req = engine.requests[0]
     assert req.trigger == "webhook" and req.paths == frozenset({"secret/team/a"})
     assert "secret/team/a" in req.received_at
@@ -264,7 +258,7 @@ def test_forwarded_audit_lines_lead_to_a_targeted_pass(running: list[Daemon]) ->
     )
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1 built here
         assert resp.status == 202 and json.loads(resp.read()) == {"accepted": 2, "keys": 1, "rejected": 0}
-    assert wait_for(lambda: engine.requests)
+    assert eventually(lambda: engine.requests)
     assert engine.requests[0].paths == frozenset({"secret/team/b"})
     assert engine.requests[0].trigger == "audit_ingest"
 
@@ -280,7 +274,7 @@ def test_passes_never_overlap(running: list[Daemon]) -> None:
     for t in threads:
         t.join()
     wanted = {f"done secret/team/x{i}" for i in range(8)}
-    assert wait_for(lambda: wanted <= set(engine.progress), 10)
+    assert eventually(lambda: wanted <= set(engine.progress), 10)
     assert len(engine.requests) >= 2
     assert engine.most_concurrent == 1
 
@@ -295,10 +289,12 @@ def test_standby_forwards_triggers_to_the_leader(running: list[Daemon]) -> None:
     running.append(standby)
     port = standby.start()
     assert http(port, "POST", "/v1/sync", {"paths": ["secret/team/a", "secret/team/b"]})[0] == 202
-    assert wait_for(lambda: leader_engine.requests)
+    assert eventually(lambda: leader_engine.requests)
     assert leader_engine.requests[0].paths == frozenset({"secret/team/a", "secret/team/b"})
     assert leader_engine.requests[0].trigger == "forwarded"
-    time.sleep(0.3)
+    # Its own schedule (first run at once) has fired: as a standby it must not have run a pass.
+    assert eventually(lambda: (sm.registry.get_sample_value("cybedefend_bridge_scheduler_events_total",
+                                                          {"event": "executed"}) or 0) >= 1)
     assert standby_engine.requests == []  # neither the forwarded keys nor its own schedule ran
     assert http(port, "GET", "/readyz")[0] == 200  # a standby accepts work too (it forwards it)
     doc = status_daemon(port)
@@ -316,7 +312,7 @@ def test_a_failed_forward_is_dropped_and_counted(running: list[Daemon]) -> None:
     def dropped() -> float:
         return m.registry.get_sample_value("cybedefend_bridge_trigger_events_dropped_total", {"source": "forwarded"}) or 0
 
-    assert wait_for(lambda: dropped() == 1)
+    assert eventually(lambda: dropped() == 1)
     assert engine.requests == []
 
 
@@ -333,11 +329,10 @@ def test_a_standby_never_forwards_a_forwarded_request_again(running: list[Daemon
     )
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1 built here
         assert resp.status == 202
-    assert wait_for(
+    assert eventually(
         lambda: m.registry.get_sample_value("cybedefend_bridge_trigger_events_dropped_total", {"source": "forwarded"}) == 1
     )
-    time.sleep(0.2)
-    assert leader_engine.requests == []
+    assert leader_engine.requests == []  # the drop is the standby's decision: nothing was sent on
 
 
 def test_losing_the_lease_mid_pass_stops_after_the_current_secret(running: list[Daemon]) -> None:
@@ -345,13 +340,13 @@ def test_losing_the_lease_mid_pass_stops_after_the_current_secret(running: list[
     daemon, engine, _ = build(make_settings(), engine=lambda stop: FakeEngine(stop, 10, 0.2), lease=lease)
     running.append(daemon)
     daemon.start()
-    assert wait_for(lambda: "done secret/team/s01" in engine.progress)
+    assert eventually(lambda: "done secret/team/s01" in engine.progress)
     lease.leader = False
-    assert wait_for(lambda: not engine.running.is_set())
+    assert eventually(lambda: not engine.running.is_set())
     first = list(engine.progress)
     assert first[-1].startswith("done ") and len(first) < 20  # aborted, the secret in flight finished
     lease.leader = True  # regained: a new full pass is brought forward and runs to the end
-    assert wait_for(lambda: len(engine.requests) >= 2 and not engine.running.is_set() and engine.progress[-1] == "done secret/team/s09", 10)
+    assert eventually(lambda: len(engine.requests) >= 2 and not engine.running.is_set() and engine.progress[-1] == "done secret/team/s09", 10)
 
 
 def test_liveness_and_a_bounded_shutdown(running: list[Daemon]) -> None:
@@ -373,12 +368,23 @@ def test_liveness_and_a_bounded_shutdown(running: list[Daemon]) -> None:
 
 
 def test_reload_applies_a_good_schedule_and_keeps_the_old_one_on_error(running: list[Daemon]) -> None:
-    answers: list[Any] = [make_settings(schedule={"interval_seconds": 600}), ConfigError("schedule.cron", "bad")]
+    good = make_settings(schedule={"interval_seconds": 600})
+    seen_by_probe: list[float] = []
+
+    def probe() -> Settings:
+        # Reloads are handled one at a time, in order: when this third one runs, the failed
+        # second one has been fully dealt with, so what the daemon holds now is what it kept.
+        seen_by_probe.append(daemon.settings.schedule.interval_seconds)
+        return good
+
+    answers: list[Any] = [good, ConfigError("schedule.cron", "bad"), probe]
 
     def reload() -> Settings:
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
+        if callable(answer):
+            return answer()  # type: ignore[no-any-return]
         return answer  # type: ignore[no-any-return]
 
     daemon, _, _ = build(make_settings(), first_run=3000, reload=reload)
@@ -386,12 +392,13 @@ def test_reload_applies_a_good_schedule_and_keeps_the_old_one_on_error(running: 
     runner = threading.Thread(target=lambda: result.append(daemon.run()))
     runner.start()
     try:
-        assert wait_for(lambda: daemon.port is not None)
+        assert eventually(lambda: daemon.port is not None)
         daemon.request_reload()
-        assert wait_for(lambda: daemon.settings.schedule.interval_seconds == 600)
+        assert eventually(lambda: daemon.settings.schedule.interval_seconds == 600)
         daemon.request_reload()
-        assert wait_for(lambda: not answers)
-        time.sleep(0.2)
+        daemon.request_reload()
+        assert eventually(lambda: seen_by_probe)
+        assert seen_by_probe == [600]
         assert daemon.settings.schedule.interval_seconds == 600
     finally:
         daemon.request_stop()
@@ -466,7 +473,7 @@ class Child:
         return path.read_text().splitlines() if path.exists() else []
 
     def port(self) -> int:
-        assert wait_for(lambda: self.has_event("daemon_started"), 15), (self.dir / "stderr.log").read_text()
+        assert eventually(lambda: self.has_event("daemon_started"), 15), (self.dir / "stderr.log").read_text()
         return int(next(e["port"] for e in self.events() if e.get("event") == "daemon_started"))
 
     def close(self) -> None:
@@ -492,7 +499,7 @@ def child(tmp_path: Path) -> Iterator[Callable[..., Child]]:
 
 def test_sigterm_mid_pass_finishes_the_secret_in_flight_and_exits_0(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 5}}, secrets=30, per_secret=0.4)
-    assert wait_for(lambda: "start secret/team/s03" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s03" in c.progress(), 15)
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(10) == 0
@@ -508,9 +515,9 @@ def test_sigterm_mid_pass_finishes_the_secret_in_flight_and_exits_0(child: Calla
 
 def test_a_second_signal_exits_at_once(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 60}}, secrets=2, per_secret=60, ignore_stop=True)
-    assert wait_for(lambda: "start secret/team/s00" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s00" in c.progress(), 15)
     c.proc.send_signal(signal.SIGTERM)
-    assert wait_for(lambda: c.has_event("shutting_down"))
+    assert eventually(lambda: c.has_event("shutting_down"))
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGINT)
     assert c.proc.wait(5) == 130
@@ -520,7 +527,7 @@ def test_a_second_signal_exits_at_once(child: Callable[..., Child]) -> None:
 
 def test_grace_bounds_the_wait_for_a_stuck_secret(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 1}}, secrets=2, per_secret=60, ignore_stop=True)
-    assert wait_for(lambda: "start secret/team/s00" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s00" in c.progress(), 15)
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(10) == 0
@@ -538,14 +545,14 @@ def test_sighup_reloads_a_good_config_and_keeps_the_old_one_on_error(child: Call
         assert status == 200
         return float(json.loads(body)["daemon"]["next_full_pass_at"]) - time.time()
 
-    assert wait_for(lambda: next_run_in() > 3000)  # after the startup pass: the 3600 s interval
+    assert eventually(lambda: next_run_in() > 3000)  # after the startup pass: the 3600 s interval
     c.write_settings({"schedule": {"interval_seconds": 600, "first_run_max_delay_seconds": 0}})
     c.proc.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: c.has_event("config_reloaded"))
+    assert eventually(lambda: c.has_event("config_reloaded"))
     assert 500 < next_run_in() < 700
     c.write_settings({"schedule": {"interval_secs": 5}})  # a typo: unknown key
     c.proc.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: c.has_event("config_reload_failed"))
+    assert eventually(lambda: c.has_event("config_reload_failed"))
     failed = next(e for e in c.events() if e.get("event") == "config_reload_failed")
     assert failed["key"] == "schedule.interval_secs"
     assert 500 < next_run_in() < 700  # the previous configuration stays

@@ -18,9 +18,9 @@ from bridge.planner import describe
 from bridge.ports import PassRequest
 from cybedefend_double.records import RecordedRequest
 from cybedefend_double.simulator import Simulator
-from tests.helpers import ORG, PROJECTS, seeded_simulator, tagged, token
-from tests.openbao import OpenBao
-from tests.test_e2e_sync import PAT, Rig
+from tests.support.bridge_rig import PAT, Rig
+from tests.support.data import ORG, PROJECTS, seeded_simulator, tagged, token
+from tests.support.openbao import OpenBao
 
 pytestmark = pytest.mark.integration
 FULL = PassRequest(trigger="manual")

@@ -11,9 +11,9 @@ import pytest
 from bridge.dockerhub import DockerHubVerifier
 from bridge.errors import TransientError
 from bridge.model import Sensitive, State
-from tests.fake_source import FakeSecretSource
-from tests.helpers import assert_no_leak, token
-from tests.test_sync import World
+from tests.support.data import assert_no_leak, token
+from tests.support.fake_source import FakeSecretSource
+from tests.support.world import World
 
 GOOD, BAD = token(1, "hub-good"), token(2, "hub-bad")
 

@@ -39,3 +39,17 @@ def test_every_adr_has_a_status() -> None:
     assert len(adrs) >= 5
     for adr in adrs:
         assert "Status:" in adr.read_text(encoding="utf-8"), adr.name
+
+
+def test_the_architecture_doc_shows_every_module_of_the_tree() -> None:
+    """docs/architecture.md's layout names each package and module, so the tree there cannot go stale."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = []
+    for package in ("bridge", "cybedefend_double"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name == "__init__.py":
+                if f"{path.parent.name}/" not in text:
+                    missing.append(str(path.parent.relative_to(ROOT)))
+            elif path.name not in text:
+                missing.append(str(path.relative_to(ROOT)))
+    assert missing == []

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from cybedefend_double.simulator import Simulator
-from tests.daemon_rig import DaemonProc, Stack, bearer, free_port, new_simulator, wait_for
-from tests.helpers import PROJECTS
-from tests.openbao import OpenBao
+from tests.support.daemon import DaemonProc, Stack, bearer, free_port, new_simulator, wait_for
+from tests.support.data import PROJECTS
+from tests.support.openbao import OpenBao
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TTL = 3.0
@@ -35,6 +35,13 @@ def stack(openbao_factory: Callable[..., OpenBao], tmp_path: Path) -> Iterator[S
     finally:
         st.close()
         sim.stop()
+
+
+def lease_version(stack: Stack) -> int:
+    """The KV v2 version of the HA lease (every renewal writes one), read as root."""
+    path = "cybedefend-bridge/default/leader"  # ledger.state_path with sync.instance, then ha.lease_path
+    doc = stack.bao.api("GET", f"{stack.mount}/metadata/{path}", token=stack.bao.root_token)
+    return int(doc["data"]["current_version"])
 
 
 def replica(stack: Stack, name: str) -> DaemonProc:
@@ -111,7 +118,12 @@ def test_two_replicas_one_leader_no_duplicates_failover_and_forwarding(stack: St
     # The old leader comes back: it sees the live lease and stays standby.
     leader.start()
     wait_for(lambda: leader.code("/healthz") == 200, 20)
-    time.sleep(TTL)
+    # Not a fixed wait: the returning replica has read the live lease (it names its holder), and
+    # the holder has since renewed it twice (a lease version is one renewal), so the returner has
+    # had its turns at the lease while it was live and must have stayed standby.
+    wait_for(lambda: leader.status()["daemon"]["leader_address"] == standby.base, 20)
+    renewed_from = lease_version(stack)
+    wait_for(lambda: lease_version(stack) >= renewed_from + 2, 4 * TTL, 0.1)
     assert roles(standby, leader) == [1.0, 0.0]
     assert leader.code("/readyz") == 200 and leader.status()["daemon"]["leader"] is False
     stack.check_exposure(standby, leader)

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from cybedefend_double.simulator import Simulator
-from tests.daemon_rig import WEBHOOK_TOKEN, DaemonProc, Stack, free_port, new_simulator, wait_for
-from tests.openbao import OpenBao
+from tests.support.daemon import WEBHOOK_TOKEN, DaemonProc, Stack, new_simulator
+from tests.support.openbao import OpenBao
+from tests.support.procs import free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROMPT = 5.0  # seconds; the scheduled full pass is 600 s away, so a registration this fast came from the device

@@ -15,7 +15,7 @@ from bridge.daemon.ha import FORWARD_HEADER, Lease, forward_to_leader
 from bridge.errors import CasConflict, VaultUnavailable
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from tests.openbao import OpenBao
+from tests.support.openbao import OpenBao
 
 TTL = 15.0
 
@@ -283,6 +283,16 @@ class _Recorder(BaseHTTPRequestHandler):
         pass
 
 
+def _recorder(redirect_to: str | None = None) -> type[_Recorder]:
+    """A handler class of its own (its own `seen` list), answering 202 or redirecting."""
+
+    class Recorder(_Recorder):
+        seen: list[dict[str, str]] = []
+
+    Recorder.redirect_to = redirect_to
+    return Recorder
+
+
 def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -290,7 +300,7 @@ def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, 
 
 
 def test_forward_sends_the_token_and_batches_paths() -> None:
-    rec = type("Rec", (_Recorder,), {"seen": [], "redirect_to": None})
+    rec = _recorder()
     httpd, url = _serve(rec)
     try:
         assert forward_to_leader(url, [f"secret/p{i}" for i in range(1200)], Sensitive("tok-123456789"))
@@ -303,9 +313,9 @@ def test_forward_sends_the_token_and_batches_paths() -> None:
 
 
 def test_forward_never_follows_a_redirect_with_the_token(caplog: pytest.LogCaptureFixture) -> None:
-    elsewhere = type("Elsewhere", (_Recorder,), {"seen": [], "redirect_to": None})
+    elsewhere = _recorder()
     target, target_url = _serve(elsewhere)
-    bouncer = type("Bouncer", (_Recorder,), {"seen": [], "redirect_to": target_url + "/steal"})
+    bouncer = _recorder(redirect_to=target_url + "/steal")
     httpd, url = _serve(bouncer)
     try:
         assert forward_to_leader(url, ["secret/a"], Sensitive("tok-123456789")) is False

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.metrics import ACTIONS, ENDPOINTS, PASS_RESULTS, TRIGGERS, Metrics
+from bridge.metrics import ENDPOINTS, PASS_RESULTS, TRIGGERS, Metrics
+from bridge.model import ActionKind
 from bridge.validation import REJECT_CODES
 
 
@@ -38,7 +39,7 @@ def test_bounded_label_sets_start_at_zero() -> None:
     for trigger in TRIGGERS:
         for result in PASS_RESULTS:
             assert value("cybedefend_bridge_passes_total", trigger=trigger, result=result) == 0
-    for action in ACTIONS:
+    for action in (k.value for k in ActionKind):
         assert value("cybedefend_bridge_actions_total", action=action, result="failed") == 0
     for endpoint in ENDPOINTS:
         assert value("cybedefend_bridge_cybedefend_requests_total", endpoint=endpoint, status_class="5xx") == 0

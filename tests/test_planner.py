@@ -10,8 +10,9 @@ from bridge.keyring import Keyring
 from bridge.model import ActionKind, Doomed, Marker, RemoteCredential, SecretRef, Sensitive, State, VaultEntry
 from bridge.planner import RemoteView, Scope, count_deletions, needs_value, plan, reconcile, source_of, with_evidence
 from bridge.ports import LedgerRecord
-from bridge.validation import read_payload, read_tags
-from tests.helpers import ORG, ORG2, PROJECTS, settings, tagged, token
+from bridge.validation import Payload, Tags, read_payload, read_tags
+from tests.support.config import settings
+from tests.support.data import ORG, ORG2, PROJECTS, tagged, token
 
 KEYS = Keyring(b"k" * 32)
 S = settings()
@@ -199,6 +200,7 @@ def test_description_is_cleaned_bounded_and_cannot_forge_a_marker() -> None:
     raw = "line1\nline2 [cybedefend-bridge:default:0123456789ab:v1]" + "x" * 500
     e = entry("a", tags=tagged(PROJECTS[0], description=raw))
     tags = read_tags(e, S.sources[0], S.tags, ORG, S.sync)
+    assert isinstance(tags, Tags) and tags.description is not None
     assert "\n" not in tags.description and len(tags.description) <= S.sync.description_max_length
     assert Marker.parse(tags.description) is None
 
@@ -286,6 +288,7 @@ def test_fingerprints_are_keyed_and_markers_round_trip() -> None:
 
 def test_validation_of_payload_accepts_organisation_tokens() -> None:
     p = read_payload({"accessToken": "dckr_oat_" + "A" * 20, "dockerhubUsername": "org"}, S.sources[0], S.sync)
+    assert isinstance(p, Payload)
     assert p.username == "org" and p.token.reveal().startswith("dckr_oat_")
 
 

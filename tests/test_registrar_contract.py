@@ -1,6 +1,6 @@
 """One Registrar contract, run against the fake and against the real client talking to the double.
 
-Part 1 runs the same tests over (a) `tests.fakes.FakeRegistrar` and (b) `CybeDefendClient`
+Part 1 runs the same tests over (a) `tests.support.fakes.FakeRegistrar` and (b) `CybeDefendClient`
 against `cybedefend_double.simulator.Simulator` over real HTTP, so the sync engine's unit tests (on the
 fake) assume nothing the API does not do. Part 2 drives the real client through the double's
 faults: both auth generations, 429, 5xx, dropped connections, expired tokens, slow answers.
@@ -32,7 +32,7 @@ from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.ports import Registrar
 from cybedefend_double.simulator import Fault, Simulator
-from tests.fakes import FakeRegistrar
+from tests.support.fakes import FakeRegistrar
 
 ORG = "11111111-1111-4111-8111-111111111111"
 OTHER_ORG = "99999999-9999-4999-8999-999999999999"

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.retry import RetryPolicy, TokenBucket, backoff_ceiling, backoff_delay, parse_retry_after
-from tests.cybedefend_mock import FakeClock
+from tests.support.cybedefend_mock import FakeClock
 
 # ---- backoff ----------------------------------------------------------------------------------
 
@@ -141,3 +141,25 @@ def test_bucket_is_thread_safe_and_never_exceeds_the_rate() -> None:
         t.join()
     # 200 reservations with the clock frozen: each one is 0.2 s after the previous, none shared
     assert sorted(reservations) == pytest.approx([0.2 * i for i in range(200)])
+
+
+def test_bucket_with_the_default_burst_spaces_requests_as_the_vault_transport_uses_it() -> None:
+    """bridge.vault.transport builds `TokenBucket(vault.max_requests_per_second)`: a burst of the rate."""
+    clock = FakeClock(1000.0)
+    bucket = TokenBucket(10.0, clock=clock, sleep=clock.sleep)
+    for _ in range(30):
+        bucket.acquire()
+    assert clock.now - 1000.0 == pytest.approx(2.0, abs=0.01)  # 10 at once, then 20 at 10/s
+
+
+def test_the_vault_transport_uses_the_one_token_bucket() -> None:
+    from bridge.config import parse_settings
+    from bridge.metrics import Metrics
+    from bridge.vault import transport
+
+    assert not hasattr(transport, "RateLimiter")
+    raw = {"vault": {"address": "http://127.0.0.1:1", "max_requests_per_second": 7},
+           "sources": [{"mount": "secret", "path": "dockerhub"}], "cybedefend": {"auth": {"credential_file": "/dev/null"}}}
+    s = parse_settings(raw, env={})
+    t = transport.VaultTransport(s.vault, Metrics(), clock=FakeClock(0.0), sleep=lambda _: None)
+    assert isinstance(t._limiter, TokenBucket) and t._limiter.rate == 7

@@ -158,7 +158,7 @@ def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], h
 
     def spy(a: bytes, b: bytes) -> bool:
         compared.append((a, b))
-        return real(a, b)
+        return bool(real(a, b))
 
     monkeypatch.setattr(hmac, "compare_digest", spy)  # the server calls it through the module
     status, _, body = call(served[1], "POST", "/v1/sync", json.dumps({"paths": ["/secret/team/a/", "secret/b"]}).encode(), auth())

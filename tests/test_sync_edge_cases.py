@@ -1,7 +1,7 @@
 """Edge cases of the sync core, each one a bug found in review (F1-F9) and fixed since.
 
 Each test reproduces the scenario that used to duplicate, lose, leak or wrongly delete; the
-harness is `World` from test_sync.py (fake Vault, fake CybeDefend, real in-memory SQLite
+harness is `World` (tests/support/world.py) (fake Vault, fake CybeDefend, real in-memory SQLite
 ledger), except F7, which needs a real OpenBao to answer for a vanished mount.
 """
 
@@ -18,9 +18,9 @@ from bridge.ledger import SqliteLedger
 from bridge.model import Marker, SecretRef, State
 from bridge.ports import LedgerRecord
 from cybedefend_double.simulator import Simulator
-from tests.helpers import PROJECTS, seeded_simulator, tagged, token
-from tests.openbao import OpenBao
-from tests.test_sync import FULL, World
+from tests.support.data import PROJECTS, seeded_simulator, tagged, token
+from tests.support.openbao import OpenBao
+from tests.support.world import FULL, World
 
 KEY_A = "secret/dockerhub/a"
 KEY_B = "secret/dockerhub/b"
@@ -187,8 +187,8 @@ def test_ambiguous_create_in_a_rotation_is_not_retried_in_the_same_pass() -> Non
 
 @pytest.fixture
 def review_sim() -> Iterator[Simulator]:
-    """The CybeDefend double with one organization and its projects (as in test_e2e_sync)."""
-    from tests.test_e2e_sync import PAT
+    """The CybeDefend double with one organization and its projects (as in tests/support/bridge_rig.py)."""
+    from tests.support.bridge_rig import PAT
 
     with seeded_simulator(PAT) as s:
         yield s
@@ -202,7 +202,7 @@ def test_vanished_mount_does_not_retire_the_sources_secrets(openbao: OpenBao, re
                                                             tmp_path: Path) -> None:
     import secrets as _secrets
 
-    from tests.test_e2e_sync import Rig
+    from tests.support.bridge_rig import Rig
 
     sim = review_sim
 
@@ -252,7 +252,7 @@ def test_retire_after_an_interrupted_rotation_deletes_every_credential_of_the_se
 
 def test_kv1_failed_secret_waits_for_its_backoff() -> None:
     from bridge.errors import RateLimited
-    from tests.fake_source import FakeSecretSource
+    from tests.support.fake_source import FakeSecretSource
 
     w = World(sources=[{"mount": "kv1", "path": "dockerhub", "kv_version": 1}])
     w.vault = FakeSecretSource({"kv1": 1})

@@ -22,8 +22,8 @@ from bridge.errors import (
 from bridge.metrics import Metrics
 from bridge.model import SecretRef
 from bridge.vault.source import VaultSource
-from bridge.vault.transport import RateLimiter, error_for_status, translate
-from tests.openbao import OpenBao
+from bridge.vault.transport import error_for_status, translate
+from tests.support.openbao import OpenBao
 
 pytestmark = pytest.mark.timeout(60)
 POLICY = Path(__file__).resolve().parent.parent / "config" / "vault-policy.hcl"
@@ -74,6 +74,7 @@ def metric(vs: VaultSource, name: str, **labels: str) -> float:
 # --- discovery -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_discover_kv2_reads_metadata_only(openbao: OpenBao, kv_mount: str) -> None:
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "dckr_pat_aaaaaaaa"}, TAG)
     openbao.write_secret(kv_mount, "dockerhub/team/deep/b", {"accessToken": "dckr_pat_bbbbbbbb"}, TAG)
@@ -111,6 +112,7 @@ def test_discover_kv2_reads_metadata_only(openbao: OpenBao, kv_mount: str) -> No
     vs.close()
 
 
+@pytest.mark.integration
 def test_discover_falls_back_to_recursive_list_without_scan(openbao: OpenBao, kv_mount: str) -> None:
     for p in ("dockerhub/a", "dockerhub/t/b", "dockerhub/t/u/c"):
         openbao.write_secret(kv_mount, p, {"accessToken": "x"}, TAG)
@@ -126,6 +128,7 @@ def test_discover_falls_back_to_recursive_list_without_scan(openbao: OpenBao, kv
     vs.close()
 
 
+@pytest.mark.integration
 def test_discover_kv1_reads_data(openbao: OpenBao, kv1_mount: str) -> None:
     openbao.write_kv1(kv1_mount, "dockerhub/a", {"accessToken": "dckr_pat_kv1value", **TAG})
     openbao.write_kv1(kv1_mount, "dockerhub/x/b", {"accessToken": "t2", "n": 5})
@@ -141,6 +144,7 @@ def test_discover_kv1_reads_data(openbao: OpenBao, kv1_mount: str) -> None:
     vs.close()
 
 
+@pytest.mark.integration
 def test_kv1_counts_and_version_cache(openbao: OpenBao, kv1_mount: str) -> None:
     openbao.write_kv1(kv1_mount, "dockerhub/a", {"accessToken": "t"})
     vs = source(openbao, kv1_mount)
@@ -153,6 +157,7 @@ def test_kv1_counts_and_version_cache(openbao: OpenBao, kv1_mount: str) -> None:
     vs.close()
 
 
+@pytest.mark.integration
 def test_describe_and_read_value(openbao: OpenBao, kv_mount: str) -> None:
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "first-version-token"}, TAG)
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "second-version-token"})
@@ -169,6 +174,7 @@ def test_describe_and_read_value(openbao: OpenBao, kv_mount: str) -> None:
     vs.close()
 
 
+@pytest.mark.integration
 def test_read_secret_field(openbao: OpenBao, kv_mount: str) -> None:
     openbao.write_secret(kv_mount, "cybedefend", {"pat": "cdpat_0123456789abcdef"})
     vs = source(openbao, kv_mount)
@@ -184,6 +190,7 @@ def test_read_secret_field(openbao: OpenBao, kv_mount: str) -> None:
 # --- state store -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_state_store_check_and_set(openbao: OpenBao, kv_mount: str) -> None:
     vs = source(openbao, kv_mount)
     assert vs.read_state("key") is None
@@ -204,6 +211,8 @@ def test_state_store_check_and_set(openbao: OpenBao, kv_mount: str) -> None:
 # --- token lifecycle -----------------------------------------------------------------------
 
 
+@pytest.mark.integration
+@pytest.mark.slow  # waits out real token TTLs on the server
 def test_renewal_at_fraction_of_ttl(openbao: OpenBao, kv_mount: str) -> None:
     token = openbao.create_token(["default"], ttl="4s", renewable=True)
     clock = FakeClock()
@@ -221,6 +230,7 @@ def test_renewal_at_fraction_of_ttl(openbao: OpenBao, kv_mount: str) -> None:
     vs.close()
 
 
+@pytest.mark.integration
 def test_approle_relogin_after_revoke_and_revoke_on_close(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "x"}, TAG)
     role_id, secret_id = openbao.enable_approle("bridge-relogin", allow_all(openbao))
@@ -240,6 +250,8 @@ def test_approle_relogin_after_revoke_and_revoke_on_close(openbao: OpenBao, kv_m
         openbao.client().auth.token.lookup(second)
 
 
+@pytest.mark.integration
+@pytest.mark.slow  # waits out real token TTLs on the server
 def test_max_ttl_near_logs_in_again(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     role_id, secret_id = openbao.enable_approle("bridge-maxttl", allow_all(openbao), token_ttl="4s", token_max_ttl="5s")
     (tmp_path / "role").write_text(role_id)
@@ -260,6 +272,8 @@ def test_max_ttl_near_logs_in_again(openbao: OpenBao, kv_mount: str, tmp_path: P
     vs.close()
 
 
+@pytest.mark.integration
+@pytest.mark.slow  # waits out real token TTLs on the server
 def test_token_expiring_mid_pass(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     for i in range(30):
         openbao.write_secret(kv_mount, f"dockerhub/s{i}", {"accessToken": "x"}, TAG)
@@ -288,6 +302,7 @@ def test_token_expiring_mid_pass(openbao: OpenBao, kv_mount: str, tmp_path: Path
     vs2.close()
 
 
+@pytest.mark.integration
 def test_token_file_is_reread_when_it_changes(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "x"}, TAG)
     first = openbao.create_token(["root"])
@@ -324,6 +339,7 @@ def _signed_jwt(claims: dict[str, Any]) -> tuple[str, str]:
     return signing_input + "." + b64(signature), pem.decode()
 
 
+@pytest.mark.integration
 def test_jwt_login(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     now = int(time.time())
     token, pem = _signed_jwt({"sub": "bridge", "aud": "cybedefend-bridge", "iat": now, "exp": now + 300})
@@ -348,6 +364,7 @@ def test_jwt_login(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     c.sys.disable_auth_method(path=mount)
 
 
+@pytest.mark.integration
 def test_login_failure_backs_off(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     role_id, _ = openbao.enable_approle("bridge-bad", ["default"])
     (tmp_path / "role").write_text(role_id)
@@ -375,6 +392,7 @@ def _policy_for(mount: str, text: str | None = None) -> str:
     return text.replace('"secret/', f'"{mount}/').replace("mounts/secret", f"mounts/{mount}")
 
 
+@pytest.mark.integration
 def test_works_with_only_the_shipped_policy(openbao: OpenBao, kv_mount: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     openbao.write_secret(kv_mount, "dockerhub/a/b", {"accessToken": "dckr_pat_policytest"}, TAG)
@@ -395,6 +413,7 @@ def test_works_with_only_the_shipped_policy(openbao: OpenBao, kv_mount: str, cap
     assert token not in caplog.text and "dckr_pat_policytest" not in caplog.text
 
 
+@pytest.mark.integration
 def test_less_than_the_policy_fails_clearly(openbao: OpenBao, kv_mount: str) -> None:
     openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "x"}, TAG)
     text = _policy_for(kv_mount).replace('"list", "scan", "read"', '"list", "scan"')
@@ -446,6 +465,7 @@ def test_status_translation() -> None:
     assert error_for_status(503, "read", "p").retryable and not error_for_status(403, "read", "p").retryable
 
 
+@pytest.mark.integration
 def test_hvac_exception_carrying_a_token_does_not_leak(openbao: OpenBao, kv_mount: str) -> None:
     vs = source(openbao, kv_mount)
     secret = "hvs.LEAKYTOKEN0123456789"
@@ -460,7 +480,7 @@ def test_hvac_exception_carrying_a_token_does_not_leak(openbao: OpenBao, kv_moun
 
 
 def test_unreachable_vault_is_unavailable_not_a_library_error(tmp_path: Path) -> None:
-    from tests.openbao import free_port_pair
+    from tests.support.openbao import free_port_pair
 
     s = settings(f"http://127.0.0.1:{free_port_pair()}", timeout_seconds=2)
     vs = VaultSource(s, Metrics(), env={"VAULT_TOKEN": "hvs.unreachable-token"}, sleep=lambda _: None)
@@ -469,11 +489,3 @@ def test_unreachable_vault_is_unavailable_not_a_library_error(tmp_path: Path) ->
     assert isinstance(info.value.__cause__, VaultUnavailable) and "hvs.unreachable-token" not in str(info.value)
     assert vs.healthy() is False
     vs.close()
-
-
-def test_rate_limiter_spaces_requests() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(10.0, clock, clock.sleep)
-    for _ in range(30):
-        limiter.acquire()
-    assert clock.now - 1000.0 == pytest.approx(2.0, abs=0.01)  # 10 burst, then 20 at 10/s

@@ -6,7 +6,7 @@ requests. Two paths reach Vault:
   scan, metadata, read), because hvac/requests costs 2-3x more CPU per request and discovery
   makes thousands of them;
 - hvac, for logins, token calls, capabilities and KV writes, where convenience beats speed.
-Both share one rate limiter, one request counter and the `vault_requests` metric, and every
+Both share one rate limiter (the token bucket of `bridge.retry`), one request counter and the `vault_requests` metric, and every
 library exception or error status leaves this module as a `bridge.errors.VaultError` whose
 message names the operation and the path, never a token or a value. Tokens are passed per
 call; this module keeps none.
@@ -36,6 +36,7 @@ from bridge.errors import VaultError, VaultInvalidRequest, VaultPermissionDenied
 from bridge.logs import get_logger, redact_text
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
+from bridge.retry import TokenBucket
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -129,30 +130,6 @@ def ssl_context(settings: VaultSettings) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-class RateLimiter:
-    """Token bucket shared by all threads; a reservation model, so waiters queue fairly."""
-
-    def __init__(self, rate: float | None, clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
-        self._rate = rate
-        self._clock, self._sleep = clock, sleep
-        self._burst = max(1.0, rate or 1.0)
-        self._tokens = self._burst
-        self._last = clock()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        if self._rate is None:
-            return
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            self._tokens -= 1
-            wait = -self._tokens / self._rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            self._sleep(wait)
 
 
 class ConnectionPool:
@@ -257,7 +234,9 @@ class VaultTransport:
         self.settings = settings
         self._metrics = metrics
         self._pool = ConnectionPool(settings, size=settings.concurrency + 2)
-        self._limiter = RateLimiter(settings.max_requests_per_second, clock, sleep)
+        # The one token bucket (bridge.retry), shared by all threads; no limit when none is configured.
+        rate = settings.max_requests_per_second
+        self._limiter = TokenBucket(rate, clock=clock, sleep=sleep) if rate else None
         self._hvac_lock = threading.Lock()  # the hvac client holds the token as state
         self._count_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -291,7 +270,8 @@ class VaultTransport:
 
     def send(self, kind: str, method: str, path: str, query: str, token: Sensitive) -> tuple[int, dict[str, Any] | None]:
         """One lean request to `/v1/<path>` (already quoted): (status, JSON document)."""
-        self._limiter.acquire()
+        if self._limiter is not None:
+            self._limiter.acquire()
         headers = dict(self._headers)
         headers["X-Vault-Token"] = token.reveal()
         target = f"/v1/{path}" + (f"?{query}" if query else "")
@@ -307,7 +287,8 @@ class VaultTransport:
 
     def hvac(self, kind: str, path: str, fn: Callable[[Any], T], token: Sensitive | None) -> T:
         """One hvac call made with `token`; exceptions translated (the hvac one kept as __cause__)."""
-        self._limiter.acquire()
+        if self._limiter is not None:
+            self._limiter.acquire()
         with self._hvac_lock:
             self._client.token = token.reveal() if token is not None else ""
             try:

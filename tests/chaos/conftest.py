@@ -17,10 +17,11 @@ import pytest
 
 from cybedefend_double.simulator import Simulator
 from tests.chaos.rig import PAT, ChaosRig
-from tests.helpers import ORG2, seeded_simulator
-from tests.openbao import OpenBao
+from tests.support.data import ORG2, seeded_simulator
+from tests.support.openbao import OpenBao
 
-pytestmark = pytest.mark.integration
+# No `pytestmark` here: in a conftest it marks nothing. Each chaos module that starts OpenBao is
+# marked `integration` itself, and tests/conftest.py refuses a test that uses `chaos_bao` unmarked.
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.model import Marker, State
-from tests.helpers import PROJECTS, assert_no_leak
+from tests.support.data import PROJECTS, assert_no_leak
 
 
 class Expect(enum.Enum):

@@ -21,7 +21,6 @@ as a real `cybedefend-bridge` subprocess that can be killed with SIGKILL, and en
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import signal
@@ -45,11 +44,13 @@ from bridge.model import SecretRef, Sensitive
 from bridge.ports import PassReport, PassRequest
 from cybedefend_double.simulator import Simulator
 from tests.chaos.invariant import Cred, Expect, Want, check_invariant, check_no_duplicates
-from tests.helpers import ORG, PROJECTS, assert_no_leak, tagged, token
-from tests.openbao import OpenBao
+from tests.support.config import merged, raw_config
+from tests.support.data import ORG, PROJECTS, assert_no_leak, credential, tagged, token
+from tests.support.openbao import OpenBao
+from tests.support.procs import REPO, child_env
 
-PAT = "cdp_" + hashlib.sha256(b"chaos-pat").hexdigest()
-ROOT = Path(__file__).resolve().parents[2]
+PAT = credential("cdp", "chaos-pat")
+ROOT = REPO
 FULL = PassRequest(trigger="manual")
 PREFIX = "dockerhub"
 
@@ -117,21 +118,15 @@ class ChaosRig:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "pat").write_text(PAT + "\n")
         (tmp / "vault-token").write_text(vault_token or bao.root_token)
-        self.raw: dict[str, Any] = {
-            "vault": {"address": bao.addr, "timeout_seconds": 5,
-                      "auth": {"method": "token", "token_file": str(tmp / "vault-token")}},
-            "sources": [{"mount": mount, "path": PREFIX}],
-            "cybedefend": {"api_url": sim.url, "auth_url": sim.url, "organization_id": ORG,
-                           "auth": {"credential_file": str(tmp / "pat")}, "timeout_seconds": 5,
-                           "max_requests_per_second": 2000, "max_concurrency": 4,
-                           "retry": {"base_seconds": 0.01, "cap_seconds": 0.5, "max_attempts": 5}},
-            "sync": {"retry_base_seconds": 0.01, "retry_cap_seconds": 0.05, "deletion_policy": policy,
-                     "max_deletes_per_pass": 1000},
-            "ledger": {"path": str(tmp / "ledger.sqlite3")},
-            "logging": {"level": "info", "format": "json"},
-        }
-        for section, values in overrides.items():
-            self.raw.setdefault(section, {}).update(values)
+        self.raw: dict[str, Any] = raw_config(
+            tmp, vault_addr=bao.addr, vault_token_file=tmp / "vault-token", cybedefend_url=sim.url, mount=mount, prefix=PREFIX,
+            vault={"timeout_seconds": 5},
+            cybedefend={"timeout_seconds": 5, "max_requests_per_second": 2000, "max_concurrency": 4,
+                        "retry": {"base_seconds": 0.01, "cap_seconds": 0.5, "max_attempts": 5}},
+            sync={"retry_base_seconds": 0.01, "retry_cap_seconds": 0.05, "deletion_policy": policy, "max_deletes_per_pass": 1000},
+            logging={"level": "info", "format": "json"},
+        )
+        self.raw = merged(self.raw, overrides)
         self.secrets: dict[str, Secret] = {}
         self.tokens: list[str] = []  # every DockerHub token ever written, for the leak scan
         self.extra_secrets: list[str] = [PAT, bao.root_token]
@@ -264,7 +259,7 @@ class ChaosRig:
         """Start `cybedefend-bridge <args> --config <file>`; output goes to files in tmp."""
         self._n += 1
         out, err = self.tmp / f"run{self._n}.out", self.tmp / f"run{self._n}.err"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env = child_env()
         full = (sys.executable, "-m", "bridge", *args, "--config", str(self.config_path))
         with out.open("wb") as o, err.open("wb") as e:
             proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=o, stderr=e, env=env, cwd=ROOT)

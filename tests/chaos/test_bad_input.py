@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -29,8 +28,9 @@ from bridge.model import Marker, SecretRef
 from cybedefend_double.simulator import Simulator
 from tests.chaos.invariant import Expect
 from tests.chaos.rig import ROOT, ChaosRig
-from tests.helpers import ORG, ORG2, PROJECTS, token
-from tests.openbao import OpenBao
+from tests.support.data import ORG, ORG2, PROJECTS, token
+from tests.support.openbao import OpenBao
+from tests.support.procs import child_env
 
 pytestmark = pytest.mark.integration
 DATA = Path(__file__).parent / "data"
@@ -170,7 +170,7 @@ def test_bad_configuration_files_exit_with_a_message_naming_the_key(
     (tmp_path / "pat").write_text("cdp_" + "0" * 40)
     (tmp_path / "vault-token").write_text(chaos_bao.root_token)
     (tmp_path / "garbage-key").write_text("this is not base64 !!!")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env = child_env()
     procs: list[tuple[str, dict[str, str], str, subprocess.Popen[str]]] = []
     for name, want in config_cases():
         text = (DATA / "configs" / name).read_text(encoding="utf-8")

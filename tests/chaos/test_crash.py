@@ -23,7 +23,7 @@ import pytest
 
 from cybedefend_double.simulator import Fault
 from tests.chaos.rig import ChaosRig
-from tests.helpers import PROJECTS
+from tests.support.data import PROJECTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

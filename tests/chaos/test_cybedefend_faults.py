@@ -21,7 +21,7 @@ import pytest
 from bridge.model import Sensitive
 from cybedefend_double.simulator import Fault, RecordedRequest
 from tests.chaos.rig import PAT, ChaosRig
-from tests.helpers import ORG, PROJECTS
+from tests.support.data import ORG, PROJECTS
 
 pytestmark = pytest.mark.integration
 SLACK = 0.02  # clock granularity between the double's record and the sleep that preceded the retry

@@ -20,8 +20,8 @@ import pytest
 
 from cybedefend_double.simulator import Fault
 from tests.chaos.rig import ChaosRig
-from tests.daemon_rig import DaemonProc, free_port, wait_for
-from tests.helpers import PROJECTS
+from tests.support.daemon import DaemonProc, free_port, wait_for
+from tests.support.data import PROJECTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TTL = 3.0

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from tests.chaos.rig import ChaosRig
-from tests.helpers import PROJECTS, token
+from tests.support.data import PROJECTS, token
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SECRETS = int(os.environ.get("CHAOS_LOAD_SECRETS", "1000"))

@@ -32,10 +32,10 @@ from bridge.model import RemoteCredential, SecretRef, Sensitive
 from bridge.planner import writes_of
 from bridge.ports import PassRequest
 from tests.chaos.invariant import Cred, Expect, Want, check_invariant
-from tests.fake_source import FakeSecretSource
-from tests.fakes import FakeRegistrar
-from tests.helpers import ORG, PROJECTS, tagged, token
-from tests.helpers import settings as make_settings
+from tests.support.config import settings as make_settings
+from tests.support.data import ORG, PROJECTS, tagged, token
+from tests.support.fake_source import FakeSecretSource
+from tests.support.fakes import FakeRegistrar
 
 FULL = PassRequest(trigger="manual")
 NAMES = ("a", "b", "c", "d")

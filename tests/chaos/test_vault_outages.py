@@ -2,7 +2,7 @@
 token revoked (token file replaced by the operator; AppRole logs in again), AppRole secret_id
 rotated, and the token's max TTL reached in the middle of a long pass.
 
-OpenBao runs with durable storage (tests/openbao.py `file` mode), so it can really be stopped,
+OpenBao runs with durable storage (tests/support/openbao.py `file` mode), so it can really be stopped,
 sealed and restarted. The outage lasts CHAOS_VAULT_OUTAGE_SECONDS (default 15 s to fit CI; the
 issue asks for 60 s: `CHAOS_VAULT_OUTAGE_SECONDS=60 python -m pytest tests/chaos`).
 
@@ -28,8 +28,8 @@ import pytest
 
 from cybedefend_double.simulator import Fault
 from tests.chaos.rig import ROOT, ChaosRig
-from tests.helpers import PROJECTS
-from tests.openbao import OpenBao
+from tests.support.data import PROJECTS
+from tests.support.openbao import OpenBao
 
 pytestmark = pytest.mark.integration
 OUTAGE = float(os.environ.get("CHAOS_VAULT_OUTAGE_SECONDS", "15"))

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import tomllib
@@ -31,7 +30,8 @@ import yaml
 from cybedefend_double.openbao import DevOpenBao
 from cybedefend_double.simulator import Simulator
 from tests.deploy.deploy_tools import ROOT, in_ci, missing, run, tool
-from tests.helpers import forms
+from tests.support.data import forms
+from tests.support.procs import free_port
 
 DOCKERFILE = ROOT / "Dockerfile"
 # Measured reliable in CI (3/3 cold builds, ~100 s each), so CI runs it; elsewhere it is opt-in.
@@ -127,13 +127,6 @@ def _image_python_dists() -> set[str]:
     return {f"{n}=={v}" for n, (v, marker) in lock.items() if marker is None or Marker(marker).evaluate(env)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback URL built here)
@@ -156,6 +149,7 @@ def _wait_status(url: str, want: int, timeout: float, alive: Callable[[], bool])
     return status
 
 
+@pytest.mark.integration  # starts OpenBao beside the container
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not IMAGE_TEST, reason=IMAGE_TEST_REASON)
@@ -214,7 +208,7 @@ def _build_and_run(tmp_path: Path, podman: list[str], image: str) -> None:
         sim.start()
         bao.kv_put("secret", "dockerhub/image-test", {"dockerhubUsername": "image-test", "accessToken": access_token},
                    {"cybedefend-project-id": PROJECT})
-        port = _free_port()
+        port = free_port()
         conf = _write_config(tmp_path / "etc", bao, sim.url, port, pat)
         # Lowered ulimits: podman's defaults exceed what this sandbox lets runc set. The ledger's
         # tmpfs gets `U` (owned by the container's user, as fsGroup does in Kubernetes): podman

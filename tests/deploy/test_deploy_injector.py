@@ -264,7 +264,8 @@ def admitted_pod(deployment: dict[str, Any]) -> dict[str, Any]:
     if spec.get("automountServiceAccountToken", True):
         for c in spec["containers"]:
             c.setdefault("volumeMounts", []).append({"name": "kube-api-access-x", "mountPath": SA_MOUNT, "readOnly": True})
-    return pod
+    out: dict[str, Any] = pod
+    return out
 
 
 def injector_errors(pod: dict[str, Any]) -> list[str]:

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,9 +36,10 @@ from cybedefend_double.demo import write_config
 from cybedefend_double.openbao import DevOpenBao
 from cybedefend_double.simulator import Simulator
 from tests.deploy.deploy_tools import NAMESPACE, RELEASE, dashboard, dashboard_exprs, metrics_in, rules_spec, tool
-from tests.helpers import forms
+from tests.support.data import forms
+from tests.support.procs import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(90)]  # starts OpenBao
 
 ALERT = "CybeDefendBridgeNoSuccessfulPass"
 INTERVAL_SECONDS = 5
@@ -47,12 +47,6 @@ INTERVAL_SECONDS = 5
 STALE_INTERVALS = 2
 ORG = str(uuid.uuid4())
 T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> str:
@@ -192,10 +186,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             users.append(user)
             paths += [path, "secret/" + path, "secret/data/" + path]
 
-        bridge_port = _free_port()
+        bridge_port = free_port()
         config = _write_bridge_config(work, bao, sim, bridge_port, pat)
         prom_config, stale = _write_prometheus_config(work, bridge_port)
-        prom_port = _free_port()
+        prom_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
 
         bridge_log = work / "bridge.log"

@@ -52,7 +52,7 @@ def test_action_validator_catches_a_typo(tmp_path: Path) -> None:
 def test_release_promises() -> None:
     wf = _release()
     # PyYAML reads the key `on` as True.
-    trigger = wf.get("on", wf.get(True))
+    trigger = wf["on"] if "on" in wf else wf[True]  # type: ignore[index]
     assert trigger == {"push": {"tags": ["v[0-9]+.[0-9]+.[0-9]+"]}}
     job = wf["jobs"]["release"]
     assert job["permissions"] == {"contents": "write", "packages": "write", "id-token": "write"}

@@ -88,5 +88,6 @@ def test_bridge_shares_the_audit_volume_with_vault(tmp_path: Path) -> None:
 
 
 def test_values_file_exists_for_each_topology() -> None:
-    assert VALUE_SETS["sidecar"] is not None and VALUE_SETS["sidecar"].exists()
-    assert VALUE_SETS[SET] is not None and VALUE_SETS[SET].exists()
+    for name in ("sidecar", SET):
+        path = VALUE_SETS[name]
+        assert path is not None and path.exists(), name

@@ -14,28 +14,25 @@ import hashlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.model import Sensitive
 from cybedefend_double.simulator import Simulator, StoredCredential
-from tests.helpers import ORG, PROJECTS, assert_no_leak, seeded_simulator, tagged, token
-from tests.openbao import OpenBao
+from tests.support.config import merged, raw_config
+from tests.support.data import ORG, PROJECTS, assert_no_leak, credential, seeded_simulator, tagged, token
+from tests.support.openbao import OpenBao
+from tests.support.procs import REPO, ChildProcess, bridge_command, free_port, http, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
-PAT = "cdp_" + hashlib.sha256(b"e2e-daemon-pat").hexdigest()
-WEBHOOK_TOKEN = "whk_" + hashlib.sha256(b"e2e-daemon-webhook").hexdigest()
-T = TypeVar("T")
+__all__ = ["PAT", "REPO", "WEBHOOK_TOKEN", "DaemonProc", "Stack", "bearer", "digest", "free_port", "http",
+           "new_simulator", "send_signal", "wait_for"]
+
+PAT = credential("cdp", "e2e-daemon-pat")
+WEBHOOK_TOKEN = credential("whk", "e2e-daemon-webhook")
 
 
 def digest(value: str) -> str:
@@ -43,113 +40,30 @@ def digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:16]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05) -> T:
-    """Poll `check` until it returns something truthy and return that; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value: T | None
-        error = ""
-        try:
-            value = check()
-        except (OSError, ValueError, KeyError) as exc:  # the daemon is not answering yet
-            value, error = None, f" (last error: {type(exc).__name__})"
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s{error}")
-        time.sleep(interval)
-
-
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})  # noqa: S310 - loopback
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def bearer(value: str = WEBHOOK_TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}", "Content-Type": "application/json"}
 
 
-def _console_script() -> list[str]:
-    script = Path(sys.executable).parent / "cybedefend-bridge"
-    return [str(script)] if os.access(script, os.X_OK) else [sys.executable, "-m", "bridge"]
-
-
-class DaemonProc:
+class DaemonProc(ChildProcess):
     """One `cybedefend-bridge run --config FILE` process. `close()` always kills it."""
 
     def __init__(self, workdir: Path, raw: dict[str, Any], name: str = "bridge") -> None:
-        self.dir = workdir / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = self.dir / "config.yaml"
+        self.config = workdir / name / "config.yaml"
+        super().__init__([*bridge_command(), "run", "--config", str(self.config)], workdir / name)
         self.raw = raw
         self.port = int(raw["server"]["port"])
         self.base = f"http://127.0.0.1:{self.port}"
         self.write_config(raw)
-        self._out: IO[bytes] | None = None
-        self._err: IO[bytes] | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
 
     def write_config(self, raw: dict[str, Any]) -> None:
         self.raw = raw
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     def start(self) -> DaemonProc:
-        self.close()
-        self.starts += 1
-        self._out = (self.dir / "stdout.log").open("ab")
-        self._err = (self.dir / "stderr.log").open("ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "BRIDGE_"))}
-        env["PYTHONPATH"] = str(REPO)
-        self.proc = subprocess.Popen([*_console_script(), "run", "--config", str(self.config)], cwd=REPO,
-                                     stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, env=env)
+        super().start()
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for fh in (self._out, self._err):
-            if fh is not None:
-                fh.close()
-        self._out = self._err = None
-
     # -- what it says ---------------------------------------------------------------------
-
-    def stdout(self) -> str:
-        path = self.dir / "stdout.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stderr(self) -> str:
-        path = self.dir / "stderr.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -227,22 +141,16 @@ class Stack:
         (self.tmp / "vault-token").write_text(self.bao.root_token)
 
     def raw(self, name: str = "bridge", port: int | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
-        raw: dict[str, Any] = {
-            "vault": {"address": self.bao.addr, "auth": {"method": "token", "token_file": str(self.tmp / "vault-token")}},
-            "sources": [{"mount": self.mount, "path": "dockerhub"}],
-            "cybedefend": {"api_url": self.sim.url, "auth_url": self.sim.url, "organization_id": ORG,
-                           "auth": {"credential_file": str(self.tmp / "pat")}, "max_requests_per_second": 1000,
-                           "retry": {"base_seconds": 0.01, "cap_seconds": 0.2}},
-            "sync": {"retry_base_seconds": 0.05, "retry_cap_seconds": 0.5, "shutdown_grace_seconds": 10},
-            "ledger": {"path": str(self.tmp / name / "ledger.sqlite3")},
-            "schedule": {"interval_seconds": 600, "jitter_fraction": 0, "first_run_max_delay_seconds": 0},
-            "server": {"bind": "127.0.0.1", "port": port or free_port(), "webhook_token_file": str(self.tmp / "webhook-token")},
-            "triggers": {"debounce_seconds": 0.1},
-            "logging": {"level": "info", "format": "json"},
-        }
-        for section, values in sections.items():
-            raw[section] = {**raw.get(section, {}), **values}
-        return raw
+        return merged(raw_config(
+            self.tmp, vault_addr=self.bao.addr, vault_token_file=self.tmp / "vault-token", cybedefend_url=self.sim.url,
+            mount=self.mount, ledger_name=f"{name}/ledger.sqlite3",
+            cybedefend={"max_requests_per_second": 1000, "retry": {"base_seconds": 0.01, "cap_seconds": 0.2}},
+            sync={"retry_base_seconds": 0.05, "retry_cap_seconds": 0.5, "shutdown_grace_seconds": 10},
+            schedule={"interval_seconds": 600, "jitter_fraction": 0, "first_run_max_delay_seconds": 0},
+            server={"bind": "127.0.0.1", "port": port or free_port(), "webhook_token_file": str(self.tmp / "webhook-token")},
+            triggers={"debounce_seconds": 0.1},
+            logging={"level": "info", "format": "json"},
+        ), sections)
 
     def daemon(self, name: str = "bridge", port: int | None = None, **sections: dict[str, Any]) -> DaemonProc:
         d = DaemonProc(self.tmp, self.raw(name, port, **sections), name)

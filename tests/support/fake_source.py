@@ -76,7 +76,8 @@ class FakeSecretSource:
         ref = SecretRef(mount, path, s.kv)
         if s.kv == 1:
             data = dict(s.versions[-1])
-            return VaultEntry(ref, None, {k: v for k, v in data.items() if isinstance(v, str)}, payload=data,
+            # As VaultSource does: every value is a tag, as text (KV v1 keeps tags in the data).
+            return VaultEntry(ref, None, {k: v if isinstance(v, str) else str(v) for k, v in data.items()}, payload=data,
                               source_index=idx)
         current = len(s.versions)
         return VaultEntry(ref, current, dict(s.tags), deleted=current in s.deleted, source_index=idx,
@@ -94,7 +95,10 @@ class FakeSecretSource:
         return out
 
     def describe(self, source: SourceSettings, source_index: int, path: str) -> VaultEntry | None:
-        self._count("metadata")
+        path = path.strip("/")
+        if source.path and path != source.path and not path.startswith(source.path + "/"):
+            return None  # outside the source: not asked of Vault at all
+        self._count("metadata" if self._kv.get(source.mount, 2) == 2 else "read")
         with self._lock:
             s = self._secrets.get((source.mount, path))
             return None if s is None else self._entry(source.mount, path, s, source_index)
@@ -102,8 +106,13 @@ class FakeSecretSource:
     def read_value(self, ref: SecretRef, version: int | None) -> Mapping[str, Any]:
         self._count("read")
         with self._lock:
-            s = self._secrets[(ref.mount, ref.path)]
-            return dict(s.versions[-1] if version is None else s.versions[version - 1])
+            s = self._secrets.get((ref.mount, ref.path))
+            if s is None:
+                return {}  # gone: Vault answers 404, VaultSource returns no data
+            number = len(s.versions) if version is None or s.kv == 1 else version
+            if not 1 <= number <= len(s.versions) or (s.kv == 2 and number in s.deleted):
+                return {}  # no such version, or deleted: Vault returns no data for it
+            return dict(s.versions[number - 1])
 
     def peek(self, mount: str, path: str) -> dict[str, Any]:
         """The latest data, as the test sees it (not counted as a request)."""

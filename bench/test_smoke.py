@@ -4,6 +4,8 @@ Runs the same code as `python -m bench` (a real OpenBao, the double, the bridge 
 process) with N = 50: a steady pass reads no value and makes at most N + listing requests to
 Vault; k rotated tokens cost k value reads and k creates (plus the old credentials' deletes),
 never O(N); a cold pass creates each token exactly once.
+
+It lives in bench/ because it imports bench/: nothing under tests/ may (tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import pytest
 from bench.cold import run_cold
 from bench.procs import BridgeProcess
 from bench.report import BEGIN, END, write
-from bench.rig import PROJECTS, Lab, new_simulator
+from bench.rig import Lab, new_simulator
 from bench.stats import linear_fit, percentile
 from bench.steady import measure_size
+from tests.support.data import PROJECTS
 
-pytestmark = pytest.mark.integration
 N, K = 50, 5
 
 
@@ -31,6 +33,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield lab
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_steady_pass_and_k_changed_request_counts(lab: Lab) -> None:
     sim = new_simulator()
@@ -54,6 +57,7 @@ def test_steady_pass_and_k_changed_request_counts(lab: Lab) -> None:
     assert sum(api.values()) <= 4 * K + len(PROJECTS)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_cold_pass_creates_each_token_once_and_the_floor_runs(lab: Lab) -> None:
     result = run_cold(lab, lab.workdir, 30, repeats=1)

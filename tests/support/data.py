@@ -1,4 +1,4 @@
-"""Small builders shared by the tests: settings, ids, tokens, and the leak assertion."""
+"""Test data shared by the suites and the benchmarks: ids, the token maker, tags, the seeded double, leaks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import hashlib
 import urllib.parse
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 
-from bridge.config import Settings, parse_settings
 from cybedefend_double.simulator import Simulator
 
 ORG = "5b0c6d7e-1f2a-4b3c-8d4e-5f6a7b8c9d0e"
@@ -24,23 +21,9 @@ def token(i: int | str, salt: str = "") -> str:
     return f"dckr_pat_{digest}"
 
 
-def settings(tmp: Path | None = None, **sections: Any) -> Settings:
-    """Settings for tests: one KV v2 source `secret/dockerhub`, key in a file, quick retries."""
-    raw: dict[str, Any] = {
-        "vault": {"address": "http://127.0.0.1:1"},
-        "sources": [{"mount": "secret", "path": "dockerhub"}],
-        "cybedefend": {"api_url": "http://127.0.0.1:1", "auth_url": "http://127.0.0.1:1", "organization_id": ORG,
-                       "auth": {"credential_file": str((tmp or Path("/nonexistent")) / "pat")}},
-        "sync": {"retry_base_seconds": 1, "retry_cap_seconds": 60},
-        "ledger": {"key_source": "file", "path": str((tmp or Path("/nonexistent")) / "ledger.sqlite3"),
-                   "key_file": str((tmp or Path("/nonexistent")) / "key")},
-    }
-    for name, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(name), dict):
-            raw[name] = {**raw[name], **value}
-        else:
-            raw[name] = value
-    return parse_settings(raw, env={})
+def credential(kind: str, seed: str) -> str:
+    """A fixed, recognisable non-DockerHub secret (`cdp_…` PAT, `whk_…` webhook token), unique per seed."""
+    return f"{kind}_" + hashlib.sha256(seed.encode()).hexdigest()
 
 
 def seeded_simulator(pat: str, *, org: str = ORG, projects: Iterable[str] = PROJECTS,
