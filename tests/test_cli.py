@@ -202,6 +202,7 @@ def _log_lines(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.integration
 def test_a_refused_registration_is_red_named_and_retried_by_the_next_one_shot_run(
         setup: tuple[Path, Simulator, list[str]]) -> None:
     config, sim, secrets = setup
@@ -240,6 +241,7 @@ def test_a_refused_registration_is_red_named_and_retried_by_the_next_one_shot_ru
     assert_no_leak([first.stdout, first.stderr, second.stdout, second.stderr, third.stdout], secrets)
 
 
+@pytest.mark.integration
 def test_a_pass_that_could_not_see_cybedefend_is_not_ok(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, sim, _ = setup
     assert cli("sync", "--once", "--config", str(config)).returncode == 0
@@ -254,6 +256,7 @@ def test_a_pass_that_could_not_see_cybedefend_is_not_ok(setup: tuple[Path, Simul
     assert again.returncode == 0 and json.loads(again.stdout)["result"] == "ok", again.stdout
 
 
+@pytest.mark.integration
 def test_a_rejected_reason_stays_readable_in_status(setup: tuple[Path, Simulator, list[str]], openbao: OpenBao,
                                                     kv_mount: str) -> None:
     config, _, secrets = setup
@@ -275,6 +278,7 @@ def _vault_state_keys(openbao: OpenBao, mount: str) -> list[str]:
     return list(listed["data"]["keys"])
 
 
+@pytest.mark.integration
 def test_check_is_read_only_runs_everything_and_names_addresses(
         setup: tuple[Path, Simulator, list[str]], openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     config, sim, secrets = setup
@@ -314,6 +318,7 @@ def test_every_configuration_error_is_reported_at_once(tmp_path: Path) -> None:
         assert f"cybedefend-bridge: configuration error at {key}" in out.stderr, out.stderr
 
 
+@pytest.mark.integration
 def test_a_missing_named_file_is_exit_2_in_every_command(setup: tuple[Path, Simulator, list[str]],
                                                          tmp_path: Path) -> None:
     config, _, _ = setup
@@ -326,6 +331,7 @@ def test_a_missing_named_file_is_exit_2_in_every_command(setup: tuple[Path, Simu
         assert "configuration error at vault.auth.token_file" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.integration
 def test_port_in_use_is_a_clear_configuration_error(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, _, _ = setup
     with socket.socket() as holder:
@@ -340,6 +346,7 @@ def test_port_in_use_is_a_clear_configuration_error(setup: tuple[Path, Simulator
             assert "Traceback" not in out.stderr
 
 
+@pytest.mark.integration
 def test_a_reader_that_goes_away_ends_the_command_quietly(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, _, _ = setup
     read_end, write_end = os.pipe()
@@ -376,6 +383,7 @@ def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.integration
 def test_no_color_is_honoured_on_a_terminal(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, _, secrets = setup
     _edit(config, logging={"format": "auto", "level": "info"})
@@ -406,6 +414,7 @@ def test_demo_keep_keeps_its_work_dir_and_prints_where_things_are(tmp_path: Path
     assert_no_leak([proc.stdout, proc.stderr], [token, (kept[0] / "cybedefend-pat").read_text().strip()])
 
 
+@pytest.mark.integration
 def test_a_transient_failure_logs_a_warning_naming_the_path(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, sim, secrets = setup
     _edit(config, logging={"level": "warning"}, cybedefend={"retry": {"max_attempts": 1}})
@@ -418,6 +427,7 @@ def test_a_transient_failure_logs_a_warning_naming_the_path(setup: tuple[Path, S
     assert_no_leak([out.stdout, out.stderr], secrets)
 
 
+@pytest.mark.integration
 def test_the_local_config_works_against_a_real_vault_as_the_getting_started_guide_says(
         setup: tuple[Path, Simulator, list[str]], openbao: OpenBao, kv_mount: str, tmp_path: Path) -> None:
     _, sim, secrets = setup
@@ -455,6 +465,7 @@ def test_the_seed_example_in_the_getting_started_guide_builds_a_double(tmp_path:
     assert len(sim.pats) == 1 and sim.token_ttl_seconds == seed["token_ttl_seconds"]
 
 
+@pytest.mark.integration
 def test_a_pass_that_could_not_list_a_source_is_not_ok(setup: tuple[Path, Simulator, list[str]]) -> None:
     config, sim, _ = setup
     raw = yaml.safe_load(config.read_text())
