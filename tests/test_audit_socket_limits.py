@@ -67,14 +67,17 @@ def test_silent_connections_are_evicted_so_vault_still_gets_in(stop: threading.E
 
 
 def test_busy_connections_are_kept_and_the_newcomer_refused(stop: threading.Event) -> None:
-    listener = AuditSocketListener("127.0.0.1", 0, ["127.0.0.0/8"], lambda line: None, stop, max_connections=2)
+    # A frozen clock: "just sent" stays just sent however slowly a loaded machine runs the test.
+    got: list[bytes] = []
+    listener = AuditSocketListener("127.0.0.1", 0, ["127.0.0.0/8"], got.append, stop, max_connections=2,
+                                   monotonic=lambda: 1000.0)
     listener.start()
     busy = [socket.create_connection(("127.0.0.1", listener.port), timeout=2) for _ in range(2)]
     try:
         assert until(lambda: len(listener._conns) == 2)
         for c in busy:
             c.sendall(LINE + b"\n")  # both just sent: neither is idle
-        time.sleep(0.05)
+        assert until(lambda: len(got) == 2)
         with socket.create_connection(("127.0.0.1", listener.port), timeout=2) as extra:
             assert closed_by_peer(extra)
         assert listener.refused == 1 and listener.evicted == 0

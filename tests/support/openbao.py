@@ -46,7 +46,9 @@ class OpenBao(DevOpenBao):
         self.client().sys.enable_secrets_engine("kv", path=mount, options={"version": str(version)})
 
     def disable_mount(self, mount: str) -> None:
-        self.client().sys.disable_secrets_engine(path=mount)
+        # Removing a mount with thousands of versions takes a while on a busy machine.
+        client = hvac.Client(url=self.addr, token=self.root_token, timeout=120)
+        client.sys.disable_secrets_engine(path=mount)
 
     def write_secret(self, mount: str, path: str, data: dict[str, Any], custom_metadata: dict[str, str] | None = None) -> int:
         """Write a KV v2 secret (and optionally replace its custom_metadata); returns the new version."""
