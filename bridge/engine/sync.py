@@ -238,6 +238,8 @@ class SyncEngine:
                 result = "aborted"
             elif counts["failed"]:
                 result = "partial"
+            elif full and len(scope.sources) < len(self._s.sources):
+                result = "partial"  # a source whose discovery failed: its secrets were not seen (issue 11)
         except PassAbort as exc:
             result, error = "failed", str(exc)
             log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")
