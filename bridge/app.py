@@ -21,22 +21,75 @@ from bridge.config import Settings
 from bridge.cybedefend.client import CybeDefendClient, read_credential_file
 from bridge.dockerhub import DockerHubVerifier
 from bridge.engine.sync import SyncEngine
-from bridge.errors import BridgeError, ConfigError
-from bridge.keyring import Keyring, load_key_file, load_key_from_vault
+from bridge.errors import BridgeError, ConfigError, KeyIdentityError, VaultInvalidRequest, VaultPermissionDenied
+from bridge.keyring import KEY_STATE_NAME, Keyring, KeyStore, load_key_file, load_key_from_vault
 from bridge.ledger import SqliteLedger
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
-from bridge.model import Sensitive
+from bridge.model import Marker, Sensitive
+from bridge.ports import Registrar
 from bridge.retry import backoff_delay
-from bridge.vault.source import VaultSource
+from bridge.vault.source import StateArea, VaultSource
 
 log = get_logger(__name__)
 
 
-def load_keyring(settings: Settings, vault: VaultSource) -> Keyring:
+def count_our_credentials(settings: Settings, registrar: Registrar) -> int:
+    """Credentials carrying this instance's marker in each configured organization (before minting a key)."""
+    orgs = sorted({o for o in (settings.cybedefend.organization_id, *(s.organization_id for s in settings.sources)) if o})
+    if not orgs:
+        log.warning("key_mint_unchecked", reason="no organization configured (only per-secret tags): "
+                    "cannot look for credentials made with a previous key")
+    n = 0
+    for org in orgs:
+        for cred in registrar.all_credentials(org):
+            marker = Marker.parse(cred.description)
+            n += marker is not None and marker.instance == settings.sync.instance
+    return n
+
+
+def load_keyring(settings: Settings, vault: VaultSource, registrar: Registrar | None = None) -> Keyring:
+    """The key, from a file or Vault; logs its short id (never the key).
+
+    With Vault, a key found only at the old default location (the first source's mount) is used
+    from there, and all state (the HA lease too) stays there, with a warning. A key is minted
+    only after `registrar` shows no credential with this instance's marker (none without one)."""
     if settings.ledger.key_source == "file":
-        return Keyring(load_key_file(settings.ledger.key_file))
-    return Keyring(load_key_from_vault(vault))
+        keyring = Keyring(load_key_file(settings.ledger.key_file))
+        log.info("state_key", key_id=keyring.key_id, source="file")
+        return keyring
+    legacy_loc = settings.legacy_state_location
+    legacy = vault.state_area(*legacy_loc) if legacy_loc is not None else None
+    primary = vault.state_area(settings.state_mount, settings.state_path)
+    store: KeyStore = primary
+    if legacy is not None and "state_mount" not in settings.ledger.model_fields_set:
+        # The fixed default may not be readable by an old policy (or the `secret` mount may not
+        # exist): then the old location is where the key is, if anywhere.
+        try:
+            primary.read_state(KEY_STATE_NAME)
+        except (VaultPermissionDenied, VaultInvalidRequest) as exc:
+            log.warning("state_default_unreadable", location=primary.location, error=str(exc))
+            store, legacy = legacy, None
+
+    def ours() -> int:
+        if registrar is None:
+            raise KeyIdentityError(f"no fingerprint key at {store.location} yet, and CybeDefend cannot be asked "
+                                   "whether credentials made with an earlier key exist: none is minted")
+        return count_our_credentials(settings, registrar)
+
+    key, found = load_key_from_vault(store, instance=settings.sync.instance, legacy=legacy, our_credentials=ours)
+    if found is not primary:
+        assert isinstance(found, StateArea)
+        vault.use_state_area(found)
+        log.warning(
+            "state_at_old_location", location=found.location, default=primary.location,
+            hint=f"the key and lease stay at {found.location}; to keep them there set ledger.state_mount: "
+                 f"{found.mount} (and ledger.state_path: {found.path}) explicitly, or move them: copy "
+                 f"{found.location}/{KEY_STATE_NAME} to {primary.location}/{KEY_STATE_NAME} with all replicas stopped",
+        )
+    keyring = Keyring(key)
+    log.info("state_key", key_id=keyring.key_id, source="vault", location=vault.state_location)
+    return keyring
 
 
 def load_api_credential(settings: Settings, vault: VaultSource) -> Sensitive:
@@ -97,10 +150,10 @@ def build(
     closers: list[Callable[[], None]] = []
     try:
         vault.login()
-        keyring = load_keyring(settings, vault)
         credential = load_api_credential(settings, vault)
         client = CybeDefendClient(settings.cybedefend, credential, metrics, rng=rng)
         closers.append(client.close)
+        keyring = load_keyring(settings, vault, client)  # after the client: it checks CybeDefend before minting
         ledger = SqliteLedger(ledger_path if ledger_path is not None else settings.ledger.path)
         closers.append(ledger.close)
     except BaseException:
@@ -230,7 +283,7 @@ def run_daemon(config_path: Path) -> int:
             log.warning("kv_version_unknown", hint="audit lines are matched by the shape of their path", mount=src.mount, error=str(exc))
     # The bridge's own state path changes on every lease renewal: never a trigger.
     matcher = AuditMatcher(settings.sources, kv_versions, namespace=settings.vault.namespace,
-                           exclude=[f"{settings.state_mount}/{settings.state_path}"])
+                           exclude=[bridge.vault.state_location])
     services: list[AuditFileTailer | AuditSocketListener] = []
     if settings.triggers.audit_file is not None:
         services.append(AuditFileTailer(settings.triggers.audit_file.path, line_handler(matcher, queue, "audit_file"),

@@ -30,11 +30,7 @@ def run_checks(settings: Settings) -> list[Check]:
             return out
         for name, ok, detail in vault.check_capabilities():
             out.append((f"vault capability {name}", ok, detail))
-        try:
-            load_keyring(settings, vault)
-            out.append(("fingerprint key", True, f"from {settings.ledger.key_source}"))
-        except BridgeError as exc:
-            out.append(("fingerprint key", False, str(exc)))
+        client: CybeDefendClient | None = None
         try:
             credential = load_api_credential(settings, vault)
         except BridgeError as exc:
@@ -45,7 +41,15 @@ def run_checks(settings: Settings) -> list[Check]:
                 out.append(("cybedefend authentication", True, client.authenticate()))
             except BridgeError as exc:
                 out.append(("cybedefend authentication", False, str(exc)))
-            finally:
+        try:
+            # With the client: a key is only minted after CybeDefend shows no credential of ours.
+            keyring = load_keyring(settings, vault, client)
+            out.append(("fingerprint key", True, f"from {settings.ledger.key_source} ({vault.state_location}), "
+                                                 f"id {keyring.key_id}"))
+        except BridgeError as exc:
+            out.append(("fingerprint key", False, str(exc)))
+        finally:
+            if client is not None:
                 client.close()
         try:
             SqliteLedger(settings.ledger.path).close()

@@ -229,7 +229,7 @@ class Stack:
                            "auth": {"credential_file": str(self.tmp / "pat")}, "max_requests_per_second": 1000,
                            "retry": {"base_seconds": 0.01, "cap_seconds": 0.2}},
             "sync": {"retry_base_seconds": 0.05, "retry_cap_seconds": 0.5, "shutdown_grace_seconds": 10},
-            "ledger": {"path": str(self.tmp / name / "ledger.sqlite3")},
+            "ledger": {"path": str(self.tmp / name / "ledger.sqlite3"), "state_mount": self.mount},
             "schedule": {"interval_seconds": 600, "jitter_fraction": 0, "first_run_max_delay_seconds": 0},
             "server": {"bind": "127.0.0.1", "port": port or free_port(), "webhook_token_file": str(self.tmp / "webhook-token")},
             "triggers": {"debounce_seconds": 0.1},

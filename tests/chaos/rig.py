@@ -127,7 +127,7 @@ class ChaosRig:
                            "retry": {"base_seconds": 0.01, "cap_seconds": 0.5, "max_attempts": 5}},
             "sync": {"retry_base_seconds": 0.01, "retry_cap_seconds": 0.05, "deletion_policy": policy,
                      "max_deletes_per_pass": 1000},
-            "ledger": {"path": str(tmp / "ledger.sqlite3")},
+            "ledger": {"path": str(tmp / "ledger.sqlite3"), "state_mount": mount},  # per-test key and lease
             "logging": {"level": "info", "format": "json"},
         }
         for section, values in overrides.items():

@@ -7,9 +7,16 @@ lease stops writing. Scenario 7: the lease is not trusted blindly.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
+import re
+import secrets
 from collections.abc import Callable
+from typing import Any
 
+import hvac.exceptions
 import pytest
 
 from bridge.errors import VaultAmbiguous
@@ -89,3 +96,148 @@ def test_targeted_describe_raises_on_a_bare_404_and_returns_none_on_vaults_own(
             assert source.describe(src, 0, "dockerhub/never-written") is None
         finally:
             source.close()
+
+
+# --- scenario 2: the key has an identity ---------------------------------------------------------
+
+
+def _default_state(rig: ChaosRig) -> str:
+    """Give the rig the product's default state location (secret/cybedefend-bridge/<instance>),
+    with an instance of its own so that tests sharing the OpenBao do not share a key."""
+    rig.raw["ledger"].pop("state_mount", None)
+    instance = f"t{secrets.token_hex(6)}"
+    rig.raw["sync"]["instance"] = instance
+    return instance
+
+
+def _key_doc(rig: ChaosRig, mount: str, path: str) -> dict[str, Any] | None:
+    try:
+        doc = rig.client().secrets.kv.v2.read_secret_version(path=f"{path}/fingerprint-key", mount_point=mount,
+                                                             raise_on_deleted_version=True)
+    except hvac.exceptions.InvalidPath:
+        return None
+    return dict(doc["data"])
+
+
+def _key_ids(stderr: str) -> list[str]:
+    return re.findall(r'"key_id": "([0-9a-f]+)"', stderr)
+
+
+def _creates(rig: ChaosRig) -> int:
+    """Credentials the bridge created (the rig's hand-made ones are not counted)."""
+    return sum(1 for r in rig.sim.requests if r.endpoint == "create" and r.status == 201) - len(rig.foreign)
+
+
+def test_adding_a_source_in_front_keeps_the_key_and_registers_nothing_twice(make_rig: Callable[..., ChaosRig],
+                                                                            bao: OpenBao) -> None:
+    rig = make_rig(policy="delete")
+    instance = _default_state(rig)
+    for i, name in enumerate(("alpha", "beta", "gamma")):
+        rig.put(name, i)
+    code, _, err1 = rig.cli("sync", "--once", "-o", "json")
+    assert code == 0, err1[-800:]
+    doc = _key_doc(rig, "secret", f"cybedefend-bridge/{instance}")
+    assert doc is not None, "the key is not at the fixed default location"
+    key = base64.b64decode(doc["data"]["key"])
+    rig.extra_secrets += [doc["data"]["key"], key.hex()]
+    key_id = hmac.new(key, b"key-id", hashlib.sha256).hexdigest()[:8]
+    assert _key_ids(err1) == [key_id], "the short key id is not logged at start"
+    created = _creates(rig)
+    assert created == 3
+
+    # A source added in front, and the ledger lost (the chart's emptyDir, pod restarted).
+    front = f"front-{secrets.token_hex(3)}"
+    bao.enable_kv(front, 2)
+    try:
+        rig.raw["sources"].insert(0, {"mount": front, "path": "team"})
+        rig.ledger_path.unlink()
+        code, _, err2 = rig.cli("sync", "--once", "-o", "json")
+        assert code == 0, err2[-800:]
+        assert _key_ids(err2) == [key_id], "a different key after adding a source"
+        assert _creates(rig) == created, "tokens were registered a second time"
+        assert _key_doc(rig, front, f"cybedefend-bridge/{instance}") is None
+        rig.assert_invariant("after adding a source in front")
+    finally:
+        rig.raw["sources"].pop(0)
+        bao.disable_mount(front)
+
+
+def test_a_key_at_the_old_default_location_is_used_from_there_with_a_warning(make_rig: Callable[..., ChaosRig]) -> None:
+    rig = make_rig(policy="delete")
+    instance = _default_state(rig)
+    rig.raw["ledger"]["state_mount"] = rig.mount  # an installation made when the key lived in the source's mount
+    for i, name in enumerate(("alpha", "beta")):
+        rig.put(name, i)
+    code, _, err1 = rig.cli("sync", "--once")
+    assert code == 0, err1[-800:]
+    old = _key_doc(rig, rig.mount, f"cybedefend-bridge/{instance}")
+    assert old is not None
+    rig.extra_secrets.append(old["data"]["key"])
+    rig.raw["ledger"].pop("state_mount")  # upgraded: the default is now the fixed one
+    rig.ledger_path.unlink()
+    code, _, err2 = rig.cli("sync", "--once")
+    assert code == 0, err2[-800:]
+    assert "state_at_old_location" in err2 and "ledger.state_mount" in err2
+    assert _key_ids(err2) == _key_ids(err1)
+    assert _creates(rig) == 2, "the old key was not used: tokens registered twice"
+    assert _key_doc(rig, "secret", f"cybedefend-bridge/{instance}") is None, "a new key was minted at the default"
+    rig.raw["ledger"]["state_mount"] = rig.mount  # where the rig's invariant finds the key
+    rig.assert_invariant("after the upgrade")
+
+
+def test_no_key_is_minted_while_credentials_with_our_markers_exist(make_rig: Callable[..., ChaosRig]) -> None:
+    rig = make_rig(policy="delete")
+    instance = _default_state(rig)
+    rig.put("alpha", 1)
+    assert rig.cli("sync", "--once")[0] == 0
+    doc = _key_doc(rig, "secret", f"cybedefend-bridge/{instance}")
+    assert doc is not None
+    rig.extra_secrets.append(doc["data"]["key"])
+    # The key is gone for good (metadata and all versions): a new one must not be minted.
+    rig.client().secrets.kv.v2.delete_metadata_and_all_versions(path=f"cybedefend-bridge/{instance}/fingerprint-key",
+                                                                mount_point="secret")
+    rig.ledger_path.unlink()
+    code, out, err = rig.cli("sync", "--once")
+    assert code == 1, out + err[-800:]
+    assert "carry instance" in err and "ledger.state_mount" in err and "undelete" in err
+    assert _key_doc(rig, "secret", f"cybedefend-bridge/{instance}") is None, "a key was minted"
+    assert _creates(rig) == 1
+    rig.assert_no_leak("refused to mint")
+
+
+@pytest.mark.parametrize("how", ["deleted", "destroyed"])
+def test_a_deleted_or_destroyed_key_version_is_never_overwritten(make_rig: Callable[..., ChaosRig], how: str) -> None:
+    rig = make_rig(policy="delete")
+    instance = _default_state(rig)
+    rig.put("alpha", 1)
+    assert rig.cli("sync", "--once")[0] == 0
+    path = f"cybedefend-bridge/{instance}/fingerprint-key"
+    doc = _key_doc(rig, "secret", f"cybedefend-bridge/{instance}")
+    assert doc is not None
+    rig.extra_secrets.append(doc["data"]["key"])
+    kv = rig.client().secrets.kv.v2
+    if how == "deleted":
+        kv.delete_latest_version_of_secret(path=path, mount_point="secret")
+    else:
+        kv.destroy_secret_versions(path=path, versions=[1], mount_point="secret")
+    code, out, err = rig.cli("sync", "--once")
+    assert code == 1, out + err[-800:]
+    assert f"version 1 {how}" in err
+    assert ("bao kv undelete" if how == "deleted" else "bao kv rollback") in err
+    meta = kv.read_secret_metadata(path=path, mount_point="secret")["data"]
+    assert meta["current_version"] == 1, "the key's deleted version was overwritten by a new key"
+    assert _creates(rig) == 1
+    if how == "deleted":  # restored as the error says: the bridge carries on with the same key
+        kv.undelete_secret_versions(path=path, versions=[1], mount_point="secret")
+        code, _, err = rig.cli("sync", "--once")
+        assert code == 0, err[-800:]
+        assert _creates(rig) == 1
+    rig.assert_no_leak(how)
+
+
+def test_a_state_path_inside_a_source_prefix_is_a_configuration_error(make_rig: Callable[..., ChaosRig]) -> None:
+    rig = make_rig(policy="delete")
+    rig.raw["ledger"].update({"state_mount": rig.mount, "state_path": "dockerhub/bridge-state"})
+    code, out, err = rig.cli("sync", "--once")
+    assert code == 2, out + err
+    assert "ledger.state_path" in err and "inside sources[0]" in err
