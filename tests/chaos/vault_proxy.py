@@ -52,9 +52,9 @@ class BareNotFoundProxy:
                 self.wfile.write(data)
                 conn.close()
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_LIST = do_SCAN = _any  # noqa: N815
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_LIST = do_SCAN = _any
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+            def log_message(self, format: str, *args: object) -> None:
                 return
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
