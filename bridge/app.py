@@ -7,12 +7,15 @@ own transport instead of calling this module.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import secrets
 import signal
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +24,13 @@ from bridge.config import Settings
 from bridge.cybedefend.client import CybeDefendClient, read_credential_file
 from bridge.dockerhub import DockerHubVerifier
 from bridge.engine.sync import SyncEngine
-from bridge.errors import BridgeError, ConfigError, KeyIdentityError, VaultInvalidRequest, VaultPermissionDenied
+from bridge.errors import BridgeError, ConfigError, KeyIdentityError, VaultInvalidRequest, VaultPermissionDenied, WriterBusy
 from bridge.keyring import KEY_STATE_NAME, Keyring, KeyStore, load_key_file, load_key_from_vault
-from bridge.ledger import SqliteLedger
+from bridge.ledger import ProcessLock, SqliteLedger
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Marker, Sensitive
-from bridge.ports import Registrar
+from bridge.ports import Registrar, WriteGuard
 from bridge.retry import backoff_delay
 from bridge.vault.source import StateArea, VaultSource
 
@@ -118,6 +121,7 @@ class Bridge:
     keyring: Keyring
     engine: SyncEngine
     stop: threading.Event
+    ledger_path: Path | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self, *, revoke: bool = True) -> None:
@@ -166,7 +170,63 @@ def build(
         verifier = DockerHubVerifier(settings.sync.dockerhub_auth_url, timeout=settings.cybedefend.timeout_seconds)
         closers.append(verifier.close)
     engine = SyncEngine(settings, vault, client, ledger, keyring, metrics, stop=stop, rng=rng, verifier=verifier)
-    return Bridge(settings, metrics, vault, client, ledger, keyring, engine, stop, closers)
+    path = Path(ledger_path if ledger_path is not None else settings.ledger.path)
+    return Bridge(settings, metrics, vault, client, ledger, keyring, engine, stop, path, closers)
+
+
+def _warn_short_ttl(settings: Settings) -> None:
+    from bridge.daemon.ha import WRITE_MARGIN_SECONDS
+
+    fresh = settings.ha.ttl_seconds * (1 - settings.ha.renew_fraction)
+    if fresh < settings.cybedefend.timeout_seconds + WRITE_MARGIN_SECONDS:
+        log.warning("ha_ttl_short_for_writes", lease_left_after_renewal=round(fresh, 1),
+                    request_timeout=settings.cybedefend.timeout_seconds,
+                    hint="a slow write could end after the lease deadline; raise ha.ttl_seconds")
+
+
+@contextlib.contextmanager
+def one_writer(bridge: Bridge, command: str, wait_seconds: float = 0.0,
+               *, sleep: Callable[[float], None] = time.sleep) -> Iterator[WriteGuard]:
+    """Be the one writer of this configuration while the block runs (issue 11, scenario 5).
+
+    Without HA: the process lock next to the ledger. With HA: the same lease in Vault as the
+    daemon's replicas, renewed by a thread while the block runs and released after. Waits up to
+    `wait_seconds`, then WriterBusy naming the holder. The client checks the guard before each write.
+    """
+    settings = bridge.settings
+    if not settings.ha.enabled:
+        lock = ProcessLock(bridge.ledger_path or settings.ledger.path)
+        lock.acquire(command, wait_seconds)
+        bridge.client.write_guard = lock
+        try:
+            yield lock
+        finally:
+            bridge.client.write_guard = None
+            lock.release()
+        return
+    from bridge.daemon.ha import Lease, LeaseKeeper
+
+    identity = f"{socket.gethostname()}-{command.split()[0]}-{os.getpid()}"
+    lease = Lease(bridge.vault, settings.ha, identity=identity, address=None, metrics=bridge.metrics)
+    deadline = time.monotonic() + max(0.0, wait_seconds)
+    while not lease.acquire_or_renew():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WriterBusy(
+                f"the HA lease at {bridge.vault.state_location}/{settings.ha.lease_path} is held by replica "
+                f"{lease.holder() or 'unknown'}; wait for it (sync --wait SECONDS) or run the pass through it"
+            )
+        sleep(min(lease.renew_interval, left))
+    _warn_short_ttl(settings)
+    keeper = LeaseKeeper(lease, on_gain=lambda: None, on_loss=lambda: log.warning("lease_lost_during_pass", command=command))
+    keeper.start()
+    bridge.client.write_guard = lease
+    try:
+        yield lease
+    finally:
+        bridge.client.write_guard = None
+        keeper.stop()
+        lease.release()
 
 
 def _read_token_file(path: Path | None, key: str) -> Sensitive | None:
@@ -293,9 +353,24 @@ def run_daemon(config_path: Path) -> int:
         services.append(listener)
     ingest = make_audit_ingest(matcher.match, max_lines=10_000) if settings.triggers.audit_ingest else None
     lease = None
+    lock: ProcessLock | None = None
     if settings.ha.enabled:
         identity = f"{socket.gethostname()}-{secrets.token_hex(3)}"
         lease = Lease(bridge.vault, settings.ha, identity=identity, address=settings.ha.advertise_address, metrics=metrics)
+        bridge.client.write_guard = lease
+        _warn_short_ttl(settings)
+    else:
+        # Without HA, the daemon is the one writer of this ledger for its whole life: a
+        # `sync --once` or a second daemon on the same configuration is refused (scenario 5).
+        lock = ProcessLock(bridge.ledger_path or settings.ledger.path)
+        try:
+            lock.acquire("run", 0.0)
+        except BridgeError:
+            services_stop.set()
+            renewer_stop.set()
+            bridge.close()
+            raise
+        bridge.client.write_guard = lock
 
     def make_server(hooks: ServerHooks) -> HttpServer:
         return HttpServer(settings.server, metrics=metrics, live=hooks.live, ready=hooks.ready, status=hooks.status,
@@ -310,6 +385,8 @@ def run_daemon(config_path: Path) -> int:
         services_stop.set()
         renewer_stop.set()
         bridge.close()
+        if lock is not None:
+            lock.release()
 
     parts = DaemonParts(
         engine=bridge.engine, queue=queue, stop=stop, metrics=metrics,

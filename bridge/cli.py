@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                "Exit 0 when every secret ends in a good state, 1 when any failed or was rejected.")
     config_arg(sync)
     sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (required)")
+    sync.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="when another process or replica is writing, wait up to this long for it (default 0: "
+                           "exit 1 at once, naming it)")
     sync.add_argument("--check-drift", action="store_true",
                       help="also confirm that registered credentials still exist in CybeDefend")
     output_arg(sync)
@@ -144,7 +147,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     from bridge.ports import PassRequest
 
     bar = _ProgressBar(sys.stderr) if args.output == "table" and sys.stderr.isatty() else None
-    with _bridge(args) as bridge:
+    from bridge.app import one_writer
+
+    with _bridge(args) as bridge, one_writer(bridge, "sync --once", args.wait):
         bridge.engine.progress = bar
         try:
             report = bridge.engine.run(PassRequest(trigger="manual", force_drift_check=args.check_drift))

@@ -334,7 +334,14 @@ class TriggerSettings(_Section):
 class HASettings(_Section):
     enabled: bool = Field(False, description="Hold a lease in Vault so that only one replica acts.")
     lease_path: str = Field("leader", description="Name of the lease under ledger.state_path.")
-    ttl_seconds: float = Field(15.0, ge=2, description="Lease lifetime; a standby takes over within about twice this.")
+    ttl_seconds: float = Field(
+        30.0, ge=2,
+        description=(
+            "Lease lifetime; a standby takes over within about twice this. A lease document's own ttl_seconds "
+            "is never trusted beyond it. Keep ttl_seconds * (1 - renew_fraction) above cybedefend.timeout_seconds "
+            "+ 1, so that a write never has to wait for a renewal."
+        ),
+    )
     renew_fraction: float = Field(1 / 3, gt=0, lt=1, description="Renew the lease at this fraction of its TTL.")
     advertise_address: str | None = Field(
         None, description="URL other replicas use to forward triggers to this one (e.g. http://$(POD_IP):8080)."

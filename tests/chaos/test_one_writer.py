@@ -13,7 +13,9 @@ import hmac
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hvac.exceptions
@@ -22,6 +24,7 @@ import pytest
 from bridge.errors import VaultAmbiguous
 from bridge.metrics import Metrics
 from bridge.vault.source import VaultSource
+from cybedefend_double.simulator import Fault
 from tests.chaos.rig import ChaosRig
 from tests.chaos.vault_proxy import BareNotFoundProxy
 from tests.openbao import OpenBao
@@ -241,3 +244,95 @@ def test_a_state_path_inside_a_source_prefix_is_a_configuration_error(make_rig: 
     code, out, err = rig.cli("sync", "--once")
     assert code == 2, out + err
     assert "ledger.state_path" in err and "inside sources[0]" in err
+
+
+# --- scenario 5: two processes on one configuration ---------------------------------------------
+
+
+def test_two_sync_once_at_once_register_every_new_token_exactly_once(make_rig: Callable[..., ChaosRig]) -> None:
+    rig = make_rig(policy="delete")
+    for i in range(8):
+        rig.put(f"s{i}", i)
+    # Slow creates, so that the two passes overlap for seconds rather than milliseconds.
+    rig.sim.inject("create", Fault.delay(0.3), times=100)
+    first = rig.spawn("sync", "--once", "--wait", "60", "-o", "json")
+    second = rig.spawn("sync", "--once", "--wait", "60", "-o", "json")
+    assert first.wait(120) == 0, first.stderr[-800:]
+    assert second.wait(120) == 0, second.stderr[-800:]
+    assert _creates(rig) == 8, f"{_creates(rig)} creates for 8 new tokens"
+    rig.assert_invariant("two sync --once at once")
+
+
+def test_a_second_sync_once_without_wait_exits_1_naming_the_holder(make_rig: Callable[..., ChaosRig]) -> None:
+    rig = make_rig(policy="delete")
+    for i in range(4):
+        rig.put(f"s{i}", i)
+    rig.sim.inject("create", Fault.delay(4.0), times=100)  # the first pass writes for ~16 s
+    first = rig.spawn("sync", "--once")
+    lock = Path(f"{rig.ledger_path}.lock")
+    _wait_for(lambda: lock.exists() and "sync --once" in lock.read_text(), 30, "the first sync to take the lock")
+    code, out, err = rig.cli("sync", "--once")
+    assert code == 1, out + err
+    assert f"pid {first.proc.pid}" in err and "sync --once" in err and "--wait" in err
+    assert first.wait(120) == 0
+    assert _creates(rig) == 4
+    rig.assert_invariant("second writer refused")
+
+
+def test_sync_once_beside_a_running_daemon_exits_1_naming_it(make_rig: Callable[..., ChaosRig]) -> None:
+    rig = make_rig(policy="delete")
+    rig.raw["server"] = {"bind": "127.0.0.1", "port": 0}
+    rig.raw["schedule"] = {"interval_seconds": 600, "first_run_max_delay_seconds": 0}
+    rig.put("alpha", 1)
+    daemon = rig.spawn("run")
+    lock = Path(f"{rig.ledger_path}.lock")
+    _wait_for(lambda: lock.exists() and '"run"' in lock.read_text(), 60, "the daemon to take the lock")
+    code, out, err = rig.cli("sync", "--once", "--wait", "1")
+    assert code == 1, out + err
+    assert f"pid {daemon.proc.pid}" in err and "(`run`)" in err
+    daemon.proc.terminate()
+    daemon.wait(30)
+    rig.assert_invariant("beside the daemon")
+
+
+def test_with_ha_sync_once_takes_the_lease_and_a_running_leader_refuses_it(make_rig: Callable[..., ChaosRig]) -> None:
+    rig = make_rig(policy="delete")
+    rig.raw["ha"] = {"enabled": True, "ttl_seconds": 6}
+    rig.raw["server"] = {"bind": "127.0.0.1", "port": 0}
+    rig.raw["schedule"] = {"interval_seconds": 600, "first_run_max_delay_seconds": 0}
+    rig.put("alpha", 1)
+    # Alone, sync --once takes the lease and gives it back.
+    code, _, err = rig.cli("sync", "--once")
+    assert code == 0, err[-800:]
+    assert "lease_acquired" in err and "lease_released" in err
+    daemon = rig.spawn("run")
+    state = rig.settings
+
+    def holder() -> str:
+        try:
+            doc = rig.client().secrets.kv.v2.read_secret_version(path=f"{state.state_path}/leader",
+                                                                 mount_point=state.state_mount, raise_on_deleted_version=True)
+        except hvac.exceptions.InvalidPath:
+            return ""
+        return str(doc["data"]["data"].get("holder") or "")
+
+    _wait_for(lambda: holder() != "" and "-sync-" not in holder(), 60, "the daemon to lead")
+    leader = holder()
+    code, out, err = rig.cli("sync", "--once", "--wait", "1")
+    assert code == 1, out + err
+    assert f"held by replica {leader}" in err
+    daemon.proc.terminate()
+    assert daemon.wait(30) == 0
+    rig.put("beta", 2)
+    code, _, err = rig.cli("sync", "--once", "--wait", "20")  # released at shutdown: taken at once
+    assert code == 0, err[-800:]
+    rig.assert_invariant("after the daemon left")
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
