@@ -336,3 +336,41 @@ def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- scenario 4: a leader that lost its lease stops writing --------------------------------------
+
+
+def test_a_leader_whose_lease_expires_during_a_retry_after_wait_never_posts_after_its_deadline(
+    make_rig: Callable[..., ChaosRig],
+) -> None:
+    from bridge.cybedefend.client import CybeDefendClient
+    from bridge.daemon.ha import Lease
+    from bridge.errors import LeaseLost
+    from bridge.model import Sensitive
+    from tests.chaos.rig import PAT
+    from tests.helpers import ORG, PROJECTS
+
+    rig = make_rig(policy="delete")
+    rig.raw["ha"] = {"enabled": True, "ttl_seconds": 3}
+    rig.raw["cybedefend"]["retry"] = {"base_seconds": 0.01, "cap_seconds": 5, "max_attempts": 5}
+    settings = rig.settings
+    vault = VaultSource(settings, Metrics())
+    client = None
+    try:
+        lease = Lease(vault, settings.ha, identity="old-leader", address=None)
+        assert lease.acquire_or_renew()  # and never renewed again: the lease runs out in 3 s
+        wall_deadline = time.time() + (lease._deadline - time.monotonic())
+        seen = len(rig.sim.requests)  # the rig's hand-made credentials were created before
+        rig.sim.inject("create", Fault.status(429, retry_after="1"), times=10)
+        client = CybeDefendClient(settings.cybedefend, Sensitive(PAT), Metrics(), write_guard=lease)
+        with pytest.raises(LeaseLost):
+            client.create(ORG, PROJECTS[0], "u-x", Sensitive("dckr_pat_" + "a" * 27), "d")
+        creates = [r for r in rig.sim.requests[seen:] if r.endpoint == "create"]
+        assert creates, "no attempt at all: the test proves nothing"
+        assert all(r.at <= wall_deadline for r in creates), "a POST after the lease deadline"
+        assert not any(r.status == 201 for r in creates)
+    finally:
+        if client is not None:
+            client.close()
+        vault.close()
