@@ -7,12 +7,15 @@ own transport instead of calling this module.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import secrets
 import signal
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,23 +25,76 @@ from bridge.cybedefend.client import CybeDefendClient, read_credential_file
 from bridge.daemon.server import Hooks, HttpServer
 from bridge.dockerhub import DockerHubVerifier
 from bridge.engine.sync import SyncEngine
-from bridge.errors import BridgeError, ConfigError
-from bridge.keyring import Keyring, load_key_file, load_key_from_vault
-from bridge.ledger import SqliteLedger
+from bridge.errors import BridgeError, ConfigError, KeyIdentityError, VaultInvalidRequest, VaultPermissionDenied, WriterBusy
+from bridge.keyring import KEY_STATE_NAME, Keyring, KeyStore, load_key_file, load_key_from_vault
+from bridge.ledger import ProcessLock, SqliteLedger
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
-from bridge.model import Sensitive
+from bridge.model import Marker, Sensitive
+from bridge.ports import Registrar, WriteGuard
 from bridge.retry import backoff_delay
 from bridge.validation import REJECT_CODES
-from bridge.vault.source import VaultSource
+from bridge.vault.source import StateArea, VaultSource
 
 log = get_logger(__name__)
 
 
-def load_keyring(settings: Settings, vault: VaultSource) -> Keyring:
+def count_our_credentials(settings: Settings, registrar: Registrar) -> int:
+    """Credentials carrying this instance's marker in each configured organization (before minting a key)."""
+    orgs = sorted({o for o in (settings.cybedefend.organization_id, *(s.organization_id for s in settings.sources)) if o})
+    if not orgs:
+        log.warning("key_mint_unchecked", reason="no organization configured (only per-secret tags): "
+                    "cannot look for credentials made with a previous key")
+    n = 0
+    for org in orgs:
+        for cred in registrar.all_credentials(org):
+            marker = Marker.parse(cred.description)
+            n += marker is not None and marker.instance == settings.sync.instance
+    return n
+
+
+def load_keyring(settings: Settings, vault: VaultSource, registrar: Registrar | None = None) -> Keyring:
+    """The key, from a file or Vault; logs its short id (never the key).
+
+    With Vault, a key found only at the old default location (the first source's mount) is used
+    from there, and all state (the HA lease too) stays there, with a warning. A key is minted
+    only after `registrar` shows no credential with this instance's marker (none without one)."""
     if settings.ledger.key_source == "file":
-        return Keyring(load_key_file(settings.ledger.key_file))
-    return Keyring(load_key_from_vault(vault))
+        keyring = Keyring(load_key_file(settings.ledger.key_file))
+        log.info("state_key", key_id=keyring.key_id, source="file")
+        return keyring
+    legacy_loc = settings.legacy_state_location
+    legacy = vault.state_area(*legacy_loc) if legacy_loc is not None else None
+    primary = vault.state_area(settings.state_mount, settings.state_path)
+    store: KeyStore = primary
+    if legacy is not None and "state_mount" not in settings.ledger.model_fields_set:
+        # The fixed default may not be readable by an old policy (or the `secret` mount may not
+        # exist): then the old location is where the key is, if anywhere.
+        try:
+            primary.read_state(KEY_STATE_NAME)
+        except (VaultPermissionDenied, VaultInvalidRequest) as exc:
+            log.warning("state_default_unreadable", location=primary.location, error=str(exc))
+            store, legacy = legacy, None
+
+    def ours() -> int:
+        if registrar is None:
+            raise KeyIdentityError(f"no fingerprint key at {store.location} yet, and CybeDefend cannot be asked "
+                                   "whether credentials made with an earlier key exist: none is minted")
+        return count_our_credentials(settings, registrar)
+
+    key, found = load_key_from_vault(store, instance=settings.sync.instance, legacy=legacy, our_credentials=ours)
+    if found is not primary:
+        assert isinstance(found, StateArea)
+        vault.use_state_area(found)
+        log.warning(
+            "state_at_old_location", location=found.location, default=primary.location,
+            hint=f"the key and lease stay at {found.location}; to keep them there set ledger.state_mount: "
+                 f"{found.mount} (and ledger.state_path: {found.path}) explicitly, or move them: copy "
+                 f"{found.location}/{KEY_STATE_NAME} to {primary.location}/{KEY_STATE_NAME} with all replicas stopped",
+        )
+    keyring = Keyring(key)
+    log.info("state_key", key_id=keyring.key_id, source="vault", location=vault.state_location)
+    return keyring
 
 
 def load_api_credential(settings: Settings, vault: VaultSource) -> Sensitive:
@@ -67,6 +123,7 @@ class Bridge:
     keyring: Keyring
     engine: SyncEngine
     stop: threading.Event
+    ledger_path: Path | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self, *, revoke: bool = True) -> None:
@@ -99,10 +156,10 @@ def build(
     closers: list[Callable[[], None]] = []
     try:
         vault.login()
-        keyring = load_keyring(settings, vault)
         credential = load_api_credential(settings, vault)
         client = CybeDefendClient(settings.cybedefend, credential, metrics, rng=rng)
         closers.append(client.close)
+        keyring = load_keyring(settings, vault, client)  # after the client: it checks CybeDefend before minting
         ledger = SqliteLedger(ledger_path if ledger_path is not None else settings.ledger.path)
         closers.append(ledger.close)
     except BaseException:
@@ -115,7 +172,63 @@ def build(
         verifier = DockerHubVerifier(settings.sync.dockerhub_auth_url, timeout=settings.cybedefend.timeout_seconds)
         closers.append(verifier.close)
     engine = SyncEngine(settings, vault, client, ledger, keyring, metrics, stop=stop, rng=rng, verifier=verifier)
-    return Bridge(settings, metrics, vault, client, ledger, keyring, engine, stop, closers)
+    path = Path(ledger_path if ledger_path is not None else settings.ledger.path)
+    return Bridge(settings, metrics, vault, client, ledger, keyring, engine, stop, path, closers)
+
+
+def _warn_short_ttl(settings: Settings) -> None:
+    from bridge.daemon.ha import WRITE_MARGIN_SECONDS
+
+    fresh = settings.ha.ttl_seconds * (1 - settings.ha.renew_fraction)
+    if fresh < settings.cybedefend.timeout_seconds + WRITE_MARGIN_SECONDS:
+        log.warning("ha_ttl_short_for_writes", lease_left_after_renewal=round(fresh, 1),
+                    request_timeout=settings.cybedefend.timeout_seconds,
+                    hint="a slow write could end after the lease deadline; raise ha.ttl_seconds")
+
+
+@contextlib.contextmanager
+def one_writer(bridge: Bridge, command: str, wait_seconds: float = 0.0,
+               *, sleep: Callable[[float], None] = time.sleep) -> Iterator[WriteGuard]:
+    """Be the one writer of this configuration while the block runs (issue 11, scenario 5).
+
+    Without HA: the process lock next to the ledger. With HA: the same lease in Vault as the
+    daemon's replicas, renewed by a thread while the block runs and released after. Waits up to
+    `wait_seconds`, then WriterBusy naming the holder. The client checks the guard before each write.
+    """
+    settings = bridge.settings
+    if not settings.ha.enabled:
+        lock = ProcessLock(bridge.ledger_path or settings.ledger.path)
+        lock.acquire(command, wait_seconds)
+        bridge.client.write_guard = lock
+        try:
+            yield lock
+        finally:
+            bridge.client.write_guard = None
+            lock.release()
+        return
+    from bridge.daemon.ha import Lease, LeaseKeeper
+
+    identity = f"{socket.gethostname()}-{command.split()[0]}-{os.getpid()}"
+    lease = Lease(bridge.vault, settings.ha, identity=identity, address=None, metrics=bridge.metrics)
+    deadline = time.monotonic() + max(0.0, wait_seconds)
+    while not lease.acquire_or_renew():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WriterBusy(
+                f"the HA lease at {bridge.vault.state_location}/{settings.ha.lease_path} is held by replica "
+                f"{lease.holder() or 'unknown'}; wait for it (sync --wait SECONDS) or run the pass through it"
+            )
+        sleep(min(lease.renew_interval, left))
+    _warn_short_ttl(settings)
+    keeper = LeaseKeeper(lease, on_gain=lambda: None, on_loss=lambda: log.warning("lease_lost_during_pass", command=command))
+    keeper.start()
+    bridge.client.write_guard = lease
+    try:
+        yield lease
+    finally:
+        bridge.client.write_guard = None
+        keeper.stop()
+        lease.release()
 
 
 def _read_token_file(path: Path | None, key: str) -> Sensitive | None:
@@ -264,7 +377,7 @@ def run_daemon(config_path: Path) -> int:
             log.warning("kv_version_unknown", hint="audit lines are matched by the shape of their path", mount=src.mount, error=str(exc))
     # The bridge's own state path changes on every lease renewal: never a trigger.
     matcher = AuditMatcher(settings.sources, kv_versions, namespace=settings.vault.namespace,
-                           exclude=[f"{settings.state_mount}/{settings.state_path}"])
+                           exclude=[bridge.vault.state_location])
     services: list[AuditFileTailer | AuditSocketListener] = []
     if settings.triggers.audit_file is not None:
         services.append(AuditFileTailer(settings.triggers.audit_file.path, line_handler(matcher, queue, "audit_file"),
@@ -274,9 +387,24 @@ def run_daemon(config_path: Path) -> int:
         services.append(listener)
     ingest = make_audit_ingest(matcher.match, max_lines=10_000) if settings.triggers.audit_ingest else None
     lease = None
+    lock: ProcessLock | None = None
     if settings.ha.enabled:
         identity = f"{socket.gethostname()}-{secrets.token_hex(3)}"
         lease = Lease(bridge.vault, settings.ha, identity=identity, address=settings.ha.advertise_address, metrics=metrics)
+        bridge.client.write_guard = lease
+        _warn_short_ttl(settings)
+    else:
+        # Without HA, the daemon is the one writer of this ledger for its whole life: a
+        # `sync --once` or a second daemon on the same configuration is refused (scenario 5).
+        lock = ProcessLock(bridge.ledger_path or settings.ledger.path)
+        try:
+            lock.acquire("run", 0.0)
+        except BridgeError:
+            services_stop.set()
+            renewer_stop.set()
+            bridge.close()
+            raise
+        bridge.client.write_guard = lock
 
     def make_server(hooks: ServerHooks) -> HttpServer:
         server.set_hooks(hooks)  # already serving; start() returns its port
@@ -291,6 +419,8 @@ def run_daemon(config_path: Path) -> int:
         services_stop.set()
         renewer_stop.set()
         bridge.close()
+        if lock is not None:
+            lock.release()
 
     parts = DaemonParts(
         engine=bridge.engine, queue=queue, stop=stop, metrics=metrics,

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                "or when part of Vault or CybeDefend could not be seen.")
     config_arg(sync)
     sync.add_argument("--once", action="store_true", required=True, help="one pass, then exit (required)")
+    sync.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="when another process or replica is writing, wait up to this long for it (default 0: "
+                           "exit 1 at once, naming it)")
     sync.add_argument("--check-drift", action="store_true",
                       help="also confirm that registered credentials still exist in CybeDefend")
     output_arg(sync)
@@ -205,7 +208,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     from bridge.ports import PassRequest
 
     bar = _ProgressBar(sys.stderr) if args.output == "table" and sys.stderr.isatty() else None
-    with _bridge(args) as bridge:
+    from bridge.app import one_writer
+
+    with _bridge(args) as bridge, one_writer(bridge, "sync --once", args.wait):
         bridge.engine.progress = bar
         try:
             # An explicit one-shot run is a request to try now: backoff windows do not apply.

@@ -265,10 +265,30 @@ class LedgerSettings(_Section):
         ),
     )
     key_file: Path = Field(Path("/var/lib/cybedefend-bridge/fingerprint.key"), description="Key file for key_source=file (0600).")
-    state_mount: str | None = Field(None, description="KV v2 mount for the bridge's own state (key, HA lease). Default: the first source's mount.")
+    # A fixed default, not "the first source's mount": the key's location must not move when a
+    # source is added in front (that minted a new key and registered every token twice).
+    state_mount: str = Field(
+        "secret",
+        description=(
+            "KV v2 mount for the bridge's own state (HMAC key, HA lease). A fixed default, independent of the "
+            "sources; the state path must lie outside every source prefix. Installations whose key is at the "
+            "old default (the first source's mount) keep using it from there, with a warning."
+        ),
+    )
     state_path: str = Field(
         "cybedefend-bridge/{instance}", description="Path in state_mount for the bridge's own state; `{instance}` is sync.instance."
     )
+
+    @field_validator("state_mount", "state_path")
+    @classmethod
+    def _state_loc(cls, v: str) -> str:
+        v = v.strip("/")
+        if not v or ".." in v.split("/"):
+            raise ValueError("expected a non-empty path without '..'")
+        return v
+
+
+OLD_STATE_PATH = "cybedefend-bridge/{instance}"  # the state path's default, before and after the fixed mount
 
 
 class ScheduleSettings(_Section):
@@ -345,7 +365,14 @@ class TriggerSettings(_Section):
 class HASettings(_Section):
     enabled: bool = Field(False, description="Hold a lease in Vault so that only one replica acts.")
     lease_path: str = Field("leader", description="Name of the lease under ledger.state_path.")
-    ttl_seconds: float = Field(15.0, ge=2, description="Lease lifetime; a standby takes over within about twice this.")
+    ttl_seconds: float = Field(
+        30.0, ge=2,
+        description=(
+            "Lease lifetime; a standby takes over within about twice this. A lease document's own ttl_seconds "
+            "is never trusted beyond it. Keep ttl_seconds * (1 - renew_fraction) above cybedefend.timeout_seconds "
+            "+ 1, so that a write never has to wait for a renewal."
+        ),
+    )
     renew_fraction: float = Field(1 / 3, gt=0, lt=1, description="Renew the lease at this fraction of its TTL.")
     advertise_address: str | None = Field(
         None, description="URL other replicas use to forward triggers to this one (e.g. http://$(POD_IP):8080)."
@@ -374,11 +401,38 @@ class Settings(_Section):
 
     @property
     def state_mount(self) -> str:
-        return self.ledger.state_mount or self.sources[0].mount
+        return self.ledger.state_mount
 
     @property
     def state_path(self) -> str:
         return self.ledger.state_path.format(instance=self.sync.instance).strip("/")
+
+    @property
+    def legacy_state_location(self) -> tuple[str, str] | None:
+        """Where the state lived before the fixed default: the first source's mount and the
+        state path (the old default template when none is set). None when that is the current one."""
+        path = self.state_path if "state_path" in self.ledger.model_fields_set else OLD_STATE_PATH.format(
+            instance=self.sync.instance)
+        old = (self.sources[0].mount, path.strip("/"))
+        return None if old == (self.state_mount, self.state_path) else old
+
+    @model_validator(mode="after")
+    def _state_outside_sources(self) -> Settings:
+        # Anyone who may write a tagged secret may write under its source prefix: the key and the
+        # lease must not live there (issue 11, scenario 7). Raised as ConfigError (not a
+        # ValueError) so that it names the key and is not rewrapped by pydantic.
+        state = self.state_path
+        for i, src in enumerate(self.sources):
+            if src.mount != self.state_mount:
+                continue
+            inside = not src.path or state == src.path or state.startswith(src.path + "/") or src.path.startswith(state + "/")
+            if inside:
+                raise ConfigError(
+                    "ledger.state_path",
+                    f"the bridge's state ({self.state_mount}/{state}) lies inside sources[{i}] "
+                    f"({src.mount}/{src.path}); set ledger.state_mount/ledger.state_path outside every source prefix",
+                )
+        return self
 
 
 # Environment variables that fill a key the file leaves unset (Vault's usual names).

@@ -6,7 +6,8 @@
     │   ├── VaultUnavailable         yes  connection refused, timeout, 5xx, sealed, standby
     │   ├── VaultAuthError           yes  login failed or the token was refused (403 on login)
     │   ├── VaultPermissionDenied    no   the policy does not allow this path
-    │   └── VaultInvalidRequest      no   400: a malformed request or a mount of the wrong type
+    │   ├── VaultInvalidRequest      no   400: a malformed request or a mount of the wrong type
+    │   └── VaultAmbiguous           yes  a 404 without Vault's error document (a proxy's): not "gone"
     ├── CybeDefendError              (status, path template, CybeDefend's message; never a body)
     │   ├── TransientError           yes  5xx, timeouts, connection errors
     │   │   └── RateLimited          yes  429, with the server's Retry-After when it gave one
@@ -18,8 +19,11 @@
     │   └── InvalidRequest           no   400
     ├── LedgerError                  no   the SQLite file cannot be opened or written
     ├── LeaseError                   yes  the HA lease could not be read or written
+    ├── WriterBusy                   no   another process or replica holds the writer lock or lease
+    ├── KeyIdentityError             no   the state key is missing or deleted but ours is in use: refuse to mint
     ├── CasConflict                  no   a check-and-set write lost the race (HA lease, key creation)
     ├── PassAbort                    no   every remaining action would fail too (our identity is refused)
+    │   └── LeaseLost                no   the writer no longer holds its lease with the margin a write needs
     ├── RemoteRejected               no   CybeDefend answered the create with 400: the input must change
     ├── IngestRejected               no   a POST /v1/audit body the bridge will not take (400 / 413)
     └── BadRequest                   no   a POST /v1/sync body without the documented shape (400)
@@ -67,6 +71,13 @@ class VaultPermissionDenied(VaultError):
 
 class VaultInvalidRequest(VaultError):
     pass
+
+
+class VaultAmbiguous(VaultError):
+    """A 404 that is not Vault's own answer (no `{"errors": [...]}` document): an ingress, sidecar
+    or proxy said it. Absence is not proven, so nothing may be retired on its strength."""
+
+    retryable = True
 
 
 class CybeDefendError(BridgeError):
@@ -140,12 +151,33 @@ class LedgerError(BridgeError):
     pass
 
 
+class LeaseError(BridgeError):
+    retryable = True
+
+
+class WriterBusy(BridgeError):
+    """Another writer (a process on this host, or a replica holding the HA lease) is active.
+
+    The message names the holder (pid, command, host, or the lease holder), never a secret."""
+
+
+class KeyIdentityError(BridgeError):
+    """Minting a new HMAC key would orphan the credentials already registered with the old one.
+
+    The message says how to restore: undelete the key's version, or point `ledger.state_mount` /
+    `ledger.state_path` at the old location."""
+
+
 class CasConflict(BridgeError):
     """A KV v2 check-and-set write found a different version: another replica wrote first."""
 
 
 class PassAbort(BridgeError):
     """A failure that every remaining action would hit too (CybeDefend refuses our identity)."""
+
+
+class LeaseLost(PassAbort):
+    """The writer's lease (HA) or lock no longer covers the next write with its margin: stop writing."""
 
 
 class RemoteRejected(BridgeError):

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import json
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -21,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bridge.errors import LedgerError
+from bridge.errors import LeaseLost, LedgerError, WriterBusy
 from bridge.logs import get_logger, redact_text
 from bridge.model import REDACTED, State
 from bridge.ports import LedgerRecord, PendingDelete
@@ -392,3 +395,71 @@ class SqliteLedger:
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 (name, value),
             )
+
+
+class ProcessLock:
+    """One writer per ledger: an exclusive `flock` on `<ledger path>.lock` (a `WriteGuard`).
+
+    Without HA, `run` and `sync --once` take it before writing, so two processes on one
+    configuration (a cron job beside the daemon, two cron jobs) cannot register a token twice.
+    The file holds who has it (pid, command, host, since), for the message of the one refused.
+    The kernel drops the lock when the process dies, even by SIGKILL: no stale lock to clean.
+    """
+
+    def __init__(self, ledger_path: Path | str, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.path = Path(f"{ledger_path}.lock")
+        self._clock, self._sleep = clock, sleep
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return "an unknown process"
+        if not isinstance(doc, dict) or not doc:
+            return "an unknown process"
+        return f"pid {doc.get('pid')} (`{doc.get('command')}`) on {doc.get('host')} since {doc.get('since')}"
+
+    def acquire(self, command: str, wait_seconds: float = 0.0) -> None:
+        """Take the lock, waiting up to `wait_seconds`; WriterBusy naming the holder if not."""
+        if self._fd is not None:
+            return
+        try:
+            self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as exc:
+            raise LedgerError(f"lock {self.path}: cannot open: {exc.strerror or exc}") from exc
+        deadline = self._clock() + max(0.0, wait_seconds)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - self._clock()
+                if left <= 0:
+                    os.close(fd)
+                    raise WriterBusy(
+                        f"another writer holds {self.path}: {self.holder()}; wait for it to finish "
+                        "(sync --wait SECONDS) or stop it"
+                    ) from None
+                self._sleep(min(0.2, left))
+        doc = {"pid": os.getpid(), "command": command, "host": socket.gethostname(),
+               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(doc).encode(), 0)
+        self._fd = fd
+        _log.info("writer_lock_acquired", lock=str(self.path), command=command)
+
+    def check(self, budget_seconds: float) -> None:
+        # A flock does not expire: held until release or death. Only "not taken" fails.
+        if self._fd is None:
+            raise LeaseLost(f"the writer lock {self.path} is not held")
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor drops the flock

@@ -216,3 +216,18 @@ class PassRunner(Protocol):
         """The /v1/status document: per secret path, version, project, credential id, state, last
         outcome and reason, next attempt; plus the last pass report and flags. Never a value."""
         ...
+
+
+class WriteGuard(Protocol):
+    """Confirms, before each CybeDefend write, that this process is still the one writer.
+
+    Implemented by the HA lease (`bridge.daemon.ha.Lease`) and the process lock
+    (`bridge.ledger.ProcessLock`). The CybeDefend client calls `check` before every write attempt,
+    each retry included, with the request timeout as the budget.
+    """
+
+    def check(self, budget_seconds: float) -> None:
+        """Return when the lease or lock still holds for `budget_seconds` plus a margin; else
+        raise `bridge.errors.LeaseLost` (it may wait, bounded by the lease's own deadline, for
+        a renewal in flight)."""
+        ...

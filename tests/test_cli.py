@@ -45,7 +45,7 @@ def setup(openbao: OpenBao, kv_mount: str, tmp_path: Path) -> Iterator[tuple[Pat
             "sources": [{"mount": kv_mount, "path": "dockerhub"}],
             "cybedefend": {"api_url": sim.url, "auth_url": sim.url, "organization_id": ORG,
                            "auth": {"credential_file": str(tmp_path / "pat")}},
-            "ledger": {"path": str(tmp_path / "ledger.sqlite3")},
+            "ledger": {"path": str(tmp_path / "ledger.sqlite3"), "state_mount": kv_mount},
             "logging": {"format": "json"},
         }
         path = tmp_path / "config.yaml"

@@ -257,7 +257,7 @@ def test_lease_against_real_openbao(openbao: OpenBao, kv_mount: str) -> None:
     a.release()
     assert b.acquire_or_renew()
     doc = openbao.client().secrets.kv.v2.read_secret_version(
-        path=f"{settings.state_path}/leader", mount_point=kv_mount, raise_on_deleted_version=True
+        path=f"{settings.state_path}/leader", mount_point=settings.state_mount, raise_on_deleted_version=True
     )["data"]["data"]
     assert doc["holder"] == "b" and doc["address"] == "http://b:8080"
 

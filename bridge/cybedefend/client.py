@@ -57,12 +57,17 @@ from bridge.errors import (
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import RemoteCredential, Sensitive
+from bridge.ports import WriteGuard
 from bridge.retry import RetryPolicy, TokenBucket, parse_retry_after
 
 __all__ = ["CybeDefendClient", "Endpoint", "read_credential_file"]
 
 log = get_logger(__name__)
 
+
+# The endpoints that change CybeDefend: each attempt is preceded by the write guard's check.
+_WRITES = frozenset({CREATE.name, DELETE.name, SET_LINKS.name})
+WAIT_SLICE_SECONDS = 0.25  # how often a write's retry wait asks whether the lease still holds
 
 # Failures after which the request certainly never reached CybeDefend's application: safe to
 # repeat even for the create POST, which has no idempotency key.
@@ -85,6 +90,7 @@ class CybeDefendClient:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        write_guard: WriteGuard | None = None,
     ) -> None:
         if not credential or not header_safe(credential.reveal()):
             key = "credential_file" if settings.auth.credential_file is not None else "credential_vault_path"
@@ -118,6 +124,9 @@ class CybeDefendClient:
             headers={"Accept": "application/json", "User-Agent": "cybedefend-bridge"},
         )
         self._app_id: str | None = None
+        # Confirms before every write attempt that we are still the one writer (HA lease or
+        # process lock); set by the composition root once the lease or lock exists.
+        self.write_guard = write_guard
         self._bearers = BearerCache(self._exchange, settings.token_renew_margin_seconds, clock) if self._mode == "pat" else None
 
     # ---- Registrar -------------------------------------------------------------------------
@@ -293,6 +302,9 @@ class CybeDefendClient:
         reauthenticated = False
         while True:
             headers, bearer = self._auth_headers(auth)
+            guard = self.write_guard if ep.name in _WRITES else None
+            if guard is not None:
+                guard.check(self._settings.timeout_seconds)  # LeaseLost: not sent, and no retry
             try:
                 resp = self._send(ep, url, headers, json_body, form)
             except httpx.HTTPError as exc:
@@ -301,7 +313,7 @@ class CybeDefendClient:
                 failures += 1
                 if not err.retryable or isinstance(err, AmbiguousWrite) or failures >= self._policy.max_attempts:
                     raise err from exc
-                self._wait(ep, failures, None, type(exc).__name__)
+                self._wait(ep, failures, None, type(exc).__name__, guard)
                 continue
             status = resp.status_code
             if status == 401 and bearer is not None and self._bearers is not None and not reauthenticated:
@@ -323,7 +335,7 @@ class CybeDefendClient:
             failures += 1
             if self._policy.retry_after_too_long(retry_after) or failures >= self._policy.max_attempts:
                 self._raise_transient(ep, resp, retry_after, secrets)
-            delay = self._wait(ep, failures, retry_after, f"HTTP {status}")
+            delay = self._wait(ep, failures, retry_after, f"HTTP {status}", guard)
             if status == 429:
                 self._metrics.rate_limited.inc()
                 self._metrics.rate_limited_seconds.inc(delay)
@@ -345,15 +357,27 @@ class CybeDefendClient:
                 self._metrics.api_requests.labels(endpoint=ep.name, status_class=status_class).inc()
                 self._metrics.api_duration.labels(endpoint=ep.name).observe(max(0.0, self._clock() - started))
 
-    def _wait(self, ep: Endpoint, failures: int, retry_after: float | None, reason: str) -> float:
+    def _wait(
+        self, ep: Endpoint, failures: int, retry_after: float | None, reason: str, guard: WriteGuard | None = None
+    ) -> float:
         with self._rng_lock:
             delay = self._policy.delay(failures, self._rng, retry_after)
         self._metrics.retries.labels(target="cybedefend").inc()
         log.warning(
             "cybedefend_retry", endpoint=ep.label, attempt=failures + 1, reason=reason, delay_seconds=round(delay, 3)
         )
-        self._sleep(delay)
-        return delay
+        if guard is None:
+            self._sleep(delay)
+            return delay
+        # A write's wait (a Retry-After of up to 30 s) ends as soon as the lease is lost, in
+        # slices, instead of sleeping through the new leader's writes.
+        end = self._clock() + delay
+        while True:
+            guard.check(0.0)
+            left = end - self._clock()
+            if left <= 0:
+                return delay
+            self._sleep(min(WAIT_SLICE_SECONDS, left))
 
     def _transport_error(self, ep: Endpoint, exc: httpx.HTTPError, unsafe: bool) -> CybeDefendError:
         kind = type(exc).__name__

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from bridge.config import HASettings
-from bridge.errors import BridgeError, CasConflict
+from bridge.errors import BridgeError, CasConflict, LeaseLost
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
@@ -38,6 +38,7 @@ log = get_logger(__name__)
 
 FORWARD_HEADER = "X-Cybedefend-Bridge-Forwarded"
 FORWARD_BATCH = 500  # below the server's MAX_SYNC_PATHS, so one batch is always accepted
+WRITE_MARGIN_SECONDS = 1.0  # a write starts only if the lease outlives its timeout by this much
 
 
 class LeasePort(Protocol):
@@ -74,6 +75,7 @@ class Lease:
         self._monotonic = monotonic
         self._metrics = metrics
         self._lock = threading.Lock()
+        self._renewed = threading.Condition(self._lock)  # notified on every successful write of the lease
         self._leader = False
         self._deadline = 0.0  # monotonic: we act as leader only before this
         self._acquired_at: float | None = None
@@ -93,6 +95,43 @@ class Lease:
         """True while we hold the lease and our own deadline has not passed."""
         with self._lock:
             return self._leader and self._monotonic() < self._deadline
+
+    def holder(self) -> str:
+        """Who holds the lease, as last read ("" when vacant or unknown): for WriterBusy messages."""
+        with self._lock:
+            if self._leader and self._monotonic() < self._deadline:
+                return self._identity
+            doc = self._doc or {}
+        holder = doc.get("holder")
+        return holder if isinstance(holder, str) else ""
+
+    def check(self, budget_seconds: float) -> None:
+        """`WriteGuard`: return when the lease is ours for `budget_seconds` + margin more, by our
+        own deadline (from before the last successful renewal's read, at the configured TTL).
+
+        Short of that but still leader, wait for the renewal in flight, never past the point
+        where the write could no longer finish in time; then `LeaseLost`. So no write starts
+        that could land after the lease deadline, whatever Vault or a Retry-After did."""
+        # Right after a renewal the lease has ttl*(1-renew_fraction) left at worst: asking more
+        # would refuse every write. A TTL that short for the request timeout weakens the
+        # guarantee (the composition root warns at start; docs/reliability.md says so).
+        need = min(budget_seconds + WRITE_MARGIN_SECONDS, self._settings.ttl_seconds * (1 - self._settings.renew_fraction))
+        with self._renewed:
+            give_up = None
+            while True:
+                now = self._monotonic()
+                left = self._deadline - now if self._leader else float("-inf")
+                if left >= need:
+                    return
+                if give_up is None:
+                    give_up = now + max(0.0, left)  # never wait past the deadline we started with
+                if left <= 0 or now >= give_up:
+                    break
+                self._renewed.wait(min(0.25, give_up - now))
+        raise LeaseLost(
+            f"the HA lease is no longer held with {need:.1f}s to spare (holder now: {self.holder() or 'unknown'}); "
+            "stopping writes: the new leader carries on"
+        )
 
     def leader_address(self) -> str | None:
         """Where the current holder listens (its advertise_address), or None if unknown or vacant."""
@@ -184,6 +223,7 @@ class Lease:
             self._acquired_at = acquired_at
             self._doc = doc
             self._seen = (version, started)
+            self._renewed.notify_all()
         if became:
             log.info("lease_acquired", identity=self._identity)
 

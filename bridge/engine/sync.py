@@ -23,7 +23,7 @@ from typing import Any
 
 from bridge.config import Settings
 from bridge.engine.executor import Executor
-from bridge.errors import AuthenticationError, BridgeError, LegacyApiKeyGone, NotFound, PassAbort, VaultError
+from bridge.errors import AuthenticationError, BridgeError, LeaseLost, LegacyApiKeyGone, NotFound, PassAbort, VaultError
 from bridge.keyring import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
@@ -302,6 +302,10 @@ class SyncEngine:
                 unseen = [f"Vault source {s}" for s in planned.unseen_sources]
                 unseen += [f"CybeDefend organization {o} ({why})" for o, why in sorted(planned.view.unlisted.items())]
                 error = "could not see " + "; ".join(unseen) if unseen else None
+        except LeaseLost as exc:
+            # Another writer may lead now: stopping is the correct outcome, the next leader goes on.
+            result, error = "aborted", str(exc)
+            log.warning("pass_stopped_lease_lost", error=error)
         except PassAbort as exc:
             result, error = "failed", str(exc)
             log.error("pass_aborted", error=error, hint="fix the CybeDefend credential (see docs/cybedefend-setup.md)")

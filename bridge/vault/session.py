@@ -27,7 +27,7 @@ from bridge.errors import VaultAuthError, VaultError, VaultInvalidRequest, Vault
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from bridge.vault.transport import Response, VaultTransport, error_for_status
+from bridge.vault.transport import Response, VaultTransport, ambiguous_404, error_for_status, is_vault_404
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -364,10 +364,12 @@ class VaultSession:
         for attempt in (0, 1):
             token, gen = self.current()
             status, doc = self.transport.send(kind, method, path, query, token)
+            if status == 404 and not is_vault_404(doc):
+                raise ambiguous_404(kind, path)
             if status == 404 and (doc or {}).get("errors"):
                 # "no handler for route": the mount itself is gone (disabled, moved, mid-restore).
-                # A missing secret or empty folder answers 404 with no errors; this must not be
-                # read as "no secrets", or every credential of the source would be retired.
+                # A missing secret or empty folder answers 404 with `"errors": []`; this must not
+                # be read as "no secrets", or every credential of the source would be retired.
                 raise error_for_status(status, kind, path, (doc or {}).get("errors"))
             if status < 300 or status == 404 or status in passthrough:
                 return Response(status, doc)

@@ -77,6 +77,7 @@ class VaultSource:
         self._scan_unsupported: set[str] = set()
         self._scan_denied: dict[str, int] = {}  # mount -> token generation that was refused SCAN
         self._lock = threading.Lock()
+        self._area = StateArea(self.session, settings.state_mount, settings.state_path)
         # Values under these keys are DockerHub tokens: register them for log redaction on read.
         self._token_keys = frozenset(s.token_key for s in settings.sources)
 
@@ -311,52 +312,30 @@ class VaultSource:
 
     # --- state store -------------------------------------------------------------------------
 
-    def _state(self, name: str) -> tuple[str, str]:
-        return self._settings.state_mount, f"{self._settings.state_path}/{name.strip('/')}"
+    def state_area(self, mount: str, path: str) -> StateArea:
+        """A `StateStore` at another place (the old default location, for migration)."""
+        return StateArea(self.session, mount, path)
+
+    def use_state_area(self, area: StateArea) -> None:
+        """Keep all state (key, HA lease) at `area` from now on: the key was found there."""
+        self._area = area
+
+    @property
+    def state_location(self) -> str:
+        return self._area.location
+
+    @property
+    def location(self) -> str:
+        return self._area.location
 
     def read_state(self, name: str) -> tuple[dict[str, Any], int] | None:
-        """GET <state_mount>/data/<state_path>/<name>: (data, version); None when absent or deleted."""
-        mount, path = self._state(name)
-        doc = self.session.call_hvac(
-            "state",
-            f"{mount}/data/{path}",
-            lambda c: c.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True),
-            missing=None,
-        )
-        d = (doc or {}).get("data") or {}
-        if not isinstance(d.get("data"), dict):
-            return None
-        return dict(d["data"]), int((d.get("metadata") or {}).get("version") or 0)
+        return self._area.read_state(name)
 
-    def write_state(self, name: str, data: Mapping[str, Any], cas: int) -> int:
-        """POST <state_mount>/data/<state_path>/<name> with options.cas; CasConflict if we lost."""
-        mount, path = self._state(name)
-        where = f"{mount}/data/{path}"
+    def write_state(self, name: str, data: Mapping[str, Any], cas: int, *, overwrite_deleted: bool = True) -> int:
+        return self._area.write_state(name, data, cas, overwrite_deleted=overwrite_deleted)
 
-        def put(cas_value: int) -> int | None:
-            def fn(c: Any) -> int | None:
-                try:
-                    resp = c.secrets.kv.v2.create_or_update_secret(path=path, secret=dict(data), cas=cas_value, mount_point=mount)
-                except hvac.exceptions.InvalidRequest as exc:
-                    if "check-and-set" in " ".join(exc.errors or []):
-                        return None
-                    raise
-                return int(resp["data"]["version"])
-
-            return self.session.call_hvac("state", where, fn, missing=None)
-
-        version = put(cas)
-        if version is None and cas == 0:
-            # "absent" includes a deleted or destroyed current version, which needs cas=<that version>.
-            meta = self.session.request("state", "GET", f"{_q(mount)}/metadata/{_q(path)}").doc
-            d = (meta or {}).get("data") or {}
-            current = int(d.get("current_version") or 0)
-            vmeta = (d.get("versions") or {}).get(str(current)) or {}
-            if current and (vmeta.get("destroyed") or vmeta.get("deletion_time")):
-                version = put(current)
-        if version is None:
-            raise CasConflict(f"Vault state {where}: check-and-set lost (expected version {cas}); another writer was first")
-        return version
+    def state_status(self, name: str) -> tuple[str, int]:
+        return self._area.state_status(name)
 
     # --- checks ----------------------------------------------------------------------------
 
@@ -382,7 +361,7 @@ class VaultSource:
                     (f"list {s.mount}/{sub}", f"{s.mount}/{sub}", ("list",)),
                     (f"read {s.mount}/{sub}*", f"{s.mount}/{sub}{PROBE}", ("read",)),
                 ]
-        sm, sp = self._settings.state_mount, self._settings.state_path
+        sm, sp = self._area.mount, self._area.path
         for cap in ("create", "update", "read"):
             wanted.append((f"{cap} {sm}/data/{sp}/*", f"{sm}/data/{sp}/{PROBE}", (cap,)))
         wanted.append((f"read {sm}/metadata/{sp}/*", f"{sm}/metadata/{sp}/{PROBE}", ("read",)))
@@ -409,3 +388,84 @@ class VaultSource:
                 )
             rows.append((label, ok, detail))
         return rows
+
+
+class StateArea:
+    """One KV v2 place for the bridge's own state: `<mount>/data/<path>/<name>` (a `StateStore`)."""
+
+    def __init__(self, session: VaultSession, mount: str, path: str) -> None:
+        self._session = session
+        self.mount, self.path = mount.strip("/"), path.strip("/")
+
+    @property
+    def location(self) -> str:
+        return f"{self.mount}/{self.path}"
+
+    def _where(self, name: str) -> tuple[str, str]:
+        return self.mount, f"{self.path}/{name.strip('/')}"
+
+    def read_state(self, name: str) -> tuple[dict[str, Any], int] | None:
+        """GET <mount>/data/<path>/<name>: (data, version); None when absent or deleted.
+
+        A 404 that is not Vault's own answer raises (VaultAmbiguous): "absent" would mint a key."""
+        mount, path = self._where(name)
+        doc = self._session.call_hvac(
+            "state",
+            f"{mount}/data/{path}",
+            lambda c: c.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True),
+            missing=None,
+        )
+        d = (doc or {}).get("data") or {}
+        if not isinstance(d.get("data"), dict):
+            return None
+        return dict(d["data"]), int((d.get("metadata") or {}).get("version") or 0)
+
+    def state_status(self, name: str) -> tuple[str, int]:
+        """("absent" | "present" | "deleted" | "destroyed", current version) from the metadata.
+
+        `read_state` says None for both absent and deleted; only this tells them apart, so a
+        deleted key version is never mistaken for "no key yet"."""
+        mount, path = self._where(name)
+        resp = self._session.request("state", "GET", f"{_q(mount)}/metadata/{_q(path)}")
+        d = (resp.doc or {}).get("data") if resp.status < 300 else None
+        if not isinstance(d, dict):
+            return "absent", 0
+        current = int(d.get("current_version") or 0)
+        vmeta = (d.get("versions") or {}).get(str(current)) or {}
+        if current == 0:
+            return "absent", 0
+        if vmeta.get("destroyed"):
+            return "destroyed", current
+        if vmeta.get("deletion_time"):
+            return "deleted", current
+        return "present", current
+
+    def write_state(self, name: str, data: Mapping[str, Any], cas: int, *, overwrite_deleted: bool = True) -> int:
+        """POST <mount>/data/<path>/<name> with options.cas; CasConflict if we lost.
+
+        `overwrite_deleted=False` (the key): a deleted or destroyed current version is not
+        replaced (CasConflict), since a new key would orphan every registered credential."""
+        mount, path = self._where(name)
+        where = f"{mount}/data/{path}"
+
+        def put(cas_value: int) -> int | None:
+            def fn(c: Any) -> int | None:
+                try:
+                    resp = c.secrets.kv.v2.create_or_update_secret(path=path, secret=dict(data), cas=cas_value, mount_point=mount)
+                except hvac.exceptions.InvalidRequest as exc:
+                    if "check-and-set" in " ".join(exc.errors or []):
+                        return None
+                    raise
+                return int(resp["data"]["version"])
+
+            return self._session.call_hvac("state", where, fn, missing=None)
+
+        version = put(cas)
+        if version is None and cas == 0 and overwrite_deleted:
+            # "absent" includes a deleted or destroyed current version, which needs cas=<that version>.
+            status, current = self.state_status(name)
+            if status in ("deleted", "destroyed"):
+                version = put(current)
+        if version is None:
+            raise CasConflict(f"Vault state {where}: check-and-set lost (expected version {cas}); another writer was first")
+        return version

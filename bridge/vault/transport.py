@@ -32,7 +32,7 @@ import hvac.exceptions
 import requests
 
 from bridge.config import VaultSettings
-from bridge.errors import VaultError, VaultInvalidRequest, VaultPermissionDenied, VaultUnavailable
+from bridge.errors import VaultAmbiguous, VaultError, VaultInvalidRequest, VaultPermissionDenied, VaultUnavailable
 from bridge.logs import get_logger, redact_text
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
@@ -55,6 +55,20 @@ def _vault_message(errors: Any) -> str:
         text = str(errors or "").strip()
     text = " ".join(text.replace("1 error occurred:", "").split())
     return redact_text(text[:200])
+
+
+def is_vault_404(doc: Any) -> bool:
+    """True when a 404's body is Vault's own answer: `{"errors": [...]}` (a missing path, an empty
+    folder) or a KV v2 document with `data` (a deleted version's metadata). A bare 404 (no body,
+    HTML, a proxy's text) is not proof that anything is gone."""
+    return isinstance(doc, dict) and (isinstance(doc.get("errors"), list) or isinstance(doc.get("data"), dict))
+
+
+def ambiguous_404(operation: str, path: str) -> VaultAmbiguous:
+    return VaultAmbiguous(
+        f"Vault {operation} {path}: HTTP 404 with no Vault error document (a proxy or ingress answered?); "
+        "not treated as absent"
+    )
 
 
 def error_for_status(status: int, operation: str, path: str, errors: Any = None) -> VaultError:
@@ -95,6 +109,8 @@ def translate(exc: BaseException, operation: str, path: str) -> VaultError:
     """Map an hvac, requests or socket exception to the bridge's tree. Never includes a token."""
     if isinstance(exc, VaultError):
         return exc
+    if isinstance(exc, hvac.exceptions.InvalidPath) and not is_vault_404(getattr(exc, "json", None)):
+        return ambiguous_404(operation, path)
     if isinstance(exc, hvac.exceptions.VaultError):
         status = {
             hvac.exceptions.InvalidRequest: 400,
@@ -213,6 +229,8 @@ def _status_label(status: int) -> str:
 def _result_label(err: VaultError) -> str:
     if isinstance(err, VaultPermissionDenied):
         return "denied"
+    if isinstance(err, VaultAmbiguous):
+        return "ambiguous"
     if isinstance(err, VaultUnavailable):
         return "unavailable"
     if isinstance(err, VaultInvalidRequest) and "HTTP 404" in str(err):
@@ -277,7 +295,20 @@ class VaultTransport:
         target = f"/v1/{path}" + (f"?{query}" if query else "")
         try:
             status, raw = self._pool.request(method, target, headers, None)
+        except Exception as exc:
+            err = translate(exc, kind, path)
+            self._record(kind, "unavailable")
+            raise err from None  # the socket error adds nothing and may carry request details
+        try:
             doc = json.loads(raw) if raw else None
+        except ValueError as exc:
+            if status == 404:
+                # A proxy's page or text: not Vault's document. The session decides (ambiguous).
+                self._record(kind, "ambiguous")
+                return status, None
+            err = translate(exc, kind, path)
+            self._record(kind, "unavailable")
+            raise err from None
         except Exception as exc:
             err = translate(exc, kind, path)
             self._record(kind, "unavailable")

@@ -33,7 +33,7 @@ WEBHOOK = "whk_chaos_" + "5" * 32
 def replica(rig: ChaosRig, name: str) -> DaemonProc:
     port = free_port()
     raw = {**rig.raw}
-    raw["ledger"] = {"path": str(rig.tmp / name / "ledger.sqlite3")}
+    raw["ledger"] = {**rig.raw["ledger"], "path": str(rig.tmp / name / "ledger.sqlite3")}
     raw["ha"] = {"enabled": True, "ttl_seconds": TTL, "advertise_address": f"http://127.0.0.1:{port}"}
     raw["server"] = {"bind": "127.0.0.1", "port": port, "webhook_token_file": str(rig.tmp / "webhook-token")}
     raw["schedule"] = {"interval_seconds": 5, "jitter_fraction": 0, "first_run_max_delay_seconds": 0}

@@ -42,7 +42,7 @@ def raw_config(workdir: Path | None = None, *, vault_addr: str = NOWHERE, vault_
         "sources": [{"mount": mount, "path": prefix}],
         "cybedefend": {"api_url": cybedefend_url, "auth_url": cybedefend_url, "organization_id": org,
                        "auth": {"credential_file": str(where / "pat")}},
-        "ledger": {"path": str(where / ledger_name)},
+        "ledger": {"path": str(where / ledger_name), "state_mount": mount},  # a key and lease per test mount
     }
     return merged(raw, sections)
 
