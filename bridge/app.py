@@ -389,6 +389,7 @@ def run_daemon(config_path: Path) -> int:
     lease = None
     lock: ProcessLock | None = None
     if settings.ha.enabled:
+        server.accept_forwards(bridge.keyring.forward_key())
         identity = f"{socket.gethostname()}-{secrets.token_hex(3)}"
         lease = Lease(bridge.vault, settings.ha, identity=identity, address=settings.ha.advertise_address, metrics=metrics)
         bridge.client.write_guard = lease
@@ -425,7 +426,8 @@ def run_daemon(config_path: Path) -> int:
     parts = DaemonParts(
         engine=bridge.engine, queue=queue, stop=stop, metrics=metrics,
         make_scheduler=lambda sched, tick: Scheduler(sched, tick, metrics, rng=random.Random()),
-        make_server=make_server, vault_healthy=bridge.vault.healthy, lease=lease, webhook_token=webhook_token,
+        make_server=make_server, vault_healthy=bridge.vault.healthy, lease=lease,
+        forward_key=bridge.keyring.forward_key() if lease is not None else None,
         audit_ingest=ingest, services=services, reload=reload, on_shutdown=on_shutdown,
     )
     return Daemon(settings, parts).run()

@@ -375,7 +375,12 @@ class HASettings(_Section):
     )
     renew_fraction: float = Field(1 / 3, gt=0, lt=1, description="Renew the lease at this fraction of its TTL.")
     advertise_address: str | None = Field(
-        None, description="URL other replicas use to forward triggers to this one (e.g. http://$(POD_IP):8080)."
+        None,
+        pattern=r"^https?://[^/@?#\s]+:[0-9]{1,5}/?$",
+        description=(
+            "URL other replicas use to forward triggers to this one: http(s)://host:port and nothing more "
+            "(e.g. http://$(POD_IP):8080). Standbys ignore a lease address of any other shape."
+        ),
     )
 
 

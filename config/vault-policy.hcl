@@ -20,7 +20,9 @@ path "secret/data/dockerhub/*" {
   capabilities = ["read"]
 }
 
-# The bridge's own state (fingerprint/marker key, HA lease): check-and-set writes
+# The bridge's own state (fingerprint/marker key, HA lease), outside every source prefix: the
+# only path this policy may write. Whoever may write tagged secrets must not be able to write
+# here, or they could forge the lease. Check-and-set writes
 # (create for the first write, update after), read back. No delete: state is never removed.
 path "secret/data/cybedefend-bridge/*" {
   capabilities = ["create", "read", "update"]

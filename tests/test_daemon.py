@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from bridge.config import ScheduleSettings, Settings, load_settings, parse_settings
-from bridge.daemon.ha import FORWARD_HEADER
+from bridge.daemon.ha import FORWARD_HEADER, sign_forward
 from bridge.daemon.loop import Daemon, DaemonParts, ServerHooks
 from bridge.daemon.scheduler import Scheduler
 from bridge.daemon.server import HttpServer, make_audit_ingest
@@ -35,6 +35,7 @@ from bridge.model import Sensitive
 from bridge.ports import PassReport, PassRequest
 from tests.support.procs import eventually
 
+FORWARD_KEY = b"test-forward-key-0123456789abcdef"
 TOKEN = "whk_daemon_test_token_0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +149,9 @@ def build(
     token = Sensitive(TOKEN)
 
     def make_server(h: ServerHooks) -> HttpServer:
-        return HttpServer(settings.server, metrics=m, hooks=h, webhook_token=token)
+        server = HttpServer(settings.server, metrics=m, hooks=h, webhook_token=token)
+        server.accept_forwards(FORWARD_KEY)
+        return server
 
     def make_scheduler(s: ScheduleSettings, tick: Callable[[], None]) -> Scheduler:
         return Scheduler(s, tick, m, rng=OffsetRng(first_run))
@@ -156,7 +159,7 @@ def build(
     parts.setdefault("vault_healthy", lambda: True)
     daemon = Daemon(settings, DaemonParts(
         engine=eng, queue=TriggerQueue(settings.triggers.debounce_seconds, 100, m), stop=stop, metrics=m,
-        make_scheduler=make_scheduler, make_server=make_server, webhook_token=token, **parts,
+        make_scheduler=make_scheduler, make_server=make_server, forward_key=FORWARD_KEY, **parts,
     ))
     return daemon, eng, m
 
@@ -323,9 +326,10 @@ def test_a_standby_never_forwards_a_forwarded_request_again(running: list[Daemon
     standby, _, m = build(make_settings(), first_run=3000, lease=FakeLease(False, f"http://127.0.0.1:{leader_port}"))
     running.append(standby)
     port = standby.start()
+    body = b'{"paths": ["secret/team/a"]}'
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/sync", data=b'{"paths": ["secret/team/a"]}', method="POST",
-        headers={"Authorization": f"Bearer {TOKEN}", FORWARD_HEADER: "1"},
+        f"http://127.0.0.1:{port}/v1/sync", data=body, method="POST",
+        headers={FORWARD_HEADER: sign_forward(FORWARD_KEY, body, time.time())},
     )
     with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1 built here
         assert resp.status == 202

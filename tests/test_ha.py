@@ -11,10 +11,17 @@ from typing import Any
 import pytest
 
 from bridge.config import HASettings, parse_settings
-from bridge.daemon.ha import FORWARD_HEADER, Lease, forward_to_leader
+from bridge.daemon.ha import (
+    FORWARD_HEADER,
+    FORWARD_MAX_SKEW_SECONDS,
+    Lease,
+    forward_to_leader,
+    looks_like_advertise_address,
+    sign_forward,
+    verify_forward,
+)
 from bridge.errors import CasConflict, VaultUnavailable
 from bridge.metrics import Metrics
-from bridge.model import Sensitive
 from tests.support.openbao import OpenBao
 
 TTL = 15.0
@@ -299,31 +306,89 @@ def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, 
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
-def test_forward_sends_the_token_and_batches_paths() -> None:
+KEY = b"forward-key-derived-from-the-state-key"
+
+
+def test_forward_is_signed_never_carries_a_token_and_batches_paths() -> None:
     rec = _recorder()
     httpd, url = _serve(rec)
     try:
-        assert forward_to_leader(url, [f"secret/p{i}" for i in range(1200)], Sensitive("tok-123456789"))
-        assert forward_to_leader(url, None, Sensitive("tok-123456789"))
+        assert forward_to_leader(url, [f"secret/p{i}" for i in range(1200)], KEY, clock=lambda: 1_000.0)
+        assert forward_to_leader(url, None, KEY, clock=lambda: 1_000.0)
     finally:
         httpd.shutdown()
         httpd.server_close()
     assert len(rec.seen) == 3 + 1  # 500 + 500 + 200, then a full pass
-    assert all(h["authorization"] == "Bearer tok-123456789" and h[FORWARD_HEADER.lower()] == "1" for h in rec.seen)
+    assert all("authorization" not in h for h in rec.seen)  # the webhook token stays home
+    assert all(h[FORWARD_HEADER.lower()].startswith("t=1000,sig=") for h in rec.seen)
 
 
-def test_forward_never_follows_a_redirect_with_the_token(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_signed_forward_is_accepted_only_with_the_key_the_body_and_a_fresh_time() -> None:
+    body = b'{"paths": ["secret/a"]}'
+    header = sign_forward(KEY, body, 1_000.0)
+    assert verify_forward(KEY, header, body, 1_030.0)
+    assert not verify_forward(KEY, header, body, 1_000.0 + FORWARD_MAX_SKEW_SECONDS + 1)  # replayed later
+    assert not verify_forward(b"another-key", header, body, 1_000.0)
+    assert not verify_forward(KEY, header, b'{"paths": ["secret/b"]}', 1_000.0)  # body changed
+    assert not verify_forward(KEY, "t=1000,sig=00", body, 1_000.0)
+    assert not verify_forward(KEY, "1", body, 1_000.0) and not verify_forward(KEY, None, body, 1_000.0)
+
+
+@pytest.mark.parametrize("address", [
+    "http://127.0.0.1:8080", "https://bridge-1.bridge.ns.svc:8443", "http://[::1]:9000/",
+])
+def test_advertise_addresses_that_look_like_one(address: str) -> None:
+    assert looks_like_advertise_address(address)
+
+
+@pytest.mark.parametrize("address", [
+    "file:///etc/passwd", "http://attacker.example", "http://user:pw@10.0.0.1:80", "http://10.0.0.1:80/steal",
+    "http://10.0.0.1:80?x=1", "http://10.0.0.1:80#f", "gopher://10.0.0.1:70", "http://:80", "not a url", "http://h:99999",
+])
+def test_lease_addresses_that_are_not_advertise_addresses_are_refused(address: str) -> None:
+    assert not looks_like_advertise_address(address)
+    assert forward_to_leader(address, ["secret/a"], KEY, timeout=0.5) is False
+
+
+def test_forward_never_follows_a_redirect(caplog: pytest.LogCaptureFixture) -> None:
     elsewhere = _recorder()
     target, target_url = _serve(elsewhere)
     bouncer = _recorder(redirect_to=target_url + "/steal")
     httpd, url = _serve(bouncer)
     try:
-        assert forward_to_leader(url, ["secret/a"], Sensitive("tok-123456789")) is False
-        assert forward_to_leader("http://127.0.0.1:9", ["secret/a"], Sensitive("tok-123456789"), timeout=1) is False
-        assert forward_to_leader("file:///etc/passwd", ["secret/a"], Sensitive("tok-123456789")) is False
+        assert forward_to_leader(url, ["secret/a"], KEY) is False
+        assert forward_to_leader("http://127.0.0.1:9", ["secret/a"], KEY, timeout=1) is False
+        assert forward_to_leader("file:///etc/passwd", ["secret/a"], KEY) is False
     finally:
         for s in (httpd, target):
             s.shutdown()
             s.server_close()
     assert len(bouncer.seen) == 1 and elsewhere.seen == []
-    assert "tok-123456789" not in caplog.text
+    assert KEY.decode() not in caplog.text
+
+
+# -- scenario 7: a forged lease neither parks HA nor draws the webhook token ---------------------
+
+
+def test_a_forged_lease_with_a_huge_ttl_and_far_expiry_is_taken_over_within_our_ttl() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    forged = {"holder": "mallory", "address": "http://127.0.0.1:1", "expires_at": clocks.time() + 10**9,
+              "acquired_at": clocks.time(), "ttl_seconds": 10**9}
+    store.docs["leader"] = (forged, 1)
+    b = make_lease(store, clocks, "b")
+    assert not b.acquire_or_renew()  # first sight: a live-looking holder
+    start = clocks.mono
+    while not b.acquire_or_renew():
+        clocks.mono += b.renew_interval
+        assert clocks.mono - start <= TTL + b.renew_interval, "the forged TTL parked HA"
+    assert store.docs["leader"][0]["holder"] == "b"
+
+
+def test_a_lease_address_that_is_not_an_advertise_address_is_never_a_leader_address() -> None:
+    store, clocks = MemoryStateStore(), Clocks()
+    for address in ("http://10.0.0.9:80/steal", "http://user:pw@10.0.0.9:80", "file:///etc/passwd"):
+        store.docs["leader"] = ({"holder": "mallory", "address": address, "expires_at": clocks.time() + 5,
+                                 "acquired_at": clocks.time(), "ttl_seconds": TTL}, 1)
+        b = make_lease(store, clocks, "b")
+        b.acquire_or_renew()
+        assert b.leader_address() is None, address

@@ -6,6 +6,7 @@ import hmac
 import http.client
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import ServerSettings
-from bridge.daemon.ha import FORWARD_HEADER
+from bridge.daemon.ha import FORWARD_HEADER, sign_forward
 from bridge.daemon.server import MAX_SYNC_PATHS, Check, HttpServer
 from bridge.daemon.server import Hooks as ServerHooks
 from bridge.errors import IngestRejected
@@ -170,10 +171,19 @@ def test_sync_with_the_right_token_is_accepted(served: tuple[HttpServer, int], h
     assert hooks.syncs[-1] == (None, "webhook")
 
 
-def test_a_forwarded_sync_is_labelled_forwarded(served: tuple[HttpServer, int], hooks: Hooks) -> None:
-    headers = auth() | {FORWARD_HEADER: "1"}
-    assert call(served[1], "POST", "/v1/sync", b'{"paths": ["secret/a"]}', headers)[0] == 202
+def test_a_forwarded_sync_needs_a_valid_signature_not_the_webhook_token(served: tuple[HttpServer, int], hooks: Hooks) -> None:
+    server, port = served
+    body = b'{"paths": ["secret/a"]}'
+    key = b"forward-key-0123456789abcdef"
+    # Before the daemon gives the server its key, no forward is accepted, with or without the token.
+    assert call(port, "POST", "/v1/sync", body, auth() | {FORWARD_HEADER: sign_forward(key, body, time.time())})[0] == 401
+    server.accept_forwards(key)
+    assert call(port, "POST", "/v1/sync", body, {FORWARD_HEADER: sign_forward(key, body, time.time())})[0] == 202
     assert hooks.syncs == [(["secret/a"], "forwarded")]
+    for bad in ("1", sign_forward(b"other-key", body, time.time()), sign_forward(key, body, time.time() - 3600),
+                sign_forward(key, b'{"paths": ["secret/b"]}', time.time())):
+        assert call(port, "POST", "/v1/sync", body, auth() | {FORWARD_HEADER: bad})[0] == 401, bad
+    assert len(hooks.syncs) == 1
 
 
 @pytest.mark.parametrize(

@@ -14,29 +14,38 @@ holder, tolerant of clock skew up to one TTL). Renewals every `ttl * renew_fract
 takeover within TTL + 2 renew periods of the holder dying, under twice the TTL by default;
 `release()` at shutdown makes it immediate.
 
-Also here: forwarding a standby's triggers to the leader's `/v1/sync` (stdlib urllib).
+The document is not trusted blindly (issue "Exactly once…", scenario 7): its `ttl_seconds` is
+bounded by this replica's configured TTL, and its `address` is used only when it looks like an
+advertise address (http or https, a host and a port, nothing else).
+
+Also here: forwarding a standby's triggers to the leader's `/v1/sync` over httpx, signed with an
+HMAC over timestamp and body under a key derived from the state key — never the webhook token,
+which would go to whatever address the lease document names.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+import httpx
 
 from bridge.config import HASettings
 from bridge.errors import BridgeError, CasConflict, LeaseLost
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
-from bridge.model import Sensitive
 from bridge.ports import StateStore
 
 log = get_logger(__name__)
 
-FORWARD_HEADER = "X-Cybedefend-Bridge-Forwarded"
+FORWARD_HEADER = "X-Cybedefend-Bridge-Forwarded"  # `t=<unix seconds>,sig=<hex HMAC-SHA256>`
+FORWARD_MAX_SKEW_SECONDS = 60.0  # a signed forward older or newer than this is refused (replay)
 FORWARD_BATCH = 500  # below the server's MAX_SYNC_PATHS, so one batch is always accepted
 WRITE_MARGIN_SECONDS = 1.0  # a write starts only if the lease outlives its timeout by this much
 
@@ -142,7 +151,12 @@ class Lease:
             if not doc or not doc.get("holder") or doc.get("holder") == self._identity:
                 return None
             address = doc.get("address")
-            return address if isinstance(address, str) and address else None
+        if not isinstance(address, str) or not address:
+            return None
+        if not looks_like_advertise_address(address):
+            log.warning("lease_address_ignored", reason="not an http(s)://host:port advertise address")
+            return None
+        return address
 
     def acquire_or_renew(self) -> bool:
         """One round: renew if ours, take it if vacant or dead, else stay standby. Returns is_leader()."""
@@ -198,7 +212,10 @@ class Lease:
     def _is_dead(self, data: dict[str, Any], version: int, now_mono: float) -> bool:
         if not data.get("holder"):
             return True
-        ttl = max(self._settings.ttl_seconds, _number(data.get("ttl_seconds")))
+        # The document's own TTL may only shorten ours: whoever can write the lease must not be
+        # able to park HA for a year by writing a huge one.
+        claimed = _number(data.get("ttl_seconds"))
+        ttl = min(self._settings.ttl_seconds, claimed) if claimed > 0 else self._settings.ttl_seconds
         if _number(data.get("expires_at")) + ttl < self._clock():
             return True
         seen = self._seen
@@ -286,53 +303,66 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect would carry the Authorization header to wherever it points: refuse it.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+def looks_like_advertise_address(address: str) -> bool:
+    """`http(s)://host:port` and nothing more: no user info, path, query or fragment."""
+    try:
+        parts = urllib.parse.urlsplit(address)
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None
+            and parts.username is None and parts.password is None and parts.path in ("", "/")
+            and not parts.query and not parts.fragment)
 
 
-# No proxy (replicas talk pod to pod; HTTP_PROXY is meant for the outside world) and no redirects.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def sign_forward(key: bytes, body: bytes, now: float) -> str:
+    """The forward header's value for `body` at `now`."""
+    stamp = str(int(now))
+    sig = hmac.new(key, stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={stamp},sig={sig}"
 
 
-def forward_to_leader(address: str, paths: Sequence[str] | None, token: Sensitive, *, timeout: float = 2.0) -> bool:
-    """POST `paths` (None: a full pass) to the leader's `/v1/sync` with the webhook token.
+def verify_forward(key: bytes, header: str | None, body: bytes, now: float) -> bool:
+    """Whether `header` signs `body` with `key`, within FORWARD_MAX_SKEW_SECONDS of `now`."""
+    if not header:
+        return False
+    fields = dict(part.partition("=")[::2] for part in header.split(","))
+    stamp, sig = fields.get("t", ""), fields.get("sig", "")
+    if not stamp.isdigit() or abs(now - int(stamp)) > FORWARD_MAX_SKEW_SECONDS:
+        return False
+    want = hmac.new(key, stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, sig)
+
+
+def forward_to_leader(address: str, paths: Sequence[str] | None, key: bytes, *, timeout: float = 2.0,
+                      clock: Callable[[], float] = time.time) -> bool:
+    """POST `paths` (None: a full pass) to the leader's `/v1/sync`, signed with the forward key.
 
     True if every batch got a 2xx.
     A standby hears writes too (its own audit tail, a shipper, a webhook behind a Service); only
     the leader acts, so the standby hands them over. On failure the caller drops and counts them:
-    the leader's periodic pass is the safety net.
+    the leader's periodic pass is the safety net. No proxy (replicas talk pod to pod; HTTP_PROXY
+    is meant for the outside world) and no redirects (a redirect target is not a replica).
     """
-    url = address.rstrip("/") + "/v1/sync"
-    if not url.startswith(("http://", "https://")):
-        log.warning("forward_refused", reason="leader address is not an http(s) URL")
+    if not looks_like_advertise_address(address):
+        log.warning("forward_refused", reason="leader address is not an http(s)://host:port advertise address")
         return False
+    url = address.rstrip("/") + "/v1/sync"
     ok = True
     bodies = (
         [b"{}"]
         if paths is None
         else [json.dumps({"paths": list(paths[i : i + FORWARD_BATCH])}).encode() for i in range(0, len(paths), FORWARD_BATCH)]
     )
-    for body in bodies:
-        request = urllib.request.Request(  # noqa: S310  # scheme checked above
-            url,
-            data=body,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "Authorization": "Bearer " + token.reveal(),
-                FORWARD_HEADER: "1",
-            },
-        )
-        try:
-            with _OPENER.open(request, timeout=timeout) as response:
-                ok = ok and 200 <= response.status < 300
-        except urllib.error.HTTPError as exc:
-            log.warning("forward_failed", status=exc.code)
-            ok = False
-        except (urllib.error.URLError, OSError) as exc:
-            # The reason can name the URL but never the token (it travels in a header).
-            log.warning("forward_failed", error=type(exc).__name__)
-            ok = False
+    with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client:
+        for body in bodies:
+            headers = {"Content-Type": "application/json", FORWARD_HEADER: sign_forward(key, body, clock())}
+            try:
+                response = client.post(url, content=body, headers=headers)
+                if not 200 <= response.status_code < 300:
+                    log.warning("forward_failed", status=response.status_code)
+                    ok = False
+            except httpx.HTTPError as exc:
+                log.warning("forward_failed", error=type(exc).__name__)
+                ok = False
     return ok

@@ -49,7 +49,6 @@ from bridge.daemon.server import Check, Hooks, IngestResult
 from bridge.errors import ConfigError, IngestRejected
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
-from bridge.model import Sensitive
 from bridge.ports import PassRequest, PassRunner
 
 log = get_logger(__name__)
@@ -107,7 +106,7 @@ class DaemonParts:
     make_server: Callable[[ServerHooks], ServerPort]
     vault_healthy: Callable[[], bool]  # True when Vault answers and our token works
     lease: LeasePort | None = None  # None: no HA, this replica always acts
-    webhook_token: Sensitive | None = None  # for forwarding to the leader
+    forward_key: bytes | None = None  # signs forwards to the leader (Keyring.forward_key)
     audit_ingest: Callable[[bytes], IngestResult] | None = None  # server.make_audit_ingest
     services: Sequence[ServicePort] = ()
     reload: Callable[[], Settings] | None = None  # SIGHUP: new settings, or ConfigError
@@ -139,9 +138,9 @@ class Daemon:
         self._keeper: LeaseKeeper | None = None
         self.port: int | None = None
         forward = parts.forward
-        if forward is None and parts.webhook_token is not None:
-            token = parts.webhook_token
-            forward = lambda addr, paths: forward_to_leader(addr, paths, token, timeout=FORWARD_TIMEOUT_SECONDS)  # noqa: E731
+        if forward is None and parts.forward_key is not None:
+            key = parts.forward_key
+            forward = lambda addr, paths: forward_to_leader(addr, paths, key, timeout=FORWARD_TIMEOUT_SECONDS)  # noqa: E731
         self._forward = forward
 
     @property
@@ -328,7 +327,7 @@ class Daemon:
         elif address is None:
             why = "no leader known"
         elif self._forward is None:
-            why = "no webhook token to forward with"
+            why = "no forward key"
         elif self._forward(address, paths):
             log.info("forwarded_to_leader", paths=len(paths) if paths is not None else "all")
             return

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -38,7 +39,7 @@ from waitress.server import create_server
 
 from bridge.config import ServerSettings
 from bridge.daemon.audit import parse_ingest_body
-from bridge.daemon.ha import FORWARD_HEADER
+from bridge.daemon.ha import FORWARD_HEADER, verify_forward
 from bridge.daemon.tls import TlsFront, private_socket_dir
 from bridge.errors import BadRequest, IngestRejected
 from bridge.logs import get_logger
@@ -171,11 +172,17 @@ class HttpServer:
         self._lock = threading.Lock()
         self._tls: TlsFront | None = None
         self._socket_dir: str | None = None
+        self._forward_key: bytes | None = None  # HA: verifies standbys' signed forwards
+        self._clock: Callable[[], float] = time.time
         self.port: int | None = None
 
     def set_hooks(self, hooks: Hooks) -> None:
         """Swap what the endpoints answer with, e.g. from start-up hooks to the daemon's; atomic per request."""
         self._hooks = hooks
+
+    def accept_forwards(self, key: bytes, clock: Callable[[], float] = time.time) -> None:
+        """Accept `/v1/sync` requests a standby signed with `key` (bridge.daemon.ha.sign_forward)."""
+        self._forward_key, self._clock = key, clock
 
     @property
     def webhooks_enabled(self) -> bool:
@@ -323,6 +330,21 @@ class HttpServer:
 
     def _post(self, path: str, environ: Mapping[str, Any]) -> _Response:
         hooks = self._hooks
+        forward_header = environ.get("HTTP_" + FORWARD_HEADER.upper().replace("-", "_"))
+        if path == "/v1/sync" and forward_header is not None:
+            # A standby's forward: signed with the key derived from the state key, never the
+            # webhook token (which would travel to whatever address a lease document names).
+            body = _read_body(environ)
+            key = self._forward_key
+            if key is None or not verify_forward(key, forward_header, body, self._clock()):
+                return _unauthorized()
+            try:
+                paths = parse_sync_body(body)
+            except BadRequest as exc:
+                return _text(400, str(exc))
+            if not hooks.on_sync(paths, "forwarded"):
+                return _text(503, "not accepting triggers (shutting down)")
+            return _json(202, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
         if path == "/v1/sync":
             if not self.webhooks_enabled:
                 return _text(404, "webhook disabled (no webhook_token_file)")
@@ -339,8 +361,7 @@ class HttpServer:
                 paths = parse_sync_body(body)
             except BadRequest as exc:
                 return _text(400, str(exc))
-            forwarded = bool(environ.get("HTTP_" + FORWARD_HEADER.upper().replace("-", "_")))
-            if not hooks.on_sync(paths, "forwarded" if forwarded else "webhook"):
+            if not hooks.on_sync(paths, "webhook"):
                 return _text(503, "not accepting triggers (shutting down)")
             return _json(202, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
         assert hooks.on_audit is not None  # checked above
