@@ -170,6 +170,8 @@ class AuditSocketListener:
             self._refuse(host, "peer_not_allowed")
             return
         victim: _Conn | None = None
+        with contextlib.suppress(OSError):
+            _keepalive(conn)  # before the connection is registered: whoever sees it sees it tuned
         with self._lock:
             live = [c for c in self._conns if not c.evicted.is_set()]
             if len(live) >= self._max_conn:
@@ -209,8 +211,6 @@ class AuditSocketListener:
         splitter = LineSplitter(self._on_line, self._max_line)
         conn = c.sock
         try:
-            with contextlib.suppress(OSError):
-                _keepalive(conn)
             conn.settimeout(_POLL)
             while not self._stopping() and not c.evicted.is_set():
                 try:
