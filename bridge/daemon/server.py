@@ -338,13 +338,7 @@ class HttpServer:
             key = self._forward_key
             if key is None or not verify_forward(key, forward_header, body, self._clock()):
                 return _unauthorized()
-            try:
-                paths = parse_sync_body(body)
-            except BadRequest as exc:
-                return _text(400, str(exc))
-            if not hooks.on_sync(paths, "forwarded"):
-                return _text(503, "not accepting triggers (shutting down)")
-            return _json(202, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
+            return _sync(hooks, body, "forwarded")
         if path == "/v1/sync":
             if not self.webhooks_enabled:
                 return _text(404, "webhook disabled (no webhook_token_file)")
@@ -357,13 +351,7 @@ class HttpServer:
             return _unauthorized()
         body = _read_body(environ)
         if path == "/v1/sync":
-            try:
-                paths = parse_sync_body(body)
-            except BadRequest as exc:
-                return _text(400, str(exc))
-            if not hooks.on_sync(paths, "webhook"):
-                return _text(503, "not accepting triggers (shutting down)")
-            return _json(202, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
+            return _sync(hooks, body, "webhook")
         assert hooks.on_audit is not None  # checked above
         try:
             counts = hooks.on_audit(body)
@@ -372,6 +360,17 @@ class HttpServer:
         if counts is None:
             return _text(503, "not accepting triggers (shutting down)")
         return _json(202, dict(counts))
+
+
+def _sync(hooks: Hooks, body: bytes, source: str) -> _Response:
+    """A POST /v1/sync body, authenticated by the caller, handed to the daemon as `source`."""
+    try:
+        paths = parse_sync_body(body)
+    except BadRequest as exc:
+        return _text(400, str(exc))
+    if not hooks.on_sync(paths, source):
+        return _text(503, "not accepting triggers (shutting down)")
+    return _json(202, {"accepted": True, "full": paths is None, "paths": len(paths or ())})
 
 
 def _read_body(environ: Mapping[str, Any]) -> bytes:
