@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from cybedefend_double.simulator import Simulator
+from tests.support.daemon import Stack, new_simulator
 from tests.support.openbao import OpenBao
 
 # Fixtures that start (or stand on) a real OpenBao server: a test using one must be marked
@@ -85,3 +87,27 @@ def kv1_mount(openbao: OpenBao) -> Iterator[str]:
         yield mount
     finally:
         openbao.disable_mount(mount)
+
+
+# -- the daemon suites' double and stacks (a module that defines its own `sim` keeps it) -----------
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    s = new_simulator()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def stacks(sim: Simulator, tmp_path: Path) -> Iterator[Callable[[OpenBao], Stack]]:
+    made: list[Stack] = []
+
+    def make(bao: OpenBao) -> Stack:
+        st = Stack(bao, sim, tmp_path)
+        made.append(st)
+        return st
+
+    yield make
+    for st in made:
+        st.close()

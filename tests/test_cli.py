@@ -155,7 +155,6 @@ def test_unreachable_vault_fails_with_what_to_do(setup: tuple[Path, Simulator, l
 @pytest.mark.integration
 def test_progress_bar_on_a_terminal_only(setup: tuple[Path, Simulator, list[str]], openbao: OpenBao,
                                          kv_mount: str) -> None:
-    import pty
 
     config, _, secrets = setup
     for i in range(25):
@@ -163,29 +162,12 @@ def test_progress_bar_on_a_terminal_only(setup: tuple[Path, Simulator, list[str]
         secrets.append(tok)
         openbao.write_secret(kv_mount, f"dockerhub/bar{i}", {"accessToken": tok, "dockerhubUsername": "u"},
                              tagged(PROJECTS[i % 3]))
-    main_fd, tty_fd = pty.openpty()
-    env = child_env()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bridge", "sync", "--once", "--config", str(config)],
-                              stdout=subprocess.PIPE, stderr=tty_fd, text=True, timeout=120, env=env, check=False)
-        os.close(tty_fd)
-        chunks = []
-        while True:
-            try:
-                data = os.read(main_fd, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(main_fd)
-    terminal = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, proc.stdout
+    code, terminal, stdout = _on_a_terminal(["sync", "--once", "--config", str(config)], child_env())
+    assert code == 0, stdout
     assert "\r[" in terminal and "/28 secrets" in terminal  # 3 from the fixture + 25
     piped = cli("plan", "--config", str(config))
     assert "\r[" not in piped.stderr
-    assert_no_leak([terminal, proc.stdout, piped.stdout, piped.stderr], secrets)
+    assert_no_leak([terminal, stdout, piped.stdout, piped.stderr], secrets)
 
 
 # ---- failures are never silent ---------------------------------------------------------------
@@ -361,7 +343,8 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(setup: tuple[Path, Sim
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
-def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal: (exit code, what the terminal showed, stdout)."""
     import pty
 
     main_fd, tty_fd = pty.openpty()
@@ -380,7 +363,7 @@ def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
             chunks.append(data)
     finally:
         os.close(main_fd)
-    return proc.returncode, b"".join(chunks).decode(errors="replace")
+    return proc.returncode, b"".join(chunks).decode(errors="replace"), proc.stdout
 
 
 @pytest.mark.integration
@@ -388,9 +371,9 @@ def test_no_color_is_honoured_on_a_terminal(setup: tuple[Path, Simulator, list[s
     config, _, secrets = setup
     _edit(config, logging={"format": "auto", "level": "info"})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "NO_COLOR"))}
-    code, coloured = _on_a_terminal(["sync", "--once", "--config", str(config)], env)
+    code, coloured, _ = _on_a_terminal(["sync", "--once", "--config", str(config)], env)
     assert code == 0 and "pass_finished" in coloured and "\x1b[" in coloured  # colours by default on a tty
-    code, plain = _on_a_terminal(["sync", "--once", "--config", str(config)], {**env, "NO_COLOR": "1"})
+    code, plain, _ = _on_a_terminal(["sync", "--once", "--config", str(config)], {**env, "NO_COLOR": "1"})
     assert code == 0 and "pass_finished" in plain and "\x1b[" not in plain, plain[:500]
     assert_no_leak([coloured, plain], secrets)
 

@@ -14,20 +14,19 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bridge.model import Sensitive
-from cybedefend_double.simulator import Fault, Simulator
+from cybedefend_double.simulator import Fault
 from tests.support.daemon import (
     WEBHOOK_TOKEN,
     DaemonProc,
     Stack,
     bearer,
     free_port,
-    new_simulator,
     wait_for,
 )
 from tests.support.data import PROJECTS
@@ -35,27 +34,6 @@ from tests.support.openbao import OpenBao
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROMPT = 5.0  # seconds: "long before the next scheduled pass" (600 s away)
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    s = new_simulator()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def stacks(sim: Simulator, tmp_path: Path) -> Iterator[Callable[[OpenBao], Stack]]:
-    made: list[Stack] = []
-
-    def make(bao: OpenBao) -> Stack:
-        st = Stack(bao, sim, tmp_path)
-        made.append(st)
-        return st
-
-    yield make
-    for st in made:
-        st.close()
 
 
 def registered_within(stack: Stack, tok: Sensitive, timeout: float = PROMPT) -> float:

@@ -15,13 +15,12 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cybedefend_double.simulator import Simulator
-from tests.support.daemon import WEBHOOK_TOKEN, DaemonProc, Stack, new_simulator
+from tests.support.daemon import WEBHOOK_TOKEN, DaemonProc, Stack
 from tests.support.openbao import OpenBao
 from tests.support.procs import free_port, wait_for
 
@@ -48,27 +47,6 @@ def audit_devices(bao: OpenBao) -> dict[str, str]:
     doc = bao.api("GET", "sys/audit", token=bao.root_token)
     devices = doc.get("data", doc)
     return {path: dev["type"] for path, dev in devices.items() if isinstance(dev, dict) and "type" in dev}
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    s = new_simulator()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def stacks(sim: Simulator, tmp_path: Path) -> Iterator[Callable[[OpenBao], Stack]]:
-    made: list[Stack] = []
-
-    def make(bao: OpenBao) -> Stack:
-        st = Stack(bao, sim, tmp_path)
-        made.append(st)
-        return st
-
-    yield make
-    for st in made:
-        st.close()
 
 
 def last_trigger(d: DaemonProc, wall: float) -> str | None:

@@ -256,3 +256,4 @@ def new_simulator() -> Simulator:
 
 def send_signal(pid: int, sig: signal.Signals) -> None:
     os.kill(pid, sig)
+
