@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -364,17 +363,22 @@ class TriggerSettings(_Section):
     queue_size: int = Field(1000, ge=1, description="Pending targeted syncs; on overflow a full pass is scheduled instead.")
 
 
+# http(s)://host:port and an optional trailing slash; host a name, an IPv4 or a bracketed IPv6.
+_ADVERTISE = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})/?")
+
+
 def looks_like_advertise_address(address: str) -> bool:
     """`http(s)://host:port` and nothing more: no user info, path, query or fragment."""
-    try:
-        parts = urllib.parse.urlsplit(address)
-        port = parts.port
-    except ValueError:
+    m = _ADVERTISE.fullmatch(address)
+    if m is None or not 0 < int(m.group(3)) <= 65535:
         return False
-    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None
-            and parts.username is None and parts.password is None and parts.path in ("", "/")
-            and not parts.query and not parts.fragment)
-
+    host = m.group(2)
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+    return True
 
 
 class HASettings(_Section):
