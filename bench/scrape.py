@@ -65,13 +65,14 @@ class _Server:
         return wall, proc_cpu_seconds(self.proc.pid) - cpu0
 
     def close(self) -> None:
-        assert self.proc.stdin is not None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.close()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.proc.stdout.close()
 
 
 def _body_bytes(url: str) -> int:

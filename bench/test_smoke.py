@@ -82,3 +82,12 @@ def test_statistics() -> None:
     assert linear_fit([1, 2, 3], [1, 3, 2])[2] < 0.5
     assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
     assert percentile(list(range(101)), 99) == pytest.approx(99)
+
+
+def test_scrape_bench_serves_the_same_metrics_on_both_servers() -> None:
+    from bench.scrape import LOADS, render_rows, run_scrape
+
+    rows = run_scrape(scrapes=20, repeats=1)  # raises if either server fails a scrape or they differ
+    assert [r.load for r in rows] == list(LOADS)
+    assert all(r.body_bytes > 10_000 and r.new_wall_ms_per_1k > 0 and r.old_wall_ms_per_1k > 0 for r in rows)
+    assert len(render_rows(rows)) == 2 + len(rows)
