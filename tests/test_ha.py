@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 
-from bridge.config import HASettings, parse_settings
+from bridge.config import HASettings, looks_like_advertise_address, parse_settings
 from bridge.daemon.ha import (
     FORWARD_HEADER,
     FORWARD_MAX_SKEW_SECONDS,
     Lease,
     forward_to_leader,
-    looks_like_advertise_address,
     sign_forward,
     verify_forward,
 )

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import parse_settings
-from bridge.daemon.ha import WRITE_MARGIN_SECONDS, looks_like_advertise_address
+from bridge.config import looks_like_advertise_address, parse_settings
+from bridge.daemon.ha import WRITE_MARGIN_SECONDS
 from tests.deploy.deploy_tools import (
     CHART,
     KUBE_VERSIONS,
