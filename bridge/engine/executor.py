@@ -23,6 +23,7 @@ is committed before any deletion is sent.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -70,6 +71,9 @@ class Executor:
         self._m = metrics
         self._clock = clock
         self._rng = rng or random.Random()
+        # Keys whose pending row `prepare` committed, so `_register` need not read it back.
+        self._prepared: set[str] = set()
+        self._prepared_lock = threading.Lock()
 
     # -- before the actions ---------------------------------------------------------------
     def prepare(self, actions: list[Action]) -> list[str]:
@@ -87,11 +91,15 @@ class Executor:
             written.append(cand.ref.key)
         if written:
             self._ledger.flush()
+            with self._prepared_lock:
+                self._prepared.update(written)
         return written
 
     def unprepare(self, keys: list[str]) -> None:
         """Remove pending rows `prepare` wrote for creates that were never started (a stop or an
         abort): no POST was sent for them, so there is nothing to trace."""
+        with self._prepared_lock:
+            self._prepared.difference_update(keys)
         for key in keys:
             rec = self._ledger.get(key)
             if rec is not None and rec.state == State.PENDING and rec.credential_id is None and rec.attempts == 0:
@@ -180,7 +188,11 @@ class Executor:
             self._record_reject(action, "dockerhub_rejected", reason)
             return Outcome(action, Result.OK, ActionKind.REJECT, reason=reason)
         self._remember_deletes(action)
-        if self._ledger.get(cand.ref.key) is None:  # not prepared: committed on its own, before the POST
+        with self._prepared_lock:
+            prepared = cand.ref.key in self._prepared
+            self._prepared.discard(cand.ref.key)
+        # Not prepared (and new): the pending row is committed on its own, before the POST.
+        if not prepared and self._ledger.get(cand.ref.key) is None:
             self._ledger.put(self._pending_row(action, cand, self._clock()))
         marker = self._keys.marker(self._s.sync.instance, cand.ref, cand.version, cand.fingerprint)
         cred, adopted = self._create(cand, marker)
