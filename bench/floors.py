@@ -6,6 +6,8 @@
   as `cybedefend.max_concurrency`, after one token exchange; the floor for cold registration.
 - `three_calls`: metadata GET, value GET, create POST, one after the other on warm
   connections; the floor for write-to-registered latency.
+- `Curl`: `curl_fetch` started in the background, so that the cold-registration floor can run
+  its 2N Vault reads at the same time as the POSTs (`bench.procs.same_work_floor`).
 Every floor checks its answers, so a floor that failed fast cannot pass for a fast floor.
 """
 
@@ -38,25 +40,53 @@ def curl_version() -> str:
 
 def curl_fetch(urls: Sequence[str], vault_token: str, parallel: int = CURL_PARALLEL) -> float:
     """Seconds for one `curl --parallel` process to GET every URL (all must answer 200)."""
-    if shutil.which("curl") is None:
-        raise RuntimeError("curl is needed for the floor: apt-get install curl")
-    # The token goes in a 0600 config file, never on the command line where `ps` would show it.
-    fd, cfg = tempfile.mkstemp(prefix="bench-curl-", suffix=".cfg")
-    try:
+    with Curl(urls, vault_token, parallel) as curl:
+        curl.start()
+        return curl.wait()
+
+
+class Curl:
+    """One `curl --parallel` process over `urls`, started with `start()`, checked by `wait()`."""
+
+    def __init__(self, urls: Sequence[str], vault_token: str, parallel: int = CURL_PARALLEL) -> None:
+        if shutil.which("curl") is None:
+            raise RuntimeError("curl is needed for the floor: apt-get install curl")
+        self.count = len(urls)
+        self.parallel = parallel
+        # The token goes in a 0600 config file, never on the command line where `ps` would show it.
+        fd, self._cfg = tempfile.mkstemp(prefix="bench-curl-", suffix=".cfg")
         with os.fdopen(fd, "w") as fh:
             fh.write(f'header = "X-Vault-Token: {vault_token}"\n')
             for url in urls:
                 fh.write(f'url = "{url}"\noutput = "/dev/null"\n')
-        args = ["curl", "--silent", "--parallel", "--parallel-max", str(parallel), "--write-out", "%{http_code}\\n", "-K", cfg]
-        started = time.perf_counter()
-        done = subprocess.run(args, capture_output=True, text=True, check=False)
-        elapsed = time.perf_counter() - started
-    finally:
-        os.unlink(cfg)
-    codes = done.stdout.split()
-    if done.returncode != 0 or len(codes) != len(urls) or set(codes) != {"200"}:
-        raise RuntimeError(f"curl floor failed: rc={done.returncode}, {len(codes)} answers, codes {sorted(set(codes))}")
-    return elapsed
+        self._proc: subprocess.Popen[str] | None = None
+        self._started = 0.0
+
+    def start(self) -> None:
+        args = ["curl", "--silent", "--parallel", "--parallel-max", str(self.parallel), "--write-out", "%{http_code}\\n",
+                "-K", self._cfg]
+        self._started = time.perf_counter()
+        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def wait(self) -> float:
+        """Seconds from `start()` until curl exited; raises unless every answer was 200."""
+        assert self._proc is not None, "start() first"
+        out, _ = self._proc.communicate(timeout=600)
+        elapsed = time.perf_counter() - self._started
+        codes = out.split()
+        if self._proc.returncode != 0 or len(codes) != self.count or set(codes) != {"200"}:
+            raise RuntimeError(f"curl floor failed: rc={self._proc.returncode}, {len(codes)} answers, "
+                               f"codes {sorted(set(codes))}")
+        return elapsed
+
+    def __enter__(self) -> Curl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        os.unlink(self._cfg)
 
 
 class ApiFloor:

@@ -12,10 +12,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from bench.floors import Curl
 from tests.support.procs import REPO, child_env
 
 ROOT = REPO
@@ -106,3 +108,42 @@ def posts_floor(url: str, pat_file: Path, bodies: list[dict[str, Any]], concurre
     if done.returncode != 0:
         raise RuntimeError(f"the floor client failed: {done.stderr.strip()[-500:]}")
     return float(json.loads(done.stdout.splitlines()[-1])["seconds"])
+
+
+def same_work_floor(url: str, pat_file: Path, bodies: list[dict[str, Any]], concurrency: int, org: str, workdir: Path,
+                    curl: Curl) -> tuple[float, float, float]:
+    """The cold-registration floor: the POSTs (bare httpx, `concurrency` threads, own process)
+    and the 2N Vault reads (`curl`, already configured) started at the same moment.
+
+    Returns (wall seconds until both finished, the POSTs' own seconds, curl's own seconds).
+    """
+    path = workdir / "floor-bodies.json"
+    path.write_text(json.dumps(bodies))
+    path.chmod(0o600)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.worker", "posts", url, str(pat_file), str(path), str(concurrency), org, "--on-go"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=child_env(),
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        if "ready" not in json.loads(proc.stdout.readline() or '{"error": "no answer"}'):
+            raise RuntimeError("the floor client did not log in")
+        started = time.perf_counter()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        curl.start()
+        curl_s = curl.wait()
+        line = proc.stdout.readline()
+        posts_end = time.perf_counter()
+        if proc.wait(600) != 0 or not line:
+            raise RuntimeError(f"the floor client failed: {(proc.stderr.read() if proc.stderr else '')[-500:]}")
+        posts_s = float(json.loads(line)["seconds"])
+        return max(posts_end - started, curl_s), posts_s, curl_s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        path.unlink()

@@ -7,8 +7,9 @@ and a pass must be timed exactly):
   targeted KEY [KEY...] -> a targeted pass over `mount/path` keys (what an audit trigger runs)
   resources             -> {"vm_hwm_kib", "vm_rss_kib", "cpu_seconds"} of this process
   quit                  -> close the bridge and exit
-`python -m bench.worker posts URL PAT_FILE BODIES_FILE CONCURRENCY ORG`: the create floor; prints
-{"seconds": ...}.
+`python -m bench.worker posts URL PAT_FILE BODIES_FILE CONCURRENCY ORG [--on-go]`: the create floor;
+prints {"seconds": ...}. With --on-go it prints {"ready": true} once logged in and starts the
+POSTs when a line arrives on stdin (so a parent can start other floor work at the same moment).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def serve_bridge(config: Path) -> int:
                 started = time.perf_counter()
                 report = bridge.engine.run(request)
                 _say({"seconds": time.perf_counter() - started, "result": report.result,
-                      "counts": dict(report.counts), "vault_requests": dict(report.vault_requests)})
+                      "counts": dict(report.counts), "vault_requests": dict(report.vault_requests),
+                      # getattr: the same bench also measures bridges from before group commit
+                      "ledger_commits": getattr(bridge.ledger, "commits", None)})
             elif cmd == "resources":
                 status = proc_status()
                 _say({"vm_hwm_kib": status["VmHWM"], "vm_rss_kib": status["VmRSS"], "cpu_seconds": cpu_seconds()})
@@ -77,10 +80,13 @@ def serve_bridge(config: Path) -> int:
     return 0
 
 
-def serve_posts(url: str, pat_file: Path, bodies_file: Path, concurrency: int, org: str) -> int:
+def serve_posts(url: str, pat_file: Path, bodies_file: Path, concurrency: int, org: str, on_go: bool = False) -> int:
     bodies = json.loads(bodies_file.read_text())
     floor = ApiFloor(url, pat_file.read_text().strip(), concurrency)
     try:
+        if on_go:
+            _say({"ready": True})
+            sys.stdin.readline()
         seconds = httpx_posts(floor, org, bodies)
     finally:
         floor.close()
@@ -91,8 +97,8 @@ def serve_posts(url: str, pat_file: Path, bodies_file: Path, concurrency: int, o
 def main(argv: list[str]) -> int:
     if argv[:1] == ["bridge"] and len(argv) == 2:
         return serve_bridge(Path(argv[1]))
-    if argv[:1] == ["posts"] and len(argv) == 6:
-        return serve_posts(argv[1], Path(argv[2]), Path(argv[3]), int(argv[4]), argv[5])
+    if argv[:1] == ["posts"] and len(argv) in (6, 7) and argv[6:] in ([], ["--on-go"]):
+        return serve_posts(argv[1], Path(argv[2]), Path(argv[3]), int(argv[4]), argv[5], on_go=len(argv) == 7)
     print(__doc__, file=sys.stderr)
     return 2
 

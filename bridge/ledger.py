@@ -1,10 +1,14 @@
 """Durable state: what is registered, for which version and fingerprint; schema migrations.
 
-`SqliteLedger` implements `bridge.ports.Ledger` on one SQLite file. The sync engine records
-after each secret, so every write is committed before it returns (WAL journal,
-`synchronous=NORMAL`): a crash of the process loses at most the secret in flight. The file holds no secret
-value, only HMAC fingerprints, ids, states and reasons; it is still created 0600 because ids
-and paths are nobody else's business. Migrations are an ordered list applied at open.
+`SqliteLedger` implements `bridge.ports.Ledger` on one SQLite file (WAL journal,
+`synchronous=NORMAL`). Every write is committed before it returns, except a row put with
+`durable=False`: such rows are *staged* in one open transaction and committed together (group
+commit) once `batch_rows` are staged or `batch_seconds` have passed since the first, at the next
+durable write, at `flush()` and at `close()`. Commits are in write order, so a crash loses a
+suffix of the writes, never one from the middle (docs/adr/0011-group-commit-and-pipeline.md
+says which rows may be staged and why losing them only costs a re-adoption). The file holds no
+secret value, only HMAC fingerprints, ids, states and reasons; it is still created 0600 because
+ids and paths are nobody else's business. Migrations are an ordered list applied at open.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ MEMORY = ":memory:"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 BUSY_TIMEOUT_MS = 5000  # `status` in another process may read while the daemon writes
+# Group commit bounds for staged rows (`put(..., durable=False)`): whichever comes first. A
+# commit costs a WAL append of the touched pages; 64 rows share one. 0.2 s bounds how stale
+# another process's view (`status`) can be while a long pass registers at the shipped 10/s.
+BATCH_ROWS = 64
+BATCH_SECONDS = 0.2
 
 # A DockerHub token prefix anywhere, even truncated: reasons are human text and never carry values.
 # At least one token character after the prefix: the bare prefix in words that describe the
@@ -126,10 +135,24 @@ def _create_private(path: Path) -> None:
 class SqliteLedger:
     """The SQLite ledger. One connection shared by all threads, serialised by a lock."""
 
-    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        clock: Callable[[], float] = time.time,
+        batch_rows: int = BATCH_ROWS,
+        batch_seconds: float = BATCH_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._memory = str(path) == MEMORY
         self._path: Path | None = None if self._memory else Path(path)
         self._clock = clock
+        self._mono = monotonic
+        self._batch_rows = max(1, batch_rows)
+        self._batch_seconds = batch_seconds
+        self._staged = 0  # rows written in the open transaction, not yet committed
+        self._staged_since = 0.0  # monotonic time of the first of them
+        self.commits = 0  # transactions committed by writes (a figure for the benchmark and tests)
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         if self._path is not None:
@@ -242,9 +265,69 @@ class SqliteLedger:
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
-                conn, self._conn = self._conn, None
-                with self._op("close"):
-                    conn.close()
+                try:
+                    self.flush()
+                finally:
+                    conn, self._conn = self._conn, None
+                    with self._op("close"):
+                        conn.close()
+
+    # -- group commit ---------------------------------------------------------------------------
+
+    def _write(self, what: str, sql: str, params: Any, *, durable: bool = True) -> sqlite3.Cursor:
+        """One write statement: committed at once (with every staged row before it) when
+        `durable`, else staged in the open transaction and committed when a bound is reached."""
+        with self._lock, self._op(what):
+            db = self._db()
+            if self._staged == 0 and not durable:
+                db.execute("BEGIN IMMEDIATE")
+                self._staged_since = self._mono()
+            try:
+                cur = db.execute(sql, params)
+            except BaseException:
+                # A failed statement must not take the staged rows with it: SQLite rolls back
+                # only the statement and keeps the transaction, unless it had to abort it
+                # (disk full, I/O error). A transaction begun for this statement alone goes.
+                if not db.in_transaction:
+                    self._staged = 0
+                elif self._staged == 0:
+                    db.execute("ROLLBACK")
+                raise
+            if self._staged or not durable:
+                self._staged += 1
+                if durable or self._staged >= self._batch_rows or self._mono() - self._staged_since >= self._batch_seconds:
+                    self._commit(db)
+            else:
+                self.commits += 1  # autocommit: the statement was its own transaction
+            return cur
+
+    def _commit(self, db: sqlite3.Connection) -> None:
+        self._staged = 0
+        if db.in_transaction:
+            db.execute("COMMIT")
+            self.commits += 1
+
+    def flush(self) -> None:
+        """Commit the staged rows now (no-op when there are none)."""
+        with self._lock, self._op("commit"):
+            if self._staged and self._conn is not None:
+                self._commit(self._conn)
+
+    def staged(self) -> int:
+        """Rows written with `durable=False` and not committed yet."""
+        return self._staged
+
+    def discard_staged(self) -> None:
+        """Roll the staged rows back, as a crash of the process would.
+
+        Nothing in the bridge calls it: the property and crash tests use it to stand for SIGKILL
+        (which never runs `flush` or `close`), on a ledger they keep using afterwards.
+        """
+        with self._lock, self._op("rollback"):
+            db = self._db()
+            self._staged = 0
+            if db.in_transaction:
+                db.execute("ROLLBACK")
 
     def __enter__(self) -> SqliteLedger:
         return self
@@ -303,11 +386,12 @@ class SqliteLedger:
         except ValueError as exc:
             raise LedgerError(f"ledger {self.path}: unreadable row: {exc}") from exc
 
-    def put(self, record: LedgerRecord) -> None:
-        """Insert or replace, committed (and synced) before returning.
+    def put(self, record: LedgerRecord, *, durable: bool = True) -> None:
+        """Insert or replace; committed before returning, or staged when not `durable`.
 
         A zero `created_at` keeps the stored row's creation time (or now for a new row); a zero
-        `updated_at` becomes now. The reason is scrubbed of anything token-shaped.
+        `updated_at` becomes now. The reason is scrubbed of anything token-shaped. Reads on this
+        ledger see staged rows at once; other processes see them once committed.
         """
         values: dict[str, Any] = {c: getattr(record, c) for c in _RECORD_COLUMNS}
         self._guard(record.key, {c: v for c, v in values.items() if c != "reason"})
@@ -321,15 +405,12 @@ class SqliteLedger:
         if record.created_at:
             updates += ", created_at = excluded.created_at"
         values["created_at"] = record.created_at or now
-        with self._lock, self._op(f"put {record.key}"):
-            self._db().execute(
-                f"INSERT INTO secrets ({cols}) VALUES ({marks}) ON CONFLICT (key) DO UPDATE SET {updates}",  # noqa: S608
-                values,
-            )
+        self._write(f"put {record.key}",
+                    f"INSERT INTO secrets ({cols}) VALUES ({marks}) ON CONFLICT (key) DO UPDATE SET {updates}",  # noqa: S608
+                    values, durable=durable)
 
     def remove(self, key: str) -> None:
-        with self._lock, self._op(f"remove {key}"):
-            self._db().execute("DELETE FROM secrets WHERE key = ?", (key,))
+        self._write(f"remove {key}", "DELETE FROM secrets WHERE key = ?", (key,))
 
     def counts_by_state(self) -> dict[str, int]:
         """Rows per state; every `State` is present, zero when it has no row (for the gauge)."""
@@ -341,11 +422,9 @@ class SqliteLedger:
 
     def prune(self, older_than: float) -> int:
         """Delete RETIRED rows last updated before `older_than` (unix seconds); returns how many."""
-        with self._lock, self._op("prune"):
-            cur = self._db().execute(
-                "DELETE FROM secrets WHERE state = ? AND updated_at < ?", (State.RETIRED.value, older_than)
-            )
-            return int(cur.rowcount)
+        cur = self._write("prune", "DELETE FROM secrets WHERE state = ? AND updated_at < ?",
+                          (State.RETIRED.value, older_than))
+        return int(cur.rowcount)
 
     # -- pending deletes ------------------------------------------------------------------------
 
@@ -359,8 +438,7 @@ class SqliteLedger:
     def add_pending_delete(self, item: PendingDelete) -> None:
         """Idempotent: an entry already queued for this credential keeps its attempts and backoff."""
         values = self._pending_values(item)
-        with self._lock, self._op(f"queue the deletion of {item.credential_id}"):
-            self._db().execute(f"{_PENDING_INSERT} DO NOTHING", values)
+        self._write(f"queue the deletion of {item.credential_id}", f"{_PENDING_INSERT} DO NOTHING", values)
 
     def pending_deletes(self) -> list[PendingDelete]:
         cols = ", ".join(_PENDING_COLUMNS)
@@ -373,12 +451,11 @@ class SqliteLedger:
     def update_pending_delete(self, item: PendingDelete) -> None:
         """Replace the entry's fields (attempts, backoff, reason); inserts it if it is missing."""
         values = self._pending_values(item)
-        with self._lock, self._op(f"update the deletion of {item.credential_id}"):
-            self._db().execute(f"{_PENDING_INSERT} DO UPDATE SET {_PENDING_UPDATE}", values)
+        self._write(f"update the deletion of {item.credential_id}", f"{_PENDING_INSERT} DO UPDATE SET {_PENDING_UPDATE}", values)
 
     def remove_pending_delete(self, credential_id: str) -> None:
-        with self._lock, self._op(f"remove the deletion of {credential_id}"):
-            self._db().execute("DELETE FROM pending_deletes WHERE credential_id = ?", (credential_id,))
+        self._write(f"remove the deletion of {credential_id}", "DELETE FROM pending_deletes WHERE credential_id = ?",
+                    (credential_id,))
 
     # -- meta -----------------------------------------------------------------------------------
 
@@ -389,12 +466,9 @@ class SqliteLedger:
 
     def set_meta(self, name: str, value: str) -> None:
         self._guard(name, {"meta value": value})
-        with self._lock, self._op(f"write meta {name}"):
-            self._db().execute(
-                "INSERT INTO meta (name, value) VALUES (?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (name, value),
-            )
+        self._write(f"write meta {name}",
+                    "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (name, value))
 
 
 class ProcessLock:

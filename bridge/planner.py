@@ -254,6 +254,58 @@ def _decide(
     return act(ActionKind.SKIP, UP_TO_DATE)
 
 
+class Planning:
+    """`plan`, one secret at a time in key order, so the engine can plan while values arrive.
+
+    Feed every entry to `decide` in ascending key order (the order `plan` sorts them in), then
+    call `rest` once: the actions are exactly `plan`'s. The only state carried from one secret to
+    the next is which (token, organization, project) an earlier path already claimed.
+    """
+
+    def __init__(
+        self,
+        records: Mapping[str, LedgerRecord],
+        scope: Scope,
+        settings: Settings,
+        keyring: Keyring,
+        now: float,
+        retry_now: Collection[str] = (),
+    ) -> None:
+        self._records, self._scope, self._s, self._keys, self._now = records, scope, settings, keyring, now
+        self._retry_now = retry_now
+        self._claimed: dict[tuple[str, str, str], str] = {}
+        # Tokens already registered elsewhere claim their (token, project) first, so a copy of a
+        # registered token under a second path is the one rejected, whatever the listing order.
+        for rec in records.values():
+            if rec.state == State.REGISTERED and rec.fingerprint and rec.organization_id and rec.project_id:
+                self._claimed.setdefault((rec.fingerprint, rec.organization_id, rec.project_id), rec.key)
+        self._seen: set[str] = set()
+
+    def decide(self, entry: VaultEntry, payload: Mapping[str, Any] | None) -> Action | None:
+        """The action for one secret (None: nothing to say about it); keys in ascending order."""
+        key = entry.ref.key
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        return _decide(entry, self._records.get(key), payload, self._s, self._keys, self._now, self._claimed,
+                       key in self._retry_now)
+
+    def rest(self) -> list[Action]:
+        """Retirements of tracked secrets that no entry fed to `decide` named, where we looked."""
+        actions: list[Action] = []
+        for key in sorted(self._records):
+            rec = self._records[key]
+            if key in self._seen or rec.state in _GONE_STATES:
+                continue
+            idx = source_of(key, self._s.sources)
+            looked = key in self._scope.keys or (idx is not None and idx in self._scope.sources)
+            # A row no configured source covers any more is left alone: a changed path setting
+            # must not retire credentials wholesale (the delete guard rail is the second net).
+            if looked:
+                actions.append(_retire(rec, "the secret was deleted from Vault"))
+        return actions
+
+
 def plan(
     entries: Sequence[VaultEntry],
     payloads: Mapping[str, Mapping[str, Any] | None],
@@ -268,33 +320,25 @@ def plan(
 
     `retry_now`: keys whose backoff is skipped (the secrets a targeted sync was asked about).
     """
-    claimed: dict[tuple[str, str, str], str] = {}
-    # Tokens already registered elsewhere claim their (token, project) first, so a copy of a
-    # registered token under a second path is the one rejected, whatever the listing order.
-    for rec in records.values():
-        if rec.state == State.REGISTERED and rec.fingerprint and rec.organization_id and rec.project_id:
-            claimed.setdefault((rec.fingerprint, rec.organization_id, rec.project_id), rec.key)
+    planning = Planning(records, scope, settings, keyring, now, retry_now)
     actions: list[Action] = []
-    seen: set[str] = set()
     for entry in sorted(entries, key=lambda e: e.ref.key):
-        key = entry.ref.key
-        if key in seen:
-            continue
-        seen.add(key)
-        action = _decide(entry, records.get(key), payloads.get(key), settings, keyring, now, claimed, key in retry_now)
+        action = planning.decide(entry, payloads.get(entry.ref.key))
         if action is not None:
             actions.append(action)
-    for key in sorted(records):
-        rec = records[key]
-        if key in seen or rec.state in _GONE_STATES:
-            continue
-        idx = source_of(key, settings.sources)
-        looked = key in scope.keys or (idx is not None and idx in scope.sources)
-        # A row no configured source covers any more is left alone: a changed path setting
-        # must not retire credentials wholesale (the delete guard rail is the second net).
-        if looked:
-            actions.append(_retire(rec, "the secret was deleted from Vault"))
-    return actions
+    return actions + planning.rest()
+
+
+def may_write_to(entry: VaultEntry, record: LedgerRecord | None, settings: Settings) -> frozenset[str]:
+    """Organizations a create, rotation or move of this secret could write to, before its value
+    is read: a superset of what `writing_organizations` will say of its intent."""
+    if entry.deleted or not is_tagged(entry, settings.tags):
+        return frozenset()
+    tags = _tags(entry, settings)
+    if isinstance(tags, Rejection):
+        return frozenset()
+    old = record.organization_id if record is not None else None
+    return frozenset(o for o in (tags.organization_id, old) if o)
 
 
 def count_deletions(actions: Collection[Action], settings: Settings) -> int:
@@ -412,6 +456,48 @@ def _ours(view: RemoteView, instance: str) -> dict[str, dict[str, list[tuple[Rem
             if marker is not None and marker.instance == instance:
                 out.setdefault(marker.path_digest, {}).setdefault(org, []).append((cred, marker))
     return out
+
+
+Owned = dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]]
+
+
+def owned_credentials(listings: Mapping[str, Sequence[RemoteCredential]], instance: str) -> Owned:
+    """path digest -> organization -> this instance's credentials for that secret (what
+    `reconcile` judges by), for the given listings; merge the results of two disjoint sets of
+    organizations with `merge_owned`."""
+    return _ours(RemoteView(listings=listings), instance)
+
+
+def merge_owned(into: Owned, more: Owned) -> None:
+    for digest, by_org in more.items():
+        into.setdefault(digest, {}).update(by_org)
+
+
+def settle(
+    action: Action,
+    record: LedgerRecord | None,
+    owned: Owned,
+    view: RemoteView,
+    settings: Settings,
+    keyring: Keyring,
+) -> tuple[Action, bool]:
+    """One intent settled exactly as `reconcile` settles it in `view`, and whether that needed
+    links `view.links` lacks (then the result is not final). The engine's pipeline uses it to
+    start a write before the whole plan is known; it may do so only when `view` is final for
+    the pass and the action carries no deletion the guard rail could pause (`RETIRING`)."""
+    needed = False
+
+    def links_of(org: str, cred_id: str) -> frozenset[str]:
+        nonlocal needed
+        got = view.links.get(cred_id)
+        if got is None:
+            needed = True
+            return frozenset()
+        return got
+
+    mine = owned.get(keyring.path_digest(action.ref), {})
+    settled = _settle(action, record, mine, view, settings.sync.deletion_policy == "delete", links_of)
+    return settled, needed
 
 
 def _oldest_first(creds: Iterable[RemoteCredential], prefer: str | None) -> list[RemoteCredential]:

@@ -122,8 +122,18 @@ class Ledger(Protocol):
 
     def all(self) -> list[LedgerRecord]: ...
 
-    def put(self, record: LedgerRecord) -> None:
-        """Insert or replace, durably (committed before returning)."""
+    def put(self, record: LedgerRecord, *, durable: bool = True) -> None:
+        """Insert or replace, durably (committed before returning).
+
+        `durable=False` stages the row: it is committed with the next durable write, at
+        `flush()`, or when the implementation's batch bound is reached, and a crash before then
+        loses it (and only rows staged after it). Only a row whose loss costs a re-adoption may
+        be staged (docs/adr/0011-group-commit-and-pipeline.md).
+        """
+        ...
+
+    def flush(self) -> None:
+        """Commit every staged row now."""
         ...
 
     def remove(self, key: str) -> None: ...

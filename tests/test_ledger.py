@@ -385,3 +385,109 @@ def test_failed_migration_rolls_back(tmp_path: Path) -> None:
         assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
     finally:
         conn.close()
+
+
+# ---- group commit (ADR 11) ----------------------------------------------------------------------
+
+
+def registered(key: str) -> LedgerRecord:
+    return full_record(key, state=State.REGISTERED)
+
+
+def _on_disk(path: Path) -> dict[str, str]:
+    """key -> state as another process sees the file (committed rows only)."""
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT key, state FROM secrets").fetchall())
+    finally:
+        conn.close()
+
+
+class FakeMono:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_staged_rows_are_read_back_at_once_and_reach_the_file_at_the_next_durable_write(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    with SqliteLedger(path, batch_rows=100, batch_seconds=3600) as led:
+        led.put(full_record("secret/a", state=State.PENDING))
+        led.put(registered("secret/a"), durable=False)
+        led.put(registered("secret/b"), durable=False)
+        assert led.staged() == 2
+        got = led.get("secret/a")
+        assert got is not None and got.state == State.REGISTERED  # this ledger reads what it staged
+        assert _on_disk(path) == {"secret/a": "pending"}  # nobody else does yet
+        led.add_pending_delete(PendingDelete("cred-0", "org", "secret/a", "superseded"))  # a durable write
+        assert led.staged() == 0
+        assert _on_disk(path) == {"secret/a": "registered", "secret/b": "registered"}
+
+
+def test_staged_rows_are_committed_at_the_row_bound_or_the_time_bound(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    mono = FakeMono()
+    with SqliteLedger(path, batch_rows=3, batch_seconds=0.2, monotonic=mono) as led:
+        for i in range(3):
+            led.put(registered(f"secret/r{i}"), durable=False)
+        assert led.staged() == 0 and len(_on_disk(path)) == 3  # three rows: one commit
+        commits = led.commits
+        led.put(registered("secret/t0"), durable=False)
+        mono.now += 0.1
+        led.put(registered("secret/t1"), durable=False)
+        assert led.staged() == 2 and "secret/t1" not in _on_disk(path)
+        mono.now += 0.15  # 0.25 s since the first staged row
+        led.put(registered("secret/t2"), durable=False)
+        assert led.staged() == 0 and {"secret/t0", "secret/t1", "secret/t2"} <= set(_on_disk(path))
+        assert led.commits == commits + 1
+
+
+def test_a_crash_loses_only_the_staged_suffix(tmp_path: Path) -> None:
+    """Commits are in write order: what the file keeps is a prefix of the writes."""
+    path = tmp_path / "l.db"
+    code = textwrap.dedent(
+        f"""
+        import os
+        from bridge.ledger import SqliteLedger
+        from bridge.model import State
+        from bridge.ports import LedgerRecord
+        def rec(key, state):
+            return LedgerRecord(key=key, mount="secret", path=key[7:], kv_version=2, state=state)
+        led = SqliteLedger({str(path)!r}, batch_rows=100, batch_seconds=3600)
+        led.put(rec("secret/a", State.PENDING))
+        led.put(rec("secret/a", State.REGISTERED), durable=False)
+        led.put(rec("secret/b", State.PENDING))   # durable: commits a's row with it
+        led.put(rec("secret/b", State.REGISTERED), durable=False)
+        led.put(rec("secret/c", State.REGISTERED), durable=False)
+        os._exit(0)   # a kill: neither flush() nor close() runs
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    assert _on_disk(path) == {"secret/a": "registered", "secret/b": "pending"}
+
+
+def test_close_and_flush_commit_what_is_staged_and_discard_drops_it(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    led = SqliteLedger(path, batch_rows=100, batch_seconds=3600)
+    led.put(registered("secret/a"), durable=False)
+    led.flush()
+    assert _on_disk(path) == {"secret/a": "registered"}
+    led.put(registered("secret/b"), durable=False)
+    led.discard_staged()
+    assert led.get("secret/b") is None and led.staged() == 0
+    led.put(registered("secret/c"), durable=False)
+    led.close()
+    assert _on_disk(path) == {"secret/a": "registered", "secret/c": "registered"}
+
+
+def test_a_refused_row_inside_a_batch_keeps_the_staged_rows(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    with SqliteLedger(path, batch_rows=100, batch_seconds=3600) as led:
+        led.put(registered("secret/a"), durable=False)
+        with pytest.raises(LedgerError):
+            led.put(full_record("secret/b", credential_id="dckr_pat_" + "x" * 20), durable=False)
+        led.flush()
+        assert set(_on_disk(path)) == {"secret/a"}

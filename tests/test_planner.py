@@ -420,3 +420,48 @@ def test_the_guard_rail_pauses_retiring_deletions_and_says_so() -> None:
     view = listing(*(cred(f"c{i}", f"g{i}", 1, 1) for i in range(3)))
     acts, _ = settle(one([], records=recs, s=s), [], recs, view, s)
     assert len(acts) == 3 and all(a.paused and not a.writes for a in acts)
+
+
+# ---- the pipeline's pieces (ADR 11): one secret at a time gives the whole plan ------------------
+
+
+def test_planning_one_secret_at_a_time_is_plan_and_settle_is_reconcile() -> None:
+    from bridge.planner import Planning, may_write_to, owned_credentials, writing_organizations
+    from bridge.planner import settle as settle_one
+
+    here, other = tagged(PROJECTS[0]), tagged(PROJECTS[1], org=ORG2)
+    entries = [
+        entry("new", tags=here), entry("twin", tags=here),  # the same token twice for one project: one is rejected
+        entry("rot", version=2, tags=here), entry("same", version=1, tags=here), entry("moved", version=1, tags=other),
+        entry("adopt", tags=here), entry("bad", tags=here), entry("new", version=1, tags=here),  # a duplicate: decided once
+    ]
+    values = {"secret/dockerhub/new": data(1), "secret/dockerhub/twin": data(1), "secret/dockerhub/rot": data(3),
+              "secret/dockerhub/moved": data(4), "secret/dockerhub/adopt": data(5), "secret/dockerhub/bad": {"x": 1}}
+    records = [record("rot", tok=2, cred="c-rot"), record("same", tok=9, cred="c-same"),
+               record("moved", tok=4, cred="c-moved"), record("gone", tok=6, cred="c-gone")]
+    recs = {r.key: r for r in records}
+    whole = plan(entries, values, recs, FULL, S, KEYS, NOW)
+    planning = Planning(recs, FULL, S, KEYS, NOW)
+    stepwise = [a for e in sorted(entries, key=lambda e: e.ref.key)
+                if (a := planning.decide(e, values.get(e.ref.key))) is not None] + planning.rest()
+    assert stepwise == whole
+    kinds = {a.ref.path.rsplit("/", 1)[1]: a.kind for a in whole}
+    assert kinds["twin"] == ActionKind.REJECT and kinds["rot"] == ActionKind.ROTATE and kinds["gone"] == ActionKind.RETIRE
+    # may_write_to, known before the value, covers every organization the intent writes to
+    for a in whole:
+        e = next((x for x in entries if x.ref.key == a.ref.key), None)
+        if e is not None:
+            assert writing_organizations([a]) <= may_write_to(e, recs.get(e.ref.key), S), a
+    # settle, one action at a time, is what reconcile makes of it in the same (complete) view
+    view = listing(cred("c-rot", "rot", 1, 2), cred("c-same", "same", 1, 9), cred("c-moved", "moved", 1, 4),
+                   cred("c-adopt", "adopt", 1, 5), cred("c-gone", "gone", 1, 6),
+                   more={ORG2: []}, links={"c-rot": frozenset({PROJECTS[0]}), "c-moved": frozenset({PROJECTS[0]}),
+                                                   "c-adopt": frozenset({PROJECTS[0]})})
+    final, need = reconcile(whole, entries, recs, view, FULL, S, KEYS)
+    assert not need
+    owned = owned_credentials(view.listings, S.sync.instance)
+    by_key = {a.ref.key: a for a in final}
+    for a in whole:
+        one_at_a_time, needed = settle_one(a, recs.get(a.ref.key), owned, view, S, KEYS)
+        assert not needed and one_at_a_time == by_key[a.ref.key], a.ref.key
+    assert by_key["secret/dockerhub/adopt"].kind == ActionKind.ADOPT

@@ -160,10 +160,10 @@ def test_crash_after_create_before_record_is_adopted_on_the_next_pass(w: World) 
     w.put("a", 2)
     real_put = w.ledger.put
 
-    def crash(record: Any) -> None:
+    def crash(record: Any, **kw: Any) -> None:
         if record.version == 2:
             raise SystemExit("crash")  # the process dies right after the POST
-        real_put(record)
+        real_put(record, **kw)
 
     w.ledger.put = crash  # type: ignore[method-assign]
     with pytest.raises(SystemExit):

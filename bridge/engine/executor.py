@@ -11,11 +11,19 @@ listing. What it owns is the order that makes crashes harmless (docs/adr/0003):
 3. the create (or nothing, when adopting), then the links the plan names, then the ledger row;
 4. only then the deletions.
 A create whose answer was lost is looked for by marker in a fresh listing before anything else.
+
+Group commit (docs/adr/0011-group-commit-and-pipeline.md): the row recording a successful
+create, adoption or refresh is *staged* (`durable=False`), because what precedes it on disk (the
+`pending` row, or the secret's previous row) already makes a crash before its commit cost only a
+re-adoption by marker. Everything else is committed before the next request: the pending rows
+(several at once, by `prepare`), pending deletes, failures and rejections; and every staged row
+is committed before any deletion is sent.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -63,6 +71,45 @@ class Executor:
         self._m = metrics
         self._clock = clock
         self._rng = rng or random.Random()
+        # Keys whose pending row `prepare` committed, so `_register` need not read it back.
+        self._prepared: set[str] = set()
+        self._prepared_lock = threading.Lock()
+
+    # -- before the actions ---------------------------------------------------------------
+    def prepare(self, actions: list[Action]) -> list[str]:
+        """Write the `pending` rows of the creates of secrets the ledger does not know, all in
+        one commit, before any of their POSTs. Returns the keys it wrote (see `unprepare`)."""
+        now = self._clock()
+        written: list[str] = []
+        for action in actions:
+            cand = action.candidate
+            if (cand is None or action.blocked is not None or action.credential_id is not None
+                    or action.kind not in (ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE)
+                    or self._ledger.get(cand.ref.key) is not None):
+                continue
+            self._ledger.put(self._pending_row(action, cand, now), durable=False)
+            written.append(cand.ref.key)
+        if written:
+            self._ledger.flush()
+            with self._prepared_lock:
+                self._prepared.update(written)
+        return written
+
+    def unprepare(self, keys: list[str]) -> None:
+        """Remove pending rows `prepare` wrote for creates that were never started (a stop or an
+        abort): no POST was sent for them, so there is nothing to trace."""
+        with self._prepared_lock:
+            self._prepared.difference_update(keys)
+        for key in keys:
+            rec = self._ledger.get(key)
+            if rec is not None and rec.state == State.PENDING and rec.credential_id is None and rec.attempts == 0:
+                self._ledger.remove(key)
+
+    def _pending_row(self, action: Action, cand: Candidate, now: float) -> LedgerRecord:
+        return LedgerRecord(
+            key=cand.ref.key, mount=cand.ref.mount, path=cand.ref.path, kv_version=cand.ref.kv_version,
+            state=State.PENDING, organization_id=cand.organization_id, project_id=cand.project_id,
+            last_action=action.kind.value, reason="registering", created_at=now, updated_at=now)
 
     # -- one action -----------------------------------------------------------------------
     def execute(self, action: Action) -> Outcome:
@@ -141,12 +188,12 @@ class Executor:
             self._record_reject(action, "dockerhub_rejected", reason)
             return Outcome(action, Result.OK, ActionKind.REJECT, reason=reason)
         self._remember_deletes(action)
-        if self._ledger.get(cand.ref.key) is None:
-            now = self._clock()
-            self._ledger.put(LedgerRecord(
-                key=cand.ref.key, mount=cand.ref.mount, path=cand.ref.path, kv_version=cand.ref.kv_version,
-                state=State.PENDING, organization_id=cand.organization_id, project_id=cand.project_id,
-                last_action=action.kind.value, reason="registering", created_at=now, updated_at=now))
+        with self._prepared_lock:
+            prepared = cand.ref.key in self._prepared
+            self._prepared.discard(cand.ref.key)
+        # Not prepared (and new): the pending row is committed on its own, before the POST.
+        if not prepared and self._ledger.get(cand.ref.key) is None:
+            self._ledger.put(self._pending_row(action, cand, self._clock()))
         marker = self._keys.marker(self._s.sync.instance, cand.ref, cand.version, cand.fingerprint)
         cred, adopted = self._create(cand, marker)
         if action.links is not None:
@@ -165,10 +212,11 @@ class Executor:
         else:
             rec = self._ledger.get(action.ref.key)
             if rec is not None:
+                # Staged: lost in a crash, the same adoption is planned again from the listing.
                 self._ledger.put(replace(rec, state=State.REGISTERED, credential_id=action.credential_id,
                                          organization_id=action.organization_id, project_id=action.project_id,
                                          last_action=action.kind.value, last_result="ok", reason=action.reason,
-                                         attempts=0, next_attempt_at=None, updated_at=self._clock()))
+                                         attempts=0, next_attempt_at=None, updated_at=self._clock()), durable=False)
         return self._finish(action, Outcome(action, Result.OK, action.kind, credential_id=action.credential_id,
                                             reason=action.reason))
 
@@ -218,6 +266,10 @@ class Executor:
                 log.warning("deletes_paused", path=action.ref.key, credentials=[d.credential_id for d in action.deletes],
                             reason="the delete guard rail tripped this pass")
             return outcome if action.kind != ActionKind.DELETE else replace(outcome, result=Result.DEFERRED)
+        if action.deletes:
+            # A deletion is the one step a lost ledger row cannot be replanned around for free:
+            # the row naming its replacement goes to disk first (ADR 3, step 3 before step 4).
+            self._ledger.flush()
         failed = [d for d in action.deletes if not self._delete(action.ref.key, d)]
         if failed and outcome.result == Result.OK:
             return replace(outcome, result=Result.FAILED, retryable=True,
@@ -251,6 +303,8 @@ class Executor:
         # Only a refresh keeps the registration time; created_at=0 keeps the stored one (the
         # ledger's upsert), so a create or rotation needs no read first.
         rec = self._ledger.get(cand.ref.key) if how == "refresh" else None
+        # Staged (group commit): the pending row or the previous row is already on disk, so a
+        # crash before this one's commit costs a re-adoption by marker, never a second create.
         self._ledger.put(
             LedgerRecord(
                 key=cand.ref.key, mount=cand.ref.mount, path=cand.ref.path, kv_version=cand.ref.kv_version,
@@ -260,7 +314,8 @@ class Executor:
                 created_at=rec.created_at if rec else 0.0, updated_at=now,
                 registered_at=now if how != "refresh" or rec is None else rec.registered_at,
                 seen_version=cand.version, tags_digest=action.tags_digest, seen_stamp=cand.stamp,
-            )
+            ),
+            durable=False,
         )
 
     def _record_reject(self, action: Action, code: str, reason: str, *, retry_at: float | None = None) -> None:

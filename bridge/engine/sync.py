@@ -1,5 +1,13 @@
 """One sync pass: discover -> list what writes touch -> read changed values -> plan -> execute.
 
+Reading values, planning and executing overlap (a pipeline, docs/adr/0011): values are read
+`vault.concurrency` at a time, a bounded window ahead, and handed to the planner in key order;
+a write the planner settles is started at once on the `cybedefend.max_concurrency` workers when
+its result cannot change any more: every organization the rest of the pass could still list is
+listed (a write never starts before the listing of its organization is in), it needs no links
+not read yet, and it carries no deletion the guard rail could pause. Everything else waits for
+the whole plan, as before. The whole plan is still computed, and is what `plan` prints.
+
 The engine gathers the facts and the planner decides (docs/adr/0007-decided-from-the-truth.md):
 Vault is discovered, the organizations a write may touch are listed in CybeDefend (every one
 when the drift check is due; none in a steady pass), values are read only where needed, then
@@ -12,11 +20,12 @@ flight finish and defers the rest.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,11 +38,17 @@ from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.model import Action, ActionKind, Outcome, RemoteCredential, Result, State, VaultEntry, iso8601
 from bridge.planner import (
+    RETIRING,
+    Owned,
+    Planning,
     RemoteView,
     Scope,
     count_deletions,
-    plan,
+    may_write_to,
+    merge_owned,
+    owned_credentials,
     reconcile,
+    settle,
     source_of,
     touched_organizations,
     values_to_read,
@@ -67,6 +82,13 @@ class _Planned:
     scope: Scope
     unseen_sources: list[str]  # sources whose discovery failed: "mount/path: why"
 DRIFT_META = "last_drift_check"
+# Writes handed to the workers at once when they are busy: their pending rows share one commit.
+START_BATCH = 16
+# Values read ahead of the planner, per Vault connection: enough to keep the readers busy
+# while the planner waits for a worker, few enough that a cold pass over 100k secrets does not
+# hold every token in memory at once.
+READ_AHEAD_PER_CONNECTION = 4
+_EARLY_KINDS = frozenset({ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE, ActionKind.ADOPT, ActionKind.REFRESH})
 _FAILING_STATES = frozenset({State.FAILED, State.REJECTED, State.PENDING})
 
 
@@ -159,34 +181,41 @@ class SyncEngine:
                 entries.append(entry)
         return entries, Scope(keys=frozenset(keys)), []
 
-    def _read_values(self, todo: list[VaultEntry]) -> dict[str, Mapping[str, Any] | None]:
-        """Values of the secrets that need a write, `vault.concurrency` at a time."""
+    def _read_one(self, entry: VaultEntry) -> tuple[str, Mapping[str, Any] | None]:
+        if self._stop.is_set():
+            return entry.ref.key, None
+        try:
+            # Empty: the version was deleted between the metadata read and now. Not a bad
+            # value to reject (an undelete would not lift that): skip it this pass.
+            return entry.ref.key, self._source.read_value(entry.ref, entry.version) or None
+        except VaultError as exc:
+            # The planner sees no value and skips the secret this pass; the next pass retries.
+            # The pass counts it as failed: a secret never registered because its value
+            # could not be read (e.g. a policy without `read` on data/) is not a good state.
+            log.warning("value_read_failed", path=entry.ref.key, version=entry.version, error=str(exc))
+            with self._unread_lock:
+                self._unread.add(entry.ref.key)
+            return entry.ref.key, None
 
-        def one(entry: VaultEntry) -> tuple[str, Mapping[str, Any] | None]:
-            if self._stop.is_set():
-                return entry.ref.key, None
-            try:
-                # Empty: the version was deleted between the metadata read and now. Not a bad
-                # value to reject (an undelete would not lift that): skip it this pass.
-                return entry.ref.key, self._source.read_value(entry.ref, entry.version) or None
-            except VaultError as exc:
-                # The planner sees no value and skips the secret this pass; the next pass retries.
-                # The pass counts it as failed: a secret never registered because its value
-                # could not be read (e.g. a policy without `read` on data/) is not a good state.
-                log.warning("value_read_failed", path=entry.ref.key, version=entry.version, error=str(exc))
-                with self._unread_lock:
-                    self._unread.add(entry.ref.key)
-                return entry.ref.key, None
-
-        if len(todo) <= 1:
-            return dict(map(one, todo))
-        out: dict[str, Mapping[str, Any] | None] = {}
-        with ThreadPoolExecutor(max_workers=self._s.vault.concurrency, thread_name_prefix="read") as pool:
-            for key, value in pool.map(one, todo):
-                out[key] = value
-                if self.progress is not None:
-                    self.progress(len(out), len(todo))
-        return out
+    def _values_in_order(self, todo: list[VaultEntry]) -> Generator[tuple[str, Mapping[str, Any] | None], None, None]:
+        """The values of `todo`, in its order, `vault.concurrency` reads at a time, a bounded
+        window ahead of the consumer (the planner)."""
+        if len(todo) <= 1:  # a targeted pass: no thread to start for one read
+            yield from map(self._read_one, todo)
+            return
+        window = self._s.vault.concurrency * READ_AHEAD_PER_CONNECTION
+        pool = ThreadPoolExecutor(max_workers=self._s.vault.concurrency, thread_name_prefix="read")
+        try:
+            ahead = deque(pool.submit(self._read_one, e) for e in todo[:window])
+            following = iter(todo[window:])
+            while ahead:
+                got = ahead.popleft().result()
+                nxt = next(following, None)
+                if nxt is not None:
+                    ahead.append(pool.submit(self._read_one, nxt))
+                yield got
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # -- what CybeDefend holds ---------------------------------------------------------
     def _drift_due(self, request: PassRequest) -> bool:
@@ -228,7 +257,12 @@ class SyncEngine:
         with self._lock:
             return self._plan(request).actions
 
-    def _plan(self, request: PassRequest) -> _Planned:
+    def _listed_too(self, view: RemoteView, orgs: set[str]) -> RemoteView:
+        more = self._list(orgs)
+        return replace(view, listings={**view.listings, **more.listings}, unlisted={**view.unlisted, **more.unlisted})
+
+    def _plan(self, request: PassRequest, runner: _Runner | None = None) -> _Planned:
+        """The whole plan; with a `runner`, writes whose outcome is settled start on the way."""
         entries, scope, unseen = self._discover(request)
         records = {r.key: r for r in self._ledger.all()}
         now = self._clock()
@@ -242,14 +276,65 @@ class SyncEngine:
         believed = with_evidence(records, view)
         todo = values_to_read(entries, believed, self._s, now, retry_now)
         self._unread = set()
-        values = self._read_values(todo)
-        intents = plan(entries, values, believed, scope, self._s, self._keys, now, retry_now)
-        # Creates, rotations and moves are known once values are read: list where they write
-        # before settling them, never create blind (the API has no idempotency key).
-        extra = writing_organizations(intents) - set(view.listings) - set(view.unlisted)
-        if extra:
-            more = self._list(extra)
-            view = replace(view, listings={**view.listings, **more.listings}, unlisted={**view.unlisted, **more.unlisted})
+        ordered = sorted(entries, key=lambda e: e.ref.key)
+        reads: dict[str, VaultEntry] = {}
+        for e in sorted(todo, key=lambda e: e.ref.key):
+            reads.setdefault(e.ref.key, e)
+        # Organizations a write of a secret not decided yet could still make us list: while one
+        # of them is unlisted, a settled write could still change (a credential of its secret
+        # found there), so none starts early.
+        ahead: Counter[str] = Counter()
+        owned: Owned = {}
+        if runner is not None:
+            for e in ordered:
+                if e.ref.key in reads or e.payload is not None:
+                    ahead.update(may_write_to(e, believed.get(e.ref.key), self._s))
+            owned = owned_credentials(view.listings, self._s.sync.instance)
+        planning = Planning(believed, scope, self._s, self._keys, now, retry_now)
+        values = self._values_in_order(list(reads.values()))
+        unread = set(reads)
+        intents: list[Action] = []
+        ready: list[Action] = []
+        try:
+            for entry in ordered:
+                key = entry.ref.key
+                value: Mapping[str, Any] | None = None
+                if key in unread:
+                    unread.discard(key)
+                    got, value = next(values)
+                    assert got == key, (got, key)  # _values_in_order keeps the (key) order it was given
+                if runner is not None and (key in reads or entry.payload is not None):
+                    ahead.subtract(may_write_to(entry, believed.get(key), self._s))
+                action = planning.decide(entry, value)
+                if action is None:
+                    continue
+                intents.append(action)
+                # Creates, rotations and moves are known once values are read: list where they
+                # write before settling them, never create blind (the API has no idempotency key).
+                new = writing_organizations([action]) - set(view.listings) - set(view.unlisted)
+                if new:
+                    view = self._listed_too(view, new)
+                    if runner is not None:
+                        merge_owned(owned, owned_credentials({o: view.listings[o] for o in new if o in view.listings},
+                                                             self._s.sync.instance))
+                if runner is None:
+                    if self.progress is not None:
+                        self.progress(len(intents), len(ordered))
+                    continue
+                if action.kind in _EARLY_KINDS and all(
+                        n <= 0 or o in view.listings or o in view.unlisted for o, n in ahead.items()):
+                    settled, needed = settle(action, believed.get(key), owned, view, self._s, self._keys)
+                    if (not needed and settled.kind in _EARLY_KINDS and settled.blocked is None
+                            and not any(d.why in RETIRING for d in settled.deletes)):
+                        ready.append(settled)
+                if ready and (len(ready) >= START_BATCH or runner.idle()):
+                    runner.start(ready)
+                    ready = []
+            if ready and runner is not None:
+                runner.start(ready)
+        finally:
+            values.close()  # stops the readers when planning ends early (an abort)
+        intents += planning.rest()
         actions, need = reconcile(intents, entries, believed, view, scope, self._s, self._keys)
         if need:
             view = self._links(view, need)
@@ -266,8 +351,13 @@ class SyncEngine:
         counts: Counter[str] = Counter()
         error: str | None = None
         result = "ok"
+        runner = _Runner(self, request)
         try:
-            planned = self._plan(request)
+            try:
+                planned = self._plan(request, runner)
+            except BaseException:
+                runner.abandon()
+                raise
             actions = planned.actions
             deletes = count_deletions(actions, self._s)
             allowed = not any(a.paused for a in actions)
@@ -281,7 +371,7 @@ class SyncEngine:
             if full:
                 self._guard_tripped = not allowed
             self._m.delete_guard.set(1 if self._guard_tripped else 0)
-            for outcome in self._execute(actions, request):
+            for outcome in self._execute(actions, request, runner):
                 if outcome.result == Result.FAILED:
                     counts["failed"] += 1
                 elif outcome.result == Result.DEFERRED:
@@ -312,6 +402,13 @@ class SyncEngine:
         except BridgeError as exc:
             result, error = "failed", str(exc)
             log.error("pass_failed", error=error)
+        try:
+            # What the pass staged goes to disk before anyone is told it is done. A crash
+            # (which never gets here) loses only rows whose loss costs a re-adoption (ADR 11).
+            self._ledger.flush()
+        except BridgeError as exc:
+            result, error = "failed", str(exc)
+            log.error("pass_failed", error=error)
         counts_out = {k: counts.get(k, 0) for k in SUMMARY_KEYS}
         report = PassReport(
             trigger=request.trigger, full=full, started_at=started, finished_at=self._clock(), result=result,
@@ -328,43 +425,25 @@ class SyncEngine:
             if creds is not None and all(c.id != item.credential_id for c in creds):
                 self._ledger.remove_pending_delete(item.credential_id)
 
-    def _execute(self, actions: list[Action], request: PassRequest) -> list[Outcome]:
-        quiet = [a for a in actions if a.kind == ActionKind.SKIP and not a.deletes and a.blocked is None]
-        busy = [a for a in actions if not (a.kind == ActionKind.SKIP and not a.deletes and a.blocked is None)]
+    def _execute(self, actions: list[Action], request: PassRequest, runner: _Runner) -> list[Outcome]:
+        """Carry out the plan: what the pipeline already started is not started again."""
+        started = runner.started
+        rest: list[Action] = []
+        for a in actions:
+            first = started.get(a.ref.key)
+            if first is None:
+                rest.append(a)
+            elif first != a:  # the pipeline's condition failed to hold: a bug, never a second write
+                log.error("pipeline_plan_mismatch", path=a.ref.key, started=first.kind.value, planned=a.kind.value)
+        quiet = [a for a in rest if a.kind == ActionKind.SKIP and not a.deletes and a.blocked is None]
+        busy = [a for a in rest if not (a.kind == ActionKind.SKIP and not a.deletes and a.blocked is None)]
         # Skips touch nothing: counted in one go (a steady pass is almost all skips).
-        outcomes = [Outcome(a, Result.OK, a.kind, reason=a.reason) for a in quiet]
+        runner.outcomes.extend(Outcome(a, Result.OK, a.kind, reason=a.reason) for a in quiet)
         if quiet:
             self._m.actions.labels(action=ActionKind.SKIP.value, result=Result.OK.value).inc(len(quiet))
-        total = len(actions)
-        if self.progress is not None:
-            self.progress(len(outcomes), total)
-        if not busy:
-            return outcomes
-        abort: PassAbort | None = None
-        with ThreadPoolExecutor(max_workers=self._s.cybedefend.max_concurrency, thread_name_prefix="sync") as pool:
-            pending: set[Future[Outcome]] = set()
-            queue = list(busy)
-            while queue or pending:
-                while queue and len(pending) < self._s.cybedefend.max_concurrency and not self._stop.is_set() and abort is None:
-                    pending.add(pool.submit(self._exec.execute, queue.pop(0)))
-                if not pending:
-                    break
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    try:
-                        outcome = fut.result()
-                    except PassAbort as exc:
-                        abort = exc
-                        continue
-                    outcomes.append(outcome)
-                    self._observe_latency(outcome, request)
-                    if self.progress is not None:
-                        self.progress(len(outcomes), total)
-            for action in queue:  # not started: stop requested or the pass aborted
-                outcomes.append(Outcome(action, Result.DEFERRED, action.kind, reason="not started this pass"))
-        if abort is not None:
-            raise abort
-        return outcomes
+        runner.total = len(actions)
+        runner.start(busy, prepare=False)
+        return runner.finish()
 
     def _observe_latency(self, outcome: Outcome, request: PassRequest) -> None:
         heard = request.received_at.get(outcome.action.ref.key)
@@ -422,3 +501,94 @@ class SyncEngine:
                 for r in rows
             ],
         }
+
+
+class _Runner:
+    """The pass's `cybedefend.max_concurrency` workers, fed while the plan is still being made.
+
+    `start` may block: at most twice the workers' number of actions are queued or running, so
+    the planner (and, through its bounded read-ahead, the value reads) waits for CybeDefend
+    instead of running ahead of it. A stop request or an aborting action defers what is not
+    started; the pending rows `prepare` wrote for those are taken back.
+    """
+
+    def __init__(self, engine: SyncEngine, request: PassRequest) -> None:
+        self._e = engine
+        self._request = request
+        self._workers = engine._s.cybedefend.max_concurrency
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: set[Future[Outcome]] = set()
+        self.started: dict[str, Action] = {}
+        self.outcomes: list[Outcome] = []
+        self.total = 0
+        self._abort: PassAbort | None = None
+        self._prepared: set[str] = set()
+
+    def idle(self) -> bool:
+        """A worker has nothing to do (so waiting for a fuller batch would waste it)."""
+        self._reap(block=False)
+        return len(self._running) < self._workers
+
+    def _reap(self, *, block: bool) -> None:
+        if not self._running:
+            return
+        done, self._running = wait(self._running, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for fut in done:
+            try:
+                outcome = fut.result()
+            except PassAbort as exc:
+                self._abort = exc
+                continue
+            self.outcomes.append(outcome)
+            self._e._observe_latency(outcome, self._request)
+            if self._e.progress is not None:
+                self._e.progress(len(self.outcomes), max(self.total, len(self.outcomes)))
+
+    def start(self, actions: list[Action], *, prepare: bool = True) -> None:
+        if not actions:
+            return
+        if prepare and not self._halted():
+            self._prepared.update(self._e._exec.prepare(actions))
+        for i, action in enumerate(actions):
+            while len(self._running) >= 2 * self._workers:
+                self._reap(block=True)
+            if self._halted():
+                self._defer(actions[i:])
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="sync")
+            self.started[action.ref.key] = action
+            self._prepared.discard(action.ref.key)
+            self._running.add(self._pool.submit(self._e._exec.execute, action))
+
+    def _halted(self) -> bool:
+        return self._e._stop.is_set() or self._abort is not None
+
+    def _defer(self, actions: list[Action]) -> None:
+        for action in actions:  # not started: stop requested or the pass aborted
+            self.started[action.ref.key] = action
+            self.outcomes.append(Outcome(action, Result.DEFERRED, action.kind, reason="not started this pass"))
+        self._unprepare()
+
+    def _unprepare(self) -> None:
+        if self._prepared:
+            self._e._exec.unprepare(sorted(self._prepared))
+            self._prepared.clear()
+
+    def finish(self) -> list[Outcome]:
+        """Wait for every started action; raise the abort one of them raised."""
+        try:
+            while self._running:
+                self._reap(block=True)
+            self._unprepare()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+        if self._abort is not None:
+            raise self._abort
+        return self.outcomes
+
+    def abandon(self) -> None:
+        """The plan failed: let what runs finish (their outcomes are recorded by the executor)."""
+        with contextlib.suppress(PassAbort, BridgeError):
+            self.finish()

@@ -15,8 +15,11 @@ found are kept at the bottom as regression tests.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,6 +135,9 @@ class FakeWorld:
         try:
             self.engine.run(FULL)
         except Crash:
+            # A killed process never commits what it staged (group commit, ADR 11): those rows
+            # are lost, the rest of the ledger file is what the restarted process opens.
+            self.ledger.discard_staged()
             self.engine = self._engine()  # a restarted process, same ledger file
         finally:
             self.api._injected.clear()  # a crash fault unused this pass must not fire later
@@ -365,6 +371,7 @@ class TwinWorld(FakeWorld):
         try:
             self.engines[i].run(FULL)
         except Crash:
+            self.ledgers[i].discard_staged()  # what the kill took with it (ADR 11)
             self.engines[i] = self._twin(i)
         finally:
             self.api._injected.clear()
@@ -406,3 +413,100 @@ def test_two_replicas_send_exactly_what_plan_listed_and_converge(policy: str, op
             getattr(world, op)(a)
     world.lead(0, True, False)
     world.settle_and_check(f"ops={ops}")
+
+
+# --- group commit: a kill with a batch of rows staged (ADR 11) -------------------------------
+
+
+class _GatedRegistrar(FakeRegistrar):
+    """Creates wait at a gate, then the `crash_at`-th create dies before it is sent (a kill)."""
+
+    def __init__(self, crash_at: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.gate = threading.Event()
+        self.crash_at = crash_at
+        self.started = 0
+        self.staged_at_crash: int | None = None
+        self.ledger: SqliteLedger | None = None
+        self._count_lock = threading.Lock()
+
+    def create(self, organization_id: str, project_id: str, username: str, token: Sensitive,
+               description: str) -> RemoteCredential:
+        assert self.gate.wait(10), "the gate never opened"
+        with self._count_lock:
+            self.started += 1
+            mine = self.started
+        if mine == self.crash_at:
+            # Wait until every other create has answered and its row is staged, then die.
+            assert self.ledger is not None
+            deadline = time.monotonic() + 10
+            while self.ledger.staged() < self.crash_at - 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self.staged_at_crash = self.ledger.staged()
+            raise Crash()
+        return super().create(organization_id, project_id, username, token, description)
+
+
+@pytest.mark.parametrize("policy", ["delete", "retain"])
+def test_a_kill_with_a_batch_of_rows_uncommitted_costs_only_readoption(policy: str, tmp_path: Path) -> None:
+    """Six new secrets; their pending rows are committed before any POST, five POSTs answer and
+    their rows stay staged (bounds too large to commit), the sixth create dies: the staged rows
+    are lost with the process. The restarted bridge adopts the five by marker, creates the sixth
+    once, and the invariant holds: nothing duplicated, nothing left unregistered."""
+    n = 6
+    path = tmp_path / "ledger.sqlite3"
+    s = make_settings(sync={"deletion_policy": policy, "max_deletes_per_pass": 1000}, cybedefend={"max_concurrency": 4})
+    vault = FakeSecretSource()
+    api = _GatedRegistrar(crash_at=n, projects={ORG: PROJECTS})
+    keys = Keyring(b"chaos-property-key-0123456789abcdef")
+    tokens = {f"s{i}": token(i, "batch") for i in range(n)}
+    for i, (name, tok) in enumerate(tokens.items()):
+        vault.put("secret", f"dockerhub/{name}", {"accessToken": tok, "dockerhubUsername": f"u-{name}"}, tagged(PROJECTS[i % 3]))
+    ledger = SqliteLedger(path, batch_rows=1000, batch_seconds=3600)
+    api.ledger = ledger
+    engine = SyncEngine(s, vault, api, ledger, keys, Metrics(), stop=threading.Event())
+    died: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            engine.run(FULL)
+        except Crash as exc:
+            died.append(exc)
+
+    killed = threading.Thread(target=run, daemon=True)
+    killed.start()
+    # Open the gate once every pending row is on disk, as another process sees the file.
+    on_disk = sqlite3.connect(path)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if on_disk.execute("SELECT COUNT(*) FROM secrets WHERE state = 'pending'").fetchone()[0] == n:
+                break
+            time.sleep(0.002)
+        api.gate.set()
+        killed.join(20)
+        assert not killed.is_alive() and died, "the pass was not killed"
+        assert api.staged_at_crash == n - 1, api.staged_at_crash  # a batch of five rows was staged, not committed
+        assert len(api.credentials()) == n - 1  # five credentials exist
+        ledger.discard_staged()  # the kill: staged rows never reach the file
+        ledger.close()
+        rows = dict(on_disk.execute("SELECT key, state FROM secrets").fetchall())
+        assert sorted(rows.values()) == ["pending"] * n  # what the restarted process finds
+    finally:
+        on_disk.close()
+    api.crash_at = 0
+    with SqliteLedger(path) as restarted:
+        metrics = Metrics()
+        report = SyncEngine(s, vault, api, restarted, keys, metrics, stop=threading.Event()).run(FULL)
+        assert report.result == "ok", report
+        assert report.counts["adopted"] == n - 1 and report.counts["created"] == 1, report.counts
+        wants = []
+        for i, (name, tok) in enumerate(tokens.items()):
+            ref = SecretRef("secret", f"dockerhub/{name}")
+            wants.append(Want(ref.key, keys.path_digest(ref), Expect.LIVE, PROJECTS[i % 3], 1, tok))
+        creds = [Cred(c.id, c.description, c.username, frozenset(c.links), c.token.reveal()) for c in api.credentials(ORG)]
+        ledger_rows = {r.key: r for r in restarted.all()}
+        check_invariant(creds, wants, instance=s.sync.instance, policy=policy, ledger=ledger_rows, foreign={},
+                        texts=[repr(ledger_rows), metrics.exposition().decode()], secrets=list(tokens.values()),
+                        context=f"kill with {n - 1} rows staged ({policy})",
+                        pending=[p.credential_id for p in restarted.pending_deletes()])
