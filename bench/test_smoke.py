@@ -105,3 +105,12 @@ def test_memory_slope_fits_the_daemon_peaks() -> None:
     slope, intercept, r2 = fit
     assert slope == pytest.approx(1.0) and intercept == pytest.approx(60.0) and r2 == pytest.approx(1.0)
     assert memory_slope(sizes[:1]) is None
+
+
+def test_scrape_bench_serves_the_same_metrics_on_both_servers() -> None:
+    from bench.scrape import LOADS, render_rows, run_scrape
+
+    rows = run_scrape(scrapes=20, repeats=1)  # raises if either server fails a scrape or they differ
+    assert [r.load for r in rows] == list(LOADS)
+    assert all(r.body_bytes > 10_000 and r.new_wall_ms_per_1k > 0 and r.old_wall_ms_per_1k > 0 for r in rows)
+    assert len(render_rows(rows)) == 2 + len(rows)

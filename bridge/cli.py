@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import errno
 import importlib
 import json
@@ -25,6 +24,7 @@ from typing import Any, TextIO
 
 from bridge import __version__
 from bridge.errors import BridgeError, ConfigError
+from bridge.model import iso8601
 
 DEFAULT_CONFIG = Path("/etc/cybedefend-bridge/config.yaml")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -153,10 +153,6 @@ def _settings(args: argparse.Namespace, *, files: bool = True) -> Any:
     return settings
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat()
-
-
 def port_in_use(bind: str, port: int) -> bool:
     """True when `bind:port` cannot be listened on because something else holds it."""
     if port == 0:
@@ -219,20 +215,16 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.finish()
-    failing = [{"path": f.path, "state": f.state, "action": f.action, "reason": f.reason,
-                "next_attempt": _iso(f.next_attempt)} for f in report.failing]
+    doc = report.to_json()
     if args.output == "json":
-        print(json.dumps({"result": report.result, "counts": dict(report.counts), "error": report.error,
-                          "failing": failing, "vault_requests": dict(report.vault_requests),
-                          "started_at": _iso(report.started_at), "finished_at": _iso(report.finished_at),
-                          "delete_guard_tripped": report.delete_guard_tripped}, indent=2))
+        print(json.dumps(doc, indent=2))
     else:
         _summary(report.counts, sys.stdout)
         if report.error:
             print(f"\npass {report.result}: {report.error}")
         if report.delete_guard_tripped:
             print("\ndeletions paused: the delete guard rail tripped (sync.max_deletes_per_pass)")
-        if failing:
+        if failing := doc["failing"]:
             print(f"\n{len(failing)} secret(s) not registered as they should be:")
             for f in failing:
                 when = f", next attempt {f['next_attempt']}" if f["next_attempt"] else ""
@@ -332,7 +324,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"secrets": [
             {"path": r.key, "state": r.state.value, "version": r.version, "project_id": r.project_id,
              "credential_id": r.credential_id, "last_action": r.last_action, "reason": r.reason,
-             "next_attempt_at": _iso(r.next_attempt_at), "updated_at": _iso(r.updated_at)} for r in rows],
+             "next_attempt_at": iso8601(r.next_attempt_at), "updated_at": iso8601(r.updated_at)} for r in rows],
             "pending_deletes": pending}, indent=2))
         return EXIT_OK
     for r in rows:

@@ -10,6 +10,7 @@ into exit code 2. Secrets are never settings: only paths to files (or Vault path
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -362,6 +363,24 @@ class TriggerSettings(_Section):
     queue_size: int = Field(1000, ge=1, description="Pending targeted syncs; on overflow a full pass is scheduled instead.")
 
 
+# http(s)://host:port and an optional trailing slash; host a name, an IPv4 or a bracketed IPv6.
+_ADVERTISE = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})/?")
+
+
+def looks_like_advertise_address(address: str) -> bool:
+    """`http(s)://host:port` and nothing more: no user info, path, query or fragment."""
+    m = _ADVERTISE.fullmatch(address)
+    if m is None or not 0 < int(m.group(3)) <= 65535:
+        return False
+    host = m.group(2)
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+    return True
+
+
 class HASettings(_Section):
     enabled: bool = Field(False, description="Hold a lease in Vault so that only one replica acts.")
     lease_path: str = Field("leader", description="Name of the lease under ledger.state_path.")
@@ -376,12 +395,39 @@ class HASettings(_Section):
     renew_fraction: float = Field(1 / 3, gt=0, lt=1, description="Renew the lease at this fraction of its TTL.")
     advertise_address: str | None = Field(
         None,
-        pattern=r"^https?://[^/@?#\s]+:[0-9]{1,5}/?$",
         description=(
             "URL other replicas use to forward triggers to this one: http(s)://host:port and nothing more "
-            "(e.g. http://$(POD_IP):8080). Standbys ignore a lease address of any other shape."
+            "(e.g. http://$(POD_IP):8080; an IPv6 literal gets its brackets added, so an IPv6 pod's "
+            "http://fd00::5:8080 becomes http://[fd00::5]:8080). Standbys ignore a lease address of any other shape."
         ),
     )
+
+    @field_validator("advertise_address", mode="before")
+    @classmethod
+    def _bracket_ipv6(cls, value: object) -> object:
+        # Kubernetes substitutes a bare IPv6 pod IP into `http://$(POD_IP):8080` (single-stack IPv6
+        # and dual-stack clusters whose primary family is IPv6): add the brackets a URL needs. The
+        # port is required, so the last colon is the port's and the rest must be an IPv6 address.
+        if not isinstance(value, str):
+            return value
+        scheme, sep, rest = value.partition("://")
+        host, colon, port = rest.rstrip("/").rpartition(":")
+        if not sep or not colon or host.startswith("[") or ":" not in host:
+            return value
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return value
+        return f"{scheme}://[{host}]:{port}"
+
+    @field_validator("advertise_address")
+    @classmethod
+    def _advertise_shape(cls, value: str | None) -> str | None:
+        # The same rule standbys apply to the address a lease names: what one replica writes,
+        # the others must accept.
+        if value is not None and not looks_like_advertise_address(value):
+            raise ValueError("must be http(s)://host:port and nothing more (e.g. http://10.0.0.5:8080)")
+        return value
 
 
 class LoggingSettings(_Section):

@@ -15,6 +15,7 @@ doubled the sample count for a timestamp nobody graphs. The process and platform
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -63,6 +64,8 @@ class Metrics:
         """`reject_reasons`: the validation's reason codes (given by the composition root, which
         knows them), created at zero like every other bounded label set."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._flight_lock = threading.Lock()
+        self._flight: _Flight | None = None
         r = self.registry
         if process_collectors:
             ProcessCollector(registry=r)
@@ -126,6 +129,11 @@ class Metrics:
             "Connections to the socket audit listener refused (peer outside allowed_peers, or too many).",
             registry=r,
         )
+        self.http_queued = Counter(
+            p + "http_requests_queued",
+            "HTTP requests that waited for a worker thread because all server.threads were busy.",
+            registry=r,
+        )
         self.write_latency = Histogram(
             p + "write_to_registered_seconds",
             "From hearing a Vault write to the credential being registered in CybeDefend.",
@@ -185,8 +193,40 @@ class Metrics:
         for upstream in UPSTREAMS:
             self.upstream_healthy.labels(upstream=upstream)
 
-    def exposition(self) -> bytes:
+    def render(self) -> bytes:
+        """The text exposition, rendered now (a few ms of CPU for the whole registry)."""
         return generate_latest(self.registry)
+
+    def exposition(self) -> bytes:
+        """The text exposition for one scrape. Scrapes that arrive while a render is in flight
+        share its result (single flight) instead of each rendering the same document: several
+        Prometheus replicas scraping at once cost one render. No result is ever kept after its
+        render ends, so a scrape never sees values older than the render it waited for."""
+        with self._flight_lock:
+            flight = self._flight
+            leader = flight is None
+            if flight is None:
+                flight = self._flight = _Flight()
+        if not leader:
+            flight.done.wait()
+            return flight.body if flight.body is not None else self.render()  # its render failed: our own
+        try:
+            flight.body = self.render()
+            return flight.body
+        finally:
+            with self._flight_lock:
+                self._flight = None
+            flight.done.set()
+
+
+class _Flight:
+    """One render in progress, and what it produced (None until done, or if it raised)."""
+
+    __slots__ = ("body", "done")
+
+    def __init__(self) -> None:
+        self.body: bytes | None = None
+        self.done = threading.Event()
 
 
 def _names() -> tuple[str, ...]:

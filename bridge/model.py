@@ -7,6 +7,7 @@ exception message built from an object cannot leak it.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import re
 from collections.abc import Mapping
@@ -253,3 +254,9 @@ class Marker:
         (a metadata-only change) keeps the same credential.
         """
         return self.revision.split(".", 1)[1] if self.revision.startswith("v") else self.revision[1:]
+
+
+def iso8601(ts: float | None) -> str | None:
+    """Unix seconds as an ISO 8601 UTC timestamp, the form every JSON surface uses (`-o json`,
+    `/v1/status`): readable by people and by `date -d`/`jq` alike, unlike a bare float."""
+    return None if ts is None else datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat()

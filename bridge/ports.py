@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.config import SourceSettings
-from bridge.model import RemoteCredential, SecretRef, Sensitive, State, VaultEntry
+from bridge.model import RemoteCredential, SecretRef, Sensitive, State, VaultEntry, iso8601
 
 
 class SecretSource(Protocol):
@@ -210,6 +210,18 @@ class PassReport:
     delete_guard_tripped: bool = False
     # Every tracked secret that after the pass is failed, rejected, pending or waiting in backoff.
     failing: tuple[Failing, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as `sync --once -o json` and `/v1/status` show it: times in ISO 8601."""
+        return {
+            "trigger": self.trigger, "full": self.full, "result": self.result, "error": self.error,
+            "started_at": iso8601(self.started_at), "finished_at": iso8601(self.finished_at),
+            "duration_seconds": round(self.finished_at - self.started_at, 3),
+            "counts": dict(self.counts), "vault_requests": dict(self.vault_requests),
+            "delete_guard_tripped": self.delete_guard_tripped,
+            "failing": [{"path": f.path, "state": f.state, "action": f.action, "reason": f.reason,
+                         "next_attempt": iso8601(f.next_attempt)} for f in self.failing],
+        }
 
 
 class PassRunner(Protocol):

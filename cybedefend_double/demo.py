@@ -8,6 +8,7 @@ stops everything; the OpenBao child dies with us even on a crash (PR_SET_PDEATHS
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -114,6 +115,9 @@ def _narrate(out: TextIO, base: str, bao: DevOpenBao, sim: Simulator, exit_after
     except TimeoutError as exc:
         failed.append(str(exc))
         say(f"demo: {exc}; see the bridge's log lines above")
+    except Exception as exc:  # a bug in the narration must end the demo red, not leave it hanging
+        failed.append(f"{type(exc).__name__}: {exc}")
+        say(f"demo: the narration failed ({type(exc).__name__}); see the bridge's log lines above")
     if exit_after or failed:
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -129,7 +133,8 @@ def _registered(base: str, n: int) -> list[dict[str, Any]] | None:
 
 def _pass_since(base: str, wall: float) -> dict[str, Any] | None:
     last = _get_json(f"{base}/v1/status").get("last_pass")
-    return last if last and last.get("started_at", 0) >= wall else None
+    # /v1/status gives ISO 8601 UTC times (with their offset).
+    return last if last and datetime.datetime.fromisoformat(last["started_at"]).timestamp() >= wall else None
 
 
 def _row(base: str, path: str, version: int) -> dict[str, Any] | None:

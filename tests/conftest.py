@@ -15,7 +15,7 @@ import pytest
 
 from cybedefend_double.simulator import Simulator
 from tests.support.daemon import Stack, new_simulator
-from tests.support.openbao import OpenBao
+from tests.support.openbao import OpenBao, scrub_tokens
 
 # Fixtures that start (or stand on) a real OpenBao server: a test using one must be marked
 # `integration`, so `-m "not integration"` really is the subset that needs no OpenBao.
@@ -28,6 +28,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         listed = "\n  ".join(unmarked[:50])
         raise pytest.UsageError(f"{len(unmarked)} tests start OpenBao but are not marked integration:\n  {listed}")
+
+
+def scrub_report(report: pytest.TestReport) -> None:
+    """Replace every OpenBao root token this process issued in a report's failure text and
+    captured sections with `***` (a report is rewritten only when it held one)."""
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        clean = scrub_tokens(text)
+        if clean != text:
+            report.longrepr = clean
+    report.sections = [(title, scrub_tokens(body)) for title, body in report.sections]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    scrub_report(outcome.get_result())  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

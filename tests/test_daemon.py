@@ -33,6 +33,7 @@ from bridge.errors import ConfigError
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
 from bridge.ports import PassReport, PassRequest
+from tests.support.data import unix
 from tests.support.procs import eventually
 
 FORWARD_KEY = b"test-forward-key-0123456789abcdef"
@@ -547,7 +548,7 @@ def test_sighup_reloads_a_good_config_and_keeps_the_old_one_on_error(child: Call
     def next_run_in() -> float:
         status, body = http(port, "GET", "/v1/status")
         assert status == 200
-        return float(json.loads(body)["daemon"]["next_full_pass_at"]) - time.time()
+        return unix(json.loads(body)["daemon"]["next_full_pass_at"]) - time.time()
 
     assert eventually(lambda: next_run_in() > 3000)  # after the startup pass: the 3600 s interval
     c.write_settings({"schedule": {"interval_seconds": 600, "first_run_max_delay_seconds": 0}})

@@ -29,7 +29,7 @@ from tests.support.daemon import (
     free_port,
     wait_for,
 )
-from tests.support.data import PROJECTS
+from tests.support.data import PROJECTS, unix
 from tests.support.openbao import OpenBao
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,7 +48,7 @@ def last_pass_since(d: DaemonProc, wall: float, full: bool = False, timeout: flo
 
     def check() -> dict[str, object] | None:
         last = d.status().get("last_pass")
-        return last if last and last["started_at"] >= wall and last["full"] is full else None
+        return last if last and unix(last["started_at"]) >= wall and last["full"] is full else None
 
     return wait_for(check, timeout)
 
@@ -61,7 +61,7 @@ def test_a_vault_write_is_registered_through_the_tailed_audit_file(openbao_facto
     d = stack.daemon(triggers={"audit_file": {"path": str(audit), "poll_seconds": 0.05}}).start()
     d.wait_ready()
     assert d.status()["last_full_pass"]["trigger"] == "startup"
-    next_full = d.status()["daemon"]["next_full_pass_at"]
+    next_full = unix(d.status()["daemon"]["next_full_pass_at"])
     assert next_full - time.time() > 500  # so what follows cannot be the schedule
 
     wall = time.time()
@@ -336,7 +336,7 @@ def test_sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_invalid(open
     d.wait_ready()
 
     def next_full_in() -> float:
-        return float(d.status()["daemon"]["next_full_pass_at"]) - time.time()
+        return unix(d.status()["daemon"]["next_full_pass_at"]) - time.time()
 
     assert next_full_in() > 500
     d.get("/healthz")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import WEBHOOK_TOKEN, DaemonProc, Stack
+from tests.support.data import unix
 from tests.support.openbao import OpenBao
 from tests.support.procs import free_port, wait_for
 
@@ -52,7 +53,7 @@ def audit_devices(bao: OpenBao) -> dict[str, str]:
 def last_trigger(d: DaemonProc, wall: float) -> str | None:
     """The trigger of the daemon's last targeted pass, once one started after `wall`."""
     last = d.status().get("last_pass")
-    return str(last["trigger"]) if last and last["started_at"] >= wall and not last["full"] else None
+    return str(last["trigger"]) if last and unix(last["started_at"]) >= wall and not last["full"] else None
 
 
 def test_device_added_with_sighup_while_the_bridge_runs(stacks: Callable[[OpenBao], Stack], tmp_path: Path) -> None:

@@ -10,18 +10,18 @@ from typing import Any
 
 import pytest
 
-from bridge.config import HASettings, parse_settings
+from bridge.config import HASettings, looks_like_advertise_address, parse_settings
 from bridge.daemon.ha import (
     FORWARD_HEADER,
     FORWARD_MAX_SKEW_SECONDS,
     Lease,
     forward_to_leader,
-    looks_like_advertise_address,
     sign_forward,
     verify_forward,
 )
-from bridge.errors import CasConflict, VaultUnavailable
+from bridge.errors import CasConflict, ConfigError, VaultUnavailable
 from bridge.metrics import Metrics
+from tests.support.config import raw_config
 from tests.support.openbao import OpenBao
 
 TTL = 15.0
@@ -339,6 +339,24 @@ def test_a_signed_forward_is_accepted_only_with_the_key_the_body_and_a_fresh_tim
 ])
 def test_advertise_addresses_that_look_like_one(address: str) -> None:
     assert looks_like_advertise_address(address)
+
+
+@pytest.mark.parametrize(("given", "kept"), [
+    ("http://fd00::5:8080", "http://[fd00::5]:8080"),  # a bare IPv6 pod IP from $(POD_IP)
+    ("https://2001:db8::1:8443/", "https://[2001:db8::1]:8443"),
+    ("http://[fd00::5]:8080", "http://[fd00::5]:8080"),
+    ("http://10.0.0.1:8080", "http://10.0.0.1:8080"),
+    ("http://bridge.ns.svc:8080", "http://bridge.ns.svc:8080"),
+])
+def test_an_ipv6_pod_address_gets_its_brackets(given: str, kept: str) -> None:
+    settings = parse_settings(raw_config(ha={"enabled": True, "advertise_address": given}))
+    assert settings.ha.advertise_address == kept and looks_like_advertise_address(kept)
+
+
+@pytest.mark.parametrize("address", ["http://fd00::5", "http://fd00::zz:8080", "http://::1:8080/x"])
+def test_an_address_that_is_not_ipv6_with_a_port_is_still_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"ha\.advertise_address"):
+        parse_settings(raw_config(ha={"enabled": True, "advertise_address": address}))
 
 
 @pytest.mark.parametrize("address", [

@@ -341,6 +341,40 @@ def test_metrics_and_status_behind_the_metrics_token(hooks: Hooks) -> None:
 
 
 @pytest.mark.slow
+def test_requests_waiting_for_a_worker_are_counted_not_logged(hooks: Hooks, caplog: pytest.LogCaptureFixture) -> None:
+    """waitress warns for every request that finds all workers busy; a scrape burst would be a log line each."""
+    import threading
+
+    release, entered = threading.Event(), threading.Event()
+
+    def slow_status() -> dict[str, Any]:
+        entered.set()
+        release.wait(5)
+        return {"secrets": []}
+
+    hooks.status = slow_status  # type: ignore[method-assign]
+    caplog.set_level(logging.DEBUG)
+    server, port = start(hooks, threads=1)
+    try:
+        blocker = threading.Thread(target=call, args=(port, "GET", "/v1/status"))
+        blocker.start()
+        assert entered.wait(5)  # the one worker is busy
+        waiting = [threading.Thread(target=call, args=(port, "GET", "/healthz")) for _ in range(3)]
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 5
+        while server.metrics.registry.get_sample_value("cybedefend_bridge_http_requests_queued_total") != 3.0:
+            assert time.monotonic() < deadline, "the queued requests were not counted"
+            time.sleep(0.01)
+        release.set()
+        for t in [blocker, *waiting]:
+            t.join(5)
+    finally:
+        release.set()
+        server.stop()
+    assert not [r for r in caplog.records if r.name.startswith("waitress.queue")]
+
+
 def test_trickling_clients_neither_hold_threads_nor_block_a_normal_client(hooks: Hooks) -> None:
     """200 clients that send a request one byte at a time cost sockets, not threads."""
     import socket

@@ -21,7 +21,7 @@ from bridge.errors import AmbiguousWrite, InvalidRequest, LegacyApiKeyGone, Rate
 from bridge.ledger import SqliteLedger
 from bridge.model import Sensitive, State
 from bridge.ports import PassRequest
-from tests.support.data import ORG, PROJECTS, assert_no_leak, tagged, token
+from tests.support.data import ORG, PROJECTS, assert_no_leak, tagged, token, unix
 from tests.support.openbao import OpenBao
 from tests.support.vault_side import FakeVault, OpenBaoVault, VaultSide
 from tests.support.world import FULL, World
@@ -345,6 +345,18 @@ def test_status_never_contains_values(vw: World) -> None:
     text = json.dumps(vw.engine.status())
     assert vw.key("a") in text
     assert_no_leak([text, repr(vw.ledger.all())], vw.tokens)
+
+
+def test_status_times_are_iso_8601_utc(w: World) -> None:
+    w.put("a", 1)
+    report = w.run()
+    doc = w.engine.status()
+    # Every timestamp a reader of /v1/status sees is ISO 8601 with its UTC offset, and the same instant.
+    assert unix(doc["last_pass"]["started_at"]) == pytest.approx(report.started_at, abs=1e-3)
+    assert unix(doc["last_full_pass"]["finished_at"]) == pytest.approx(report.finished_at, abs=1e-3)
+    assert unix(doc["secrets"][0]["updated_at"]) == pytest.approx(w.ledger.all()[0].updated_at, abs=1e-3)
+    assert doc["secrets"][0]["next_attempt_at"] is None
+    json.dumps(doc)  # plain JSON, no `default=str` needed
 
 
 def test_rejected_new_version_keeps_the_old_credential(vw: World) -> None:

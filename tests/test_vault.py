@@ -489,3 +489,20 @@ def test_unreachable_vault_is_unavailable_not_a_library_error(tmp_path: Path) ->
     assert isinstance(info.value.__cause__, VaultUnavailable) and "hvs.unreachable-token" not in str(info.value)
     assert vs.healthy() is False
     vs.close()
+
+
+def test_a_failure_report_never_shows_an_issued_openbao_root_token() -> None:
+    from tests.conftest import scrub_report
+    from tests.support.openbao import ISSUED_TOKENS
+
+    token = "root-" + "a1" * 12
+    ISSUED_TOKENS.add(token)
+    try:
+        report = pytest.TestReport("t.py::t", ("t.py", 1, "t"), {}, "failed",
+                                   f"hvac.exceptions.Forbidden: headers {{'X-Vault-Token': '{token}'}}", "call",
+                                   [("Captured stdout call", f"token={token}\n")])
+        scrub_report(report)
+        assert token not in str(report.longrepr) and "X-Vault-Token': '***'" in str(report.longrepr)
+        assert report.sections == [("Captured stdout call", "token=***\n")]
+    finally:
+        ISSUED_TOKENS.discard(token)

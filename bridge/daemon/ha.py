@@ -30,13 +30,12 @@ import hmac
 import json
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import httpx
 
-from bridge.config import HASettings
+from bridge.config import HASettings, looks_like_advertise_address
 from bridge.errors import BridgeError, CasConflict, LeaseLost
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
@@ -301,18 +300,6 @@ class LeaseKeeper:
 
 def _number(value: object) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def looks_like_advertise_address(address: str) -> bool:
-    """`http(s)://host:port` and nothing more: no user info, path, query or fragment."""
-    try:
-        parts = urllib.parse.urlsplit(address)
-        port = parts.port
-    except ValueError:
-        return False
-    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None
-            and parts.username is None and parts.password is None and parts.path in ("", "/")
-            and not parts.query and not parts.fragment)
 
 
 def sign_forward(key: bytes, body: bytes, now: float) -> str:

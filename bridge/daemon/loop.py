@@ -49,6 +49,7 @@ from bridge.daemon.server import Check, Hooks, IngestResult
 from bridge.errors import ConfigError, IngestRejected
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
+from bridge.model import iso8601
 from bridge.ports import PassRequest, PassRunner
 
 log = get_logger(__name__)
@@ -454,7 +455,7 @@ class Daemon:
             # probe it on its own, since every probe would cost a token exchange.
             "cybedefend": {"healthy": None if self._last_result is None else self._last_result != "failed",
                            "last_pass_result": self._last_result},
-            "next_full_pass_at": self._scheduler.next_run_time() if self._scheduler else None,
+            "next_full_pass_at": iso8601(self._scheduler.next_run_time() if self._scheduler else None),
             "last_full_pass_age_seconds": None if age is None else round(age, 3),
             "last_full_pass_fresh": fresh,
             "last_full_pass_max_age_seconds": round(limit, 3),

@@ -150,6 +150,16 @@ _Response = tuple[int, bytes, str, list[tuple[str, str]]]
 _TEXT = "text/plain; charset=utf-8"
 
 
+class _QueueCounter:
+    """What waitress's task dispatcher calls as its `waitress.queue` logger: counts, never prints."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def warning(self, msg: str, *args: object) -> None:
+        self._metrics.http_queued.inc()
+
+
 class HttpServer:
     """Serves the endpoints on `settings.bind:settings.port` from `start()` until `stop()`."""
 
@@ -225,6 +235,10 @@ class HttpServer:
                 asyncore_use_poll=True,  # select() fails past fd 1024; poll() does not
                 asyncore_loop_timeout=1,
             )
+            # waitress logs a warning for every request that finds all workers busy: under a burst
+            # of scrapes, a log line per request. Counted instead (the dispatcher's attribute is
+            # its class's logger; this instance gets its own).
+            server.task_dispatcher.queue_logger = _QueueCounter(self.metrics)
             self._server = server
             if "unix_socket" in listen:
                 assert s.tls_cert_file is not None and s.tls_key_file is not None

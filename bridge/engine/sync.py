@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.config import Settings
@@ -27,7 +27,7 @@ from bridge.errors import AuthenticationError, BridgeError, LeaseLost, LegacyApi
 from bridge.keyring import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
-from bridge.model import Action, ActionKind, Outcome, RemoteCredential, Result, State, VaultEntry
+from bridge.model import Action, ActionKind, Outcome, RemoteCredential, Result, State, VaultEntry, iso8601
 from bridge.planner import (
     RemoteView,
     Scope,
@@ -401,8 +401,8 @@ class SyncEngine:
             "instance": self._s.sync.instance,
             "deletion_policy": self._s.sync.deletion_policy,
             "delete_guard_tripped": self._guard_tripped,
-            "last_pass": asdict(self._last) if self._last else None,
-            "last_full_pass": asdict(self._last_full) if self._last_full else None,
+            "last_pass": self._last.to_json() if self._last else None,
+            "last_full_pass": self._last_full.to_json() if self._last_full else None,
             "pending_deletes": len(self._ledger.pending_deletes()),
             "counts": dict(Counter(r.state.value for r in rows)),
             "secrets": [
@@ -418,8 +418,8 @@ class SyncEngine:
                     "last_result": r.last_result,
                     "reason": r.reason,
                     "attempts": r.attempts,
-                    "next_attempt_at": r.next_attempt_at,
-                    "updated_at": r.updated_at,
+                    "next_attempt_at": iso8601(r.next_attempt_at),
+                    "updated_at": iso8601(r.updated_at),
                 }
                 for r in rows
             ],

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import parse_settings
+from bridge.config import looks_like_advertise_address, parse_settings
+from bridge.daemon.ha import WRITE_MARGIN_SECONDS
 from tests.deploy.deploy_tools import (
     CHART,
     KUBE_VERSIONS,
@@ -166,9 +167,16 @@ def test_ha_advertises_the_pod_ip() -> None:
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["BRIDGE_HA_ADVERTISE_ADDRESS"]["value"] == "http://$(POD_IP):8080"
     assert _bridge_config(docs)["ha"]["enabled"] is True
+    # The HA example must not start with the short-TTL warning: a renewed lease outlives a write.
+    ha = parse_settings(_bridge_config(docs), env={"BRIDGE_HA_ADVERTISE_ADDRESS": "http://10.1.2.3:8080"})
+    assert ha.ha.ttl_seconds * (1 - ha.ha.renew_fraction) >= ha.cybedefend.timeout_seconds + WRITE_MARGIN_SECONDS
     # The bridge reads that variable when the file leaves ha.advertise_address unset.
     settings = parse_settings(_bridge_config(docs), env={"BRIDGE_HA_ADVERTISE_ADDRESS": "http://10.1.2.3:8080"})
     assert settings.ha.advertise_address == "http://10.1.2.3:8080"
+    # An IPv6 pod: Kubernetes substitutes the bare address; the bridge adds the brackets a URL needs.
+    settings = parse_settings(_bridge_config(docs), env={"BRIDGE_HA_ADVERTISE_ADDRESS": "http://fd00:10:244::5:8080"})
+    assert settings.ha.advertise_address == "http://[fd00:10:244::5]:8080"
+    assert looks_like_advertise_address(settings.ha.advertise_address)
 
 
 def test_full_value_set_renders_every_template() -> None:

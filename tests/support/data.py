@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import urllib.parse
 import uuid
@@ -61,3 +62,12 @@ def assert_no_leak(texts: Iterable[str], secrets: Iterable[str]) -> None:
         for form in set(forms(s)):
             # Fail with the *position*, never by printing the secret itself.
             assert form not in blob, f"a secret leaked (form #{forms(s).index(form)}) at offset {blob.find(form)}"
+
+
+def unix(stamp: object) -> float:
+    """Unix seconds from an ISO 8601 timestamp of a JSON surface (`/v1/status`, `-o json`); it must
+    carry its offset, so a naive local time (which would silently shift by the zone) fails here."""
+    assert isinstance(stamp, str), f"not an ISO 8601 string: {stamp!r}"
+    when = datetime.datetime.fromisoformat(stamp)
+    assert when.utcoffset() == datetime.timedelta(0), f"not UTC: {stamp!r}"
+    return when.timestamp()

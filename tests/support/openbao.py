@@ -18,7 +18,19 @@ import hvac
 
 from cybedefend_double.openbao import DevOpenBao, Mode, find_bao, free_port_pair
 
-__all__ = ["Mode", "OpenBao", "find_bao", "free_port_pair"]
+__all__ = ["ISSUED_TOKENS", "Mode", "OpenBao", "find_bao", "free_port_pair", "scrub_tokens"]
+
+
+# Root tokens of every server this process started: tests/conftest.py scrubs them from failure
+# reports and captured output (an hvac error or an assertion's values could otherwise print one).
+ISSUED_TOKENS: set[str] = set()
+
+
+def scrub_tokens(text: str) -> str:
+    for token in ISSUED_TOKENS:
+        if token:
+            text = text.replace(token, "***")
+    return text
 
 
 class OpenBao(DevOpenBao):
@@ -26,6 +38,7 @@ class OpenBao(DevOpenBao):
 
     def start(self, timeout: float = 20.0) -> OpenBao:
         super().start(timeout)
+        ISSUED_TOKENS.add(self.root_token)  # known after start: a file-mode server makes it at init
         return self
 
     def __enter__(self) -> OpenBao:
