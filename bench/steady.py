@@ -17,13 +17,15 @@ from typing import Any
 
 from bench.daemon_proc import DaemonProcess
 from bench.floors import curl_fetch
+from bench.memory import OneShot, bare_python_kib, import_floor_kib, oneshot_peak_kib
 from bench.procs import BridgeProcess
-from bench.rig import Lab
+from bench.rig import Lab, new_simulator
 from bench.stats import median
 from cybedefend_double.simulator import Simulator
 
 LISTING = ("scan", "list")
 AUTH_ENDPOINTS = ("client_apps", "token_exchange")
+RESOURCES_N = 10_000  # targets 4: the daemon with 10,000 tracked, the process that registers them
 
 
 @dataclass
@@ -37,6 +39,8 @@ class SizeResult:
     k_vault_requests: dict[str, int] = field(default_factory=dict)
     k_api: dict[str, int] = field(default_factory=dict)
     k_counts: dict[str, int] = field(default_factory=dict)
+    targeted_vault_requests: dict[str, int] = field(default_factory=dict)  # one targeted pass after one write
+    daemon_peak_rss_kib: int = 0  # a daemon started on this ledger: VmHWM after its start-up pass over n
 
     @property
     def ratio(self) -> float:
@@ -59,6 +63,11 @@ class Resources:
     idle_seconds: float
     idle_cpu_seconds: float
     worker_peak_rss_kib: int  # the bench worker that registered all n from scratch, then passed over them
+    status_bytes: int = 0  # one GET /v1/status after idling: its size...
+    peak_after_status_kib: int = 0  # ...and the daemon's VmHWM after it
+    oneshot: OneShot | None = None  # `sync --once` registering n new tokens, its own process
+    floor_kib: int = 0  # python + the third-party libraries, nothing of the bridge (bench.memory)
+    bare_python_kib: int = 0
 
 
 def _api_counts(sim: Simulator) -> Counter[str]:
@@ -88,26 +97,67 @@ def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeat
     out.k_vault_requests = dict(doc["vault_requests"])
     out.k_counts = {name: c for name, c in doc["counts"].items() if c and name != "skipped"}
     out.k_api = dict(_api_counts(sim))
+    # What one write heard by a trigger costs Vault: a targeted pass over the rewritten secret.
+    one = rng.randrange(n)
+    lab.rotate([one])
+    doc = bridge.targeted([lab.key(one)])
+    out.targeted_vault_requests = dict(doc["vault_requests"])
+    if doc["counts"].get("rotated") != 1:
+        raise RuntimeError(f"a targeted pass after one write did not rotate it: {doc['counts']}")
     return out
 
 
+def daemon_peak(raw: dict[str, Any], workdir: Path, n: int) -> int:
+    """VmHWM (KiB) of a daemon started on the ledger of n registered secrets, after its start-up pass."""
+    with DaemonProcess(raw, workdir, f"peak-{n}") as daemon:
+        return daemon.status_kib()["VmHWM"]
+
+
 def measure_daemon(raw: dict[str, Any], workdir: Path, n: int, idle_seconds: float, worker_peak_kib: int) -> Resources:
-    """The daemon on the ledger the worker filled: its start-up pass over n, then idle."""
+    """The daemon on the ledger the worker filled: its start-up pass over n, then idle, then one status."""
     with DaemonProcess(raw, workdir, "resources") as daemon:
         time.sleep(1.0)  # let the pass's threads wind down and the scheduler settle into its wait
         before = daemon.cpu_seconds()
         time.sleep(idle_seconds)
         used = daemon.cpu_seconds() - before
         status = daemon.status_kib()
+        size = daemon.status_once()
+        after = daemon.status_kib()["VmHWM"]
     return Resources(n=n, peak_rss_kib=status["VmHWM"], rss_after_idle_kib=status["VmRSS"], idle_seconds=idle_seconds,
-                     idle_cpu_seconds=used, worker_peak_rss_kib=worker_peak_kib)
+                     idle_cpu_seconds=used, worker_peak_rss_kib=worker_peak_kib, status_bytes=size,
+                     peak_after_status_kib=after)
+
+
+def resources_n(sizes: list[int]) -> int:
+    """The N of the resource targets (10,000 tracked), or the largest N of a smaller run."""
+    return RESOURCES_N if RESOURCES_N in sizes else max(sizes)
 
 
 def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeats: int, k: int,
                idle_seconds: float, seed: int = 7) -> tuple[list[SizeResult], Resources]:
     rng = random.Random(seed)
     raw: dict[str, Any] = lab.raw_settings(sim.url, "steady")
+    target = resources_n(sizes)
+    results: list[SizeResult] = []
+    resources: Resources | None = None
+    oneshot: OneShot | None = None
     with BridgeProcess(raw, workdir, "steady") as bridge:
-        results = [measure_size(lab, sim, bridge, n, repeats, k, rng) for n in sorted(sizes)]
-        worker_peak = int(bridge.ask("resources")["vm_hwm_kib"])
-    return results, measure_daemon(raw, workdir, max(sizes), idle_seconds, worker_peak)
+        for n in sorted(sizes):
+            result = measure_size(lab, sim, bridge, n, repeats, k, rng)
+            # The memory slope: a daemon on the ledger of exactly n, its peak after the start-up pass.
+            result.daemon_peak_rss_kib = daemon_peak(raw, workdir, n)
+            results.append(result)
+            if n == target:
+                # While Vault holds exactly n: the resource targets are measured at this N.
+                worker_peak = int(bridge.ask("resources")["vm_hwm_kib"])
+                resources = measure_daemon(raw, workdir, n, idle_seconds, worker_peak)
+                fresh = new_simulator()
+                try:
+                    oneshot = oneshot_peak_kib(lab.raw_settings(fresh.url, f"oneshot-{n}"), workdir, n)
+                finally:
+                    fresh.stop()
+    assert resources is not None
+    resources.oneshot = oneshot
+    resources.floor_kib = import_floor_kib()
+    resources.bare_python_kib = bare_python_kib()
+    return results, resources

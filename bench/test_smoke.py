@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from bench.cold import run_cold
+from bench.load import load_rows, render_load
 from bench.procs import BridgeProcess
 from bench.report import BEGIN, END, write
+from bench.report_memory import memory_slope
 from bench.rig import Lab, new_simulator
 from bench.stats import linear_fit, percentile
-from bench.steady import measure_size
+from bench.steady import SizeResult, measure_size
 from tests.support.data import PROJECTS
 
 N, K = 50, 5
@@ -55,6 +57,8 @@ def test_steady_pass_and_k_changed_request_counts(lab: Lab) -> None:
     assert api.get("create") == K and api.get("delete") == K, api
     assert api.get("list", 0) <= len(PROJECTS)  # one listing per project touched, not per secret
     assert sum(api.values()) <= 4 * K + len(PROJECTS)
+    # One write heard by a trigger: its metadata and its value, nothing else (benchmark 6 uses this).
+    assert result.targeted_vault_requests == {"metadata": 1, "read": 1}, result.targeted_vault_requests
 
 
 @pytest.mark.integration
@@ -85,6 +89,25 @@ def test_statistics() -> None:
     assert linear_fit([1, 2, 3], [1, 3, 2])[2] < 0.5
     assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
     assert percentile(list(range(101)), 99) == pytest.approx(99)
+
+
+def test_vault_load_is_computed_from_the_measured_counts() -> None:
+    rows = load_rows({1000: 1001, 3000: 3001, 10000: 10001}, per_write=2, interval_s=300, freshness_s=0.5)
+    assert [r.n for r in rows] == [1000, 10000]
+    r = rows[1]
+    assert r.bridge_per_hour == pytest.approx(12 * 10001 + 2 * 10000 / 720)
+    assert r.eso_per_hour == pytest.approx(7200 * 10000)
+    text = "\n".join(render_load(rows))
+    assert "10,000" in text and "500 ms" in text
+
+
+def test_memory_slope_fits_the_daemon_peaks() -> None:
+    sizes = [SizeResult(n, daemon_peak_rss_kib=60 * 1024 + n) for n in (100, 300, 1000)]
+    fit = memory_slope(sizes)
+    assert fit is not None
+    slope, intercept, r2 = fit
+    assert slope == pytest.approx(1.0) and intercept == pytest.approx(60.0) and r2 == pytest.approx(1.0)
+    assert memory_slope(sizes[:1]) is None
 
 
 def test_scrape_bench_serves_the_same_metrics_on_both_servers() -> None:

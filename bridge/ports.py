@@ -122,6 +122,11 @@ class Ledger(Protocol):
 
     def all(self) -> list[LedgerRecord]: ...
 
+    def unsettled(self, now: float) -> list[LedgerRecord]:
+        """At least every row failed, rejected or pending, or in a backoff past `now`; fewer rows
+        than `all()` (the pass report filters them again)."""
+        ...
+
     def put(self, record: LedgerRecord, *, durable: bool = True) -> None:
         """Insert or replace, durably (committed before returning).
 

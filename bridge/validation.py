@@ -7,8 +7,10 @@ up in a log line because it was malformed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import sys
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,8 +57,15 @@ class Tags:
     @property
     def digest(self) -> str:
         """Identifies these tags (not a secret: tags are plain metadata)."""
-        text = f"{self.project_id}\0{self.organization_id}\0{self.description or ''}"
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return _tags_digest(self.project_id, self.organization_id, self.description)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tags_digest(project_id: str, organization_id: str, description: str | None) -> str:
+    # Cached: most secrets share their tags, so they share one digest string (it is kept in
+    # every Action and ledger row) instead of each computing and holding its own copy.
+    text = f"{project_id}\0{organization_id}\0{description or ''}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +108,9 @@ def read_tags(
         cleaned = "".join(" " if _has_control(ch) else ch for ch in desc).strip()
         cleaned = cleaned.replace("[cybedefend-bridge:", "(cybedefend-bridge:")  # no forged markers
         description = cleaned[: sync.description_max_length].rstrip() or None
-    return Tags(project.strip().lower(), org.strip().lower(), description)
+    # Interned: thousands of secrets name the same few projects and organizations, and each
+    # Tags (then each Action) would otherwise hold its own lowercased copy of the same UUID.
+    return Tags(sys.intern(project.strip().lower()), sys.intern(org.strip().lower()), description)
 
 
 def read_payload(data: Mapping[str, Any] | None, source: SourceSettings, sync: SyncSettings) -> Payload | Rejection:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.engine.sync import failing_rows
 from bridge.errors import LedgerError
 from bridge.ledger import SCHEMA_VERSION, SqliteLedger
 from bridge.model import State
@@ -87,6 +88,37 @@ def test_round_trip_of_every_field(ledger: SqliteLedger) -> None:
     ledger.put(bare)
     assert ledger.get("kv1/x") == bare
     assert ledger.all() == [bare, rec]  # ordered by key
+
+
+def test_unsettled_holds_every_row_a_pass_report_names_and_no_settled_one(ledger: SqliteLedger) -> None:
+    now = 1_000.0
+    rows = {
+        "s/failed": full_record("s/failed", state=State.FAILED, next_attempt_at=None),
+        "s/rejected": full_record("s/rejected", state=State.REJECTED, next_attempt_at=None),
+        "s/pending": full_record("s/pending", state=State.PENDING, next_attempt_at=now - 1),
+        "s/backoff": full_record("s/backoff", state=State.REGISTERED, next_attempt_at=now + 60),
+        "s/ok": full_record("s/ok", state=State.REGISTERED, next_attempt_at=None),
+        "s/ok-past": full_record("s/ok-past", state=State.REGISTERED, next_attempt_at=now - 60),
+        "s/retired": full_record("s/retired", state=State.RETIRED, next_attempt_at=now + 60),
+        "s/orphaned": full_record("s/orphaned", state=State.ORPHANED, next_attempt_at=now + 60),
+        "s/missing": full_record("s/missing", state=State.MISSING, next_attempt_at=None),
+    }
+    for rec in rows.values():
+        ledger.put(rec)
+    unsettled = ledger.unsettled(now)
+    assert [r.key for r in unsettled] == ["s/backoff", "s/failed", "s/pending", "s/rejected"]
+    # The pass report reads these instead of every row, and must name the same secrets.
+    assert failing_rows(unsettled, now) == failing_rows(ledger.all(), now)
+    assert all(r == rows[r.key] for r in unsettled)
+
+
+def test_rows_read_together_are_equal_to_what_was_put(ledger: SqliteLedger) -> None:
+    # all() hands out one string object per repeated value of a column; the records are unchanged.
+    recs = [full_record(f"secret/team/{i:03d}", credential_id=f"cred-{i}", reason=f"why {i % 3}") for i in range(50)]
+    for rec in recs:
+        ledger.put(rec)
+    assert ledger.all() == recs
+    assert ledger.all()[0].state is State.FAILED
 
 
 def test_put_is_an_upsert_and_keeps_created_at(tmp_path: Path) -> None:

@@ -410,10 +410,12 @@ class SyncEngine:
             result, error = "failed", str(exc)
             log.error("pass_failed", error=error)
         counts_out = {k: counts.get(k, 0) for k in SUMMARY_KEYS}
+        finished = self._clock()
         report = PassReport(
-            trigger=request.trigger, full=full, started_at=started, finished_at=self._clock(), result=result,
+            trigger=request.trigger, full=full, started_at=started, finished_at=finished, result=result,
             counts=counts_out, vault_requests=dict(self._source.request_counts()), error=error,
-            delete_guard_tripped=self._guard_tripped, failing=failing_rows(self._ledger.all(), self._clock()),
+            # Only the unsettled rows are read back, not the whole ledger a second time.
+            delete_guard_tripped=self._guard_tripped, failing=failing_rows(self._ledger.unsettled(finished), finished),
         )
         self._publish(report, self._mono() - t0)
         return report

@@ -13,6 +13,7 @@ from __future__ import annotations
 import calendar
 import queue
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -219,7 +220,9 @@ class VaultSource:
         current = int(d.get("current_version") or 0)
         meta = (d.get("versions") or {}).get(str(current)) or {}
         deleted = current == 0 or bool(meta.get("destroyed")) or _past(meta.get("deletion_time"), self._wall())
-        tags = {str(k): str(v) for k, v in (d.get("custom_metadata") or {}).items()}
+        # Interned: each JSON document brings its own copy of the same tag names and of the few
+        # project ids, and every entry of a pass keeps its tags (docs/benchmarks.md, memory).
+        tags = {sys.intern(str(k)): sys.intern(str(v)) for k, v in (d.get("custom_metadata") or {}).items()}
         stamp = meta.get("created_time")
         return VaultEntry(ref, current or None, tags, deleted=deleted, source_index=index,
                           stamp=stamp if isinstance(stamp, str) else None)
