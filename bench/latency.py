@@ -104,13 +104,13 @@ def _arrivals(sim: Simulator, written: dict[str, float]) -> list[float]:
 
 def _device(path: TriggerPath, lab: Lab, daemon_port: int, socket_port: int) -> str:
     if path == "socket":
-        return (f'audit "socket" "bridge" {{\n  options {{\n    address = "127.0.0.1:{socket_port}"\n'
+        return (f'audit "socket" "trigger" {{\n  options {{\n    address = "127.0.0.1:{socket_port}"\n'
                 '    socket_type = "tcp"\n  }\n}\n')
     auth = lab.workdir / "bao-audit-authorization"
     auth.write_text(f"Bearer {WEBHOOK}")  # no newline: OpenBao sends the file as it is
     auth.chmod(0o600)
     headers = json.dumps({"Authorization": [f"file://{auth}"]})  # the token stays out of OpenBao's config
-    return (f'audit "http" "bridge" {{\n  options {{\n    uri = "http://127.0.0.1:{daemon_port}/v1/audit"\n'
+    return (f'audit "http" "trigger" {{\n  options {{\n    uri = "http://127.0.0.1:{daemon_port}/v1/audit"\n'
             f"    headers = {json.dumps(headers)}\n  }}\n}}\n")
 
 
@@ -125,7 +125,7 @@ def _add_device(lab: Lab, text: str, kind: str) -> None:
     config.write_text(config.read_text() + text)
     assert lab.bao.pid is not None
     os.kill(lab.bao.pid, signal.SIGHUP)
-    wait_for(lambda: _audit_devices(lab).get("bridge/") == kind, 30, 0.2)
+    wait_for(lambda: _audit_devices(lab).get("trigger/") == kind, 30, 0.2)
 
 
 def run_latency(workdir: Path, writes: int, case: LatencyCase, *, secrets: int = 1000,
