@@ -98,7 +98,7 @@ def render(r: Results, bao: str) -> str:
     for la in r.latency:
         ratio = la.p("bridge", 99) / la.p("floor", 99)
         met = ratio <= 3 and la.p("bridge", 99) < 1 and not la.missing
-        lines.append(f"| 3 | Write-to-registered p99 (poll {la.poll_seconds} s, debounce {la.debounce_seconds} s) | "
+        lines.append(f"| 3 | Write-to-registered p99 ({la.label}) | "
                      f"{_ms(la.p('bridge', 99))} | {_ms(la.p('floor', 99))} | {ratio:.1f}x | <= 3x and < 1 s | {_ok(met)} |")
     res = r.resources
     lines += [
@@ -140,16 +140,22 @@ def render(r: Results, bao: str) -> str:
         f"Ledger commits in one bridge pass: {c.ledger_commits:,}. "
         f"CybeDefend requests of one bridge pass: {', '.join(f'{k} {v}' for k, v in sorted(c.api_requests.items()))}.",
         "", "## 3. Write-to-registered latency", "",
-        "| Setting | Writes | Missing | Bridge p50 | Bridge p99 | Floor p50 | Floor p99 | p99 ratio |", "|---|---|---|---|---|---|---|---|",
+        "| Setting | Writes | Missing | Bridge p50 | Bridge p99 | Floor p50 | Floor p99 | p99 ratio | Floor + listing p99 | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for la in r.latency:
-        lines.append(f"| poll {la.poll_seconds} s, debounce {la.debounce_seconds} s | {la.writes} | {la.missing} | "
+        lines.append(f"| {la.label} | {la.writes} | {la.missing} | "
                      f"{_ms(la.p('bridge', 50))} | {_ms(la.p('bridge', 99))} | {_ms(la.p('floor', 50))} | "
-                     f"{_ms(la.p('floor', 99))} | {la.p('bridge', 99) / la.p('floor', 99):.1f}x |")
+                     f"{_ms(la.p('floor', 99))} | {la.p('bridge', 99) / la.p('floor', 99):.1f}x | "
+                     f"{_ms(la.p('floor_listing', 99))} | {la.p('bridge', 99) / la.p('floor_listing', 99):.1f}x |")
     lines += [
         "", f"{lat.tracked:,} secrets tracked by the bridge; writes at uniform random spacing {lat.spacing[0]}-{lat.spacing[1]} s, "
         "round-robin over them. "
-        "The first row is the shipped defaults (`triggers.audit_file.poll_seconds`, `triggers.debounce_seconds`).",
+        "Rows marked *shipped defaults* (one per trigger path: file audit device tailed, socket audit device, http audit "
+        "device POSTing to `/v1/audit`) are what target 1 is judged on; the floor of each row ran in the same lab, "
+        "with the same audit device and the daemon still running. *Floor + listing* adds the GET of the organization's "
+        f"credentials ({lat.tracked:,} of them, from the bridge's double) that an exactly-once client needs before a "
+        "create without an idempotency key (ADRs 4 and 7); it is information, target 1 divides by the plain floor.",
         "", "## 4. Resources", "",
         f"The daemon (`python -m bridge run`) started on the ledger of the {res.n:,} registered secrets: its start-up "
         f"pass over them, then {res.idle_seconds:.0f} s idle before the next scheduled pass. Peak RSS (VmHWM) "

@@ -55,10 +55,12 @@ def new_simulator() -> Simulator:
 class Lab:
     """OpenBao + a KV v2 mount + a work directory; secrets `dockerhub/team-NNNNN` seeded on demand."""
 
-    def __init__(self, workdir: Path, *, audit: bool = False) -> None:
+    def __init__(self, workdir: Path, *, audit: bool = False, extra_config: str = "") -> None:
         self.workdir = workdir
         self.audit_log = workdir / "audit.log" if audit else None
-        self.bao = OpenBao("dev", workdir=workdir / "bao", audit_log=self.audit_log)
+        # `extra_config` (even a comment) makes OpenBao start from a config file, so an audit
+        # device can be declared later and loaded with SIGHUP (bench/latency.py does).
+        self.bao = OpenBao("dev", workdir=workdir / "bao", audit_log=self.audit_log, extra_config=extra_config)
         self.mount = "bench"
         self.seeded: dict[str, int] = {}  # prefix -> secrets written there (indices 0..n-1)
         self.generation: dict[tuple[str, int], int] = {}

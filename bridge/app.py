@@ -380,8 +380,9 @@ def run_daemon(config_path: Path) -> int:
                            exclude=[bridge.vault.state_location])
     services: list[AuditFileTailer | AuditSocketListener] = []
     if settings.triggers.audit_file is not None:
-        services.append(AuditFileTailer(settings.triggers.audit_file.path, line_handler(matcher, queue, "audit_file"),
-                                        poll_seconds=settings.triggers.audit_file.poll_seconds, stop=services_stop))
+        tail = settings.triggers.audit_file
+        services.append(AuditFileTailer(tail.path, line_handler(matcher, queue, "audit_file"), poll_seconds=tail.poll_seconds,
+                                        stop=services_stop, watch=tail.watch, recheck_seconds=tail.recheck_seconds))
     if listener is not None:
         socket_handler.append(line_handler(matcher, queue, "audit_socket"))
         services.append(listener)

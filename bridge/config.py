@@ -335,7 +335,13 @@ class ServerSettings(_Section):
 
 class AuditFileSettings(_Section):
     path: Path = Field(description="The file audit device's log, followed like `tail -F`.")
-    poll_seconds: float = Field(0.2, gt=0, le=10, description="How often the file is checked for new lines and rotation, seconds.")
+    watch: Literal["auto", "poll"] = Field(
+        "auto", description="auto: wake on Linux inotify events for the file, polling where inotify is missing, out of watches or blind (network file systems); poll: always poll."
+    )
+    poll_seconds: float = Field(0.2, gt=0, le=10, description="When polling (or draining a rotated file), how often the file is checked for new lines and rotation, seconds.")
+    recheck_seconds: float = Field(
+        1.0, gt=0, le=60, description="With inotify, the file is still checked this often without an event (inotify misses some rotations and remote writes), seconds."
+    )
 
 
 class AuditSocketSettings(_Section):

@@ -197,7 +197,7 @@ def test_tailer_waits_for_the_file_and_reads_it_from_the_start(tmp_path: Path) -
     t.close()
 
 
-def test_tailer_thread_stops_promptly_and_does_not_busy_loop(tmp_path: Path) -> None:
+def test_polling_tailer_thread_stops_promptly_and_does_not_busy_loop(tmp_path: Path) -> None:
     log_file = tmp_path / "audit.log"
     log_file.write_bytes(b"")
     got: list[bytes] = []
@@ -208,7 +208,7 @@ def test_tailer_thread_stops_promptly_and_does_not_busy_loop(tmp_path: Path) -> 
         sleeps.append(s)
         stop.wait(s)
 
-    t = AuditFileTailer(log_file, got.append, poll_seconds=0.05, stop=stop, sleep=sleep)
+    t = AuditFileTailer(log_file, got.append, poll_seconds=0.05, stop=stop, sleep=sleep, watch="poll")
     started = time.monotonic()
     t.start()
     time.sleep(0.1)

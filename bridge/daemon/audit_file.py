@@ -1,6 +1,8 @@
 """Following a file audit device like `tail -F`: rotation, truncation, start at the end.
 
 Each complete line goes to an `on_line` callback (see `bridge.daemon.audit` for the line format).
+The tailer wakes on inotify events where Linux offers them (`bridge.daemon.inotify`) and polls
+otherwise; either way what it reads is decided by stat() and the read position alone.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from bridge.daemon.audit import MAX_LINE_BYTES, LineSplitter
+from bridge.daemon.inotify import FileWatcher, open_watcher
 from bridge.logs import get_logger
 
 log = get_logger(__name__)
@@ -32,8 +35,16 @@ class AuditFileTailer:
       on SIGHUP; then the new file is read from its start.
     - Copy-truncate rotation (the size drops below the read position): read again from 0.
       Lines written between the copy and the truncation are lost; the periodic pass covers them.
-    - Polls every `poll_seconds` (no inotify: it works on every filesystem, including shared
-      volumes), sleeping through `sleep`, which by default waits on `stop` so a stop is immediate.
+    - `watch="auto"`: sleeps until inotify reports a change to the file (its directory and the
+      open inode are watched), so a line is read as soon as Vault wrote it. It still looks every
+      `recheck_seconds` without an event, because inotify misses some changes (a rotation done
+      through another mount, writes from another host); while a rotation drains it looks every
+      `poll_seconds` (the grace period is timed, not signalled). Falls back to polling where
+      inotify is missing, refused (instance or watch limits) or blind (network file systems).
+      No line can slip between a wakeup and the read: the watch exists before the first read,
+      every wakeup reads to the end of the file, and a write during that read queues a new event.
+    - `watch="poll"` (or the fallback): looks every `poll_seconds`, sleeping through `sleep`,
+      which by default waits on `stop` so a stop is immediate.
     """
 
     def __init__(
@@ -47,6 +58,9 @@ class AuditFileTailer:
         sleep: Callable[[float], object] | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
         rotate_grace_seconds: float = 1.0,
+        watch: Literal["auto", "poll"] = "auto",
+        recheck_seconds: float = 1.0,
+        open_watch: Callable[[Path], tuple[FileWatcher | None, str]] = open_watcher,
     ) -> None:
         self.path = Path(path)
         self._stop = stop
@@ -62,6 +76,13 @@ class AuditFileTailer:
         self._old_quiet_since: float | None = None
         self._warned: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._watch = watch
+        self._open_watch = open_watch
+        self._recheck = recheck_seconds
+        self._watcher: FileWatcher | None = None
+        self._watched: tuple[int, int] | None = None  # the inode the watcher follows
+        self._closed = threading.Event()
+        self.mode = "poll"  # what run() ended up using: "inotify" or "poll"
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.run, name="audit-file-tailer", daemon=True)
@@ -69,22 +90,76 @@ class AuditFileTailer:
         return self._thread
 
     def run(self) -> None:
-        log.info("audit_tail_started", file=str(self.path))
+        why = "watch: poll"
+        if self._watch == "auto":
+            # Before the first read, so a write right after it already queues an event.
+            self._watcher, why = self._open_watch(self.path)
+        self.mode = "inotify" if self._watcher is not None else "poll"
+        log.info("audit_tail_started", file=str(self.path), mode=self.mode, **({} if self._watcher else {"why": why}))
+        if self._watcher is not None:
+            watcher = self._watcher
+            # A stop must not wait for the next event or recheck: wake the wait at once.
+            threading.Thread(target=self._wake_on_stop, args=(watcher,), name="audit-file-stop", daemon=True).start()
         try:
-            while not self._stop.is_set():
-                if not self.poll_once():
-                    self._sleep(self._poll)
+            while not self._stop.is_set() and not self._closed.is_set():
+                if self.poll_once():
+                    continue
+                timeout = self._poll if self._watcher is None else self._wait_seconds(self._watcher)
+                if self._watcher is None:  # polling, or the watcher was just given up
+                    self._sleep(timeout)
+                else:
+                    self._watcher.wait(timeout)
         finally:
-            self.close()
+            self._release()
+
+    def _wake_on_stop(self, watcher: FileWatcher) -> None:
+        while not self._closed.is_set():
+            if self._stop.wait(1.0):  # the second of slack only bounds this thread's life after close()
+                watcher.wake()
+                return
+
+    def _wait_seconds(self, watcher: FileWatcher) -> float:
+        if not watcher.watching_dir:
+            try:
+                watching = watcher.watch_dir()
+            except OSError as exc:  # out of inotify watches: polling still works
+                log.warning("audit_tail_polling", file=str(self.path), why=f"inotify watch refused ({type(exc).__name__})")
+                self._watcher = None
+                self.mode = "poll"
+                watcher.close()
+                return self._poll
+            if not watching:
+                return self._poll  # the directory does not exist yet: look for it like a poller
+        # By inode, not fd number: the file opened after a rotation may get the old one's number.
+        ident = None if self._fh is None else self._ident
+        if ident != self._watched:
+            if self._fh is None:
+                watcher.unwatch_fd()
+            else:
+                watcher.watch_fd(self._fh.fileno())
+            self._watched = ident
+        return self._poll if self._old_quiet_since is not None else self._recheck
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
 
     def close(self) -> None:
+        """Stop following. The tailer's own thread, if running, releases the file and the watch."""
+        self._closed.set()
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.wake()
+        if self._thread is None or not self._thread.is_alive() or self._thread is threading.current_thread():
+            self._release()
+
+    def _release(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
     def poll_once(self) -> bool:
         """One look at the file; True when there is probably more to read right away."""
@@ -111,7 +186,8 @@ class AuditFileTailer:
                 self._old_quiet_since = now
             elif now - self._old_quiet_since >= self._grace:
                 log.info("audit_tail_rotated", file=str(self.path))
-                self.close()
+                self._fh.close()
+                self._fh = None
                 self._splitter.reset()
                 self._old_quiet_since = None
                 return self._open(st)
