@@ -38,6 +38,11 @@ def curl_version() -> str:
 
 def curl_fetch(urls: Sequence[str], vault_token: str, parallel: int = CURL_PARALLEL) -> float:
     """Seconds for one `curl --parallel` process to GET every URL (all must answer 200)."""
+    return curl_fetch_cpu(urls, vault_token, parallel)[0]
+
+
+def curl_fetch_cpu(urls: Sequence[str], vault_token: str, parallel: int = CURL_PARALLEL) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + sys) of one `curl --parallel` process GETting every URL."""
     if shutil.which("curl") is None:
         raise RuntimeError("curl is needed for the floor: apt-get install curl")
     # The token goes in a 0600 config file, never on the command line where `ps` would show it.
@@ -48,15 +53,21 @@ def curl_fetch(urls: Sequence[str], vault_token: str, parallel: int = CURL_PARAL
             for url in urls:
                 fh.write(f'url = "{url}"\noutput = "/dev/null"\n')
         args = ["curl", "--silent", "--parallel", "--parallel-max", str(parallel), "--write-out", "%{http_code}\\n", "-K", cfg]
-        started = time.perf_counter()
-        done = subprocess.run(args, capture_output=True, text=True, check=False)
-        elapsed = time.perf_counter() - started
+        # wait4 rather than subprocess.run: the child's own rusage, not the sum of every child so far.
+        with tempfile.TemporaryFile() as out:
+            started = time.perf_counter()
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)
+            elapsed = time.perf_counter() - started
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            stdout = out.read().decode()
     finally:
         os.unlink(cfg)
-    codes = done.stdout.split()
-    if done.returncode != 0 or len(codes) != len(urls) or set(codes) != {"200"}:
-        raise RuntimeError(f"curl floor failed: rc={done.returncode}, {len(codes)} answers, codes {sorted(set(codes))}")
-    return elapsed
+    codes = stdout.split()
+    if proc.returncode != 0 or len(codes) != len(urls) or set(codes) != {"200"}:
+        raise RuntimeError(f"curl floor failed: rc={proc.returncode}, {len(codes)} answers, codes {sorted(set(codes))}")
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
 class ApiFloor:

@@ -185,6 +185,7 @@ class VaultSource:
 
     def discover(self, source: SourceSettings, source_index: int) -> Iterator[VaultEntry]:
         """List the source, then read metadata (KV v2) or data (KV v1) of each secret, concurrently."""
+        self.session.recheck_token_file()  # a pass starts: a rewritten token file is adopted now
         version = self._version(source)
         keys = self.list_keys(source)
 
@@ -201,6 +202,7 @@ class VaultSource:
         prefix = source.path
         if prefix and path != prefix and not path.startswith(prefix + "/"):
             return None
+        self.session.recheck_token_file()  # a targeted pass is a handful of requests: look at the file
         return self._describe(source.mount, self._version(source), source_index, path)
 
     def _describe(self, mount: str, version: int, index: int, path: str) -> VaultEntry | None:
