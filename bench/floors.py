@@ -40,9 +40,14 @@ def curl_version() -> str:
 
 def curl_fetch(urls: Sequence[str], vault_token: str, parallel: int = CURL_PARALLEL) -> float:
     """Seconds for one `curl --parallel` process to GET every URL (all must answer 200)."""
+    return curl_fetch_cpu(urls, vault_token, parallel)[0]
+
+
+def curl_fetch_cpu(urls: Sequence[str], vault_token: str, parallel: int = CURL_PARALLEL) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + sys) of one `curl --parallel` process GETting every URL."""
     with Curl(urls, vault_token, parallel) as curl:
         curl.start()
-        return curl.wait()
+        return curl.wait(), curl.cpu_seconds
 
 
 class Curl:
@@ -61,6 +66,7 @@ class Curl:
                 fh.write(f'url = "{url}"\noutput = "/dev/null"\n')
         self._proc: subprocess.Popen[str] | None = None
         self._started = 0.0
+        self.cpu_seconds = 0.0  # curl's user + sys CPU, set by wait()
 
     def start(self) -> None:
         args = ["curl", "--silent", "--parallel", "--parallel-max", str(self.parallel), "--write-out", "%{http_code}\\n",
@@ -71,8 +77,14 @@ class Curl:
     def wait(self) -> float:
         """Seconds from `start()` until curl exited; raises unless every answer was 200."""
         assert self._proc is not None, "start() first"
-        out, _ = self._proc.communicate(timeout=600)
+        assert self._proc.stdout is not None
+        out = self._proc.stdout.read()
+        # wait4 rather than wait: the child's own rusage, not the sum of every child so far.
+        _, status, usage = os.wait4(self._proc.pid, 0)
         elapsed = time.perf_counter() - self._started
+        self._proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        self._proc.stdout.close()
+        self.cpu_seconds = usage.ru_utime + usage.ru_stime
         codes = out.split()
         if self._proc.returncode != 0 or len(codes) != self.count or set(codes) != {"200"}:
             raise RuntimeError(f"curl floor failed: rc={self._proc.returncode}, {len(codes)} answers, "

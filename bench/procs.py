@@ -147,3 +147,18 @@ def same_work_floor(url: str, pat_file: Path, bodies: list[dict[str, Any]], conc
             if pipe is not None:
                 pipe.close()
         path.unlink()
+
+
+def sync_once(config: Path, workdir: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one whole `python -m bridge sync --once` process: interpreter
+    start, imports, configuration, login, the pass, exit. What a cron job pays."""
+    with open(workdir / "sync-once.log", "ab") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "bridge", "sync", "--once", "--config", str(config)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT, env=child_env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if proc.returncode != 0:
+        raise RuntimeError(f"sync --once exited {proc.returncode}; see {workdir / 'sync-once.log'}")
+    return elapsed, usage.ru_utime + usage.ru_stime

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.daemon_proc import DaemonProcess
-from bench.floors import curl_fetch
+from bench.floors import curl_fetch_cpu
 from bench.memory import OneShot, bare_python_kib, import_floor_kib, oneshot_peak_kib
-from bench.procs import BridgeProcess
+from bench.procs import BridgeProcess, proc_cpu_seconds, sync_once
 from bench.rig import Lab, new_simulator
 from bench.stats import median
 from cybedefend_double.simulator import Simulator
 
 LISTING = ("scan", "list")
+EMPTY_PREFIX = "empty"  # a source prefix no secret is ever written under: the empty pass
 AUTH_ENDPOINTS = ("client_apps", "token_exchange")
 RESOURCES_N = 10_000  # targets 4: the daemon with 10,000 tracked, the process that registers them
 
@@ -41,10 +42,32 @@ class SizeResult:
     k_counts: dict[str, int] = field(default_factory=dict)
     targeted_vault_requests: dict[str, int] = field(default_factory=dict)  # one targeted pass after one write
     daemon_peak_rss_kib: int = 0  # a daemon started on this ledger: VmHWM after its start-up pass over n
+    # Target 2 (issue 14): marginal and whole-process ratios, CPU beside wall time. Empty when
+    # measure_size ran without an empty bridge (the smoke test).
+    pass_cpu_s: list[float] = field(default_factory=list)  # user + sys of the bridge process during its pass
+    curl_cpu_s: list[float] = field(default_factory=list)
+    bao_pass_cpu_s: list[float] = field(default_factory=list)  # OpenBao's CPU while it served the bridge's pass
+    bao_curl_cpu_s: list[float] = field(default_factory=list)  # ... and while it served curl
+    empty_s: list[float] = field(default_factory=list)  # a pass of the same worker code over a source with no secret
+    curl1_s: list[float] = field(default_factory=list)  # curl over one document: its start, connection, one GET
+    whole_s: list[float] = field(default_factory=list)  # a whole `python -m bridge sync --once` process
+    whole_cpu_s: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         return median(self.pass_s) / median(self.curl_s)
+
+    @property
+    def marginal(self) -> float:
+        """(pass - empty pass) / (curl over N - curl over one): what each side pays per secret."""
+        return (median(self.pass_s) - median(self.empty_s)) / (median(self.curl_s) - median(self.curl1_s))
+
+    @property
+    def whole_ratio(self) -> float:
+        return median(self.whole_s) / median(self.curl_s)
+
+    def per_1k(self, values: list[float]) -> float:
+        return median(values) / self.n * 1000
 
     @property
     def listing(self) -> int:
@@ -74,7 +97,15 @@ def _api_counts(sim: Simulator) -> Counter[str]:
     return Counter(r.endpoint for r in sim.requests if r.endpoint not in AUTH_ENDPOINTS)
 
 
-def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeats: int, k: int, rng: random.Random) -> SizeResult:
+def _bao_cpu(lab: Lab) -> float:
+    return proc_cpu_seconds(lab.bao.pid) if lab.bao.pid is not None else 0.0
+
+
+def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeats: int, k: int, rng: random.Random,
+                 empty: BridgeProcess | None = None) -> SizeResult:
+    """`empty`: a bridge over a source with no secret; given, the marginal and whole-process
+    figures are measured too (each repeat alternates curl, curl over one, the pass, the empty
+    pass and a whole `sync --once` process)."""
     lab.seed(n)
     bridge.full_pass()  # registers what was just seeded
     bridge.full_pass()  # warms caches and connections as a long-running daemon has them
@@ -82,9 +113,23 @@ def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeat
     urls = lab.metadata_urls(n)
     sim.reset_requests()
     for _ in range(repeats):
-        out.curl_s.append(curl_fetch(urls, lab.bao.root_token))
+        bao = _bao_cpu(lab)
+        wall, cpu = curl_fetch_cpu(urls, lab.bao.root_token)
+        out.bao_curl_cpu_s.append(_bao_cpu(lab) - bao)
+        out.curl_s.append(wall)
+        out.curl_cpu_s.append(cpu)
+        if empty is not None:
+            out.curl1_s.append(curl_fetch_cpu(urls[:1], lab.bao.root_token)[0])
+        bao = _bao_cpu(lab)
         doc = bridge.full_pass()
+        out.bao_pass_cpu_s.append(_bao_cpu(lab) - bao)
         out.pass_s.append(float(doc["seconds"]))
+        out.pass_cpu_s.append(float(doc["cpu_seconds"]))
+        if empty is not None:
+            out.empty_s.append(float(empty.full_pass()["seconds"]))
+            wall, cpu = sync_once(bridge.config, lab.workdir)
+            out.whole_s.append(wall)
+            out.whole_cpu_s.append(cpu)
         out.vault_requests = dict(doc["vault_requests"])
         if doc["counts"]["skipped"] != n:
             raise RuntimeError(f"a steady pass over {n} did not skip them all: {doc['counts']}")
@@ -141,9 +186,10 @@ def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeat
     results: list[SizeResult] = []
     resources: Resources | None = None
     oneshot: OneShot | None = None
-    with BridgeProcess(raw, workdir, "steady") as bridge:
+    with BridgeProcess(raw, workdir, "steady") as bridge, \
+            BridgeProcess(lab.raw_settings(sim.url, "steady-empty", EMPTY_PREFIX), workdir, "steady-empty") as empty:
         for n in sorted(sizes):
-            result = measure_size(lab, sim, bridge, n, repeats, k, rng)
+            result = measure_size(lab, sim, bridge, n, repeats, k, rng, empty)
             # The memory slope: a daemon on the ledger of exactly n, its peak after the start-up pass.
             result.daemon_peak_rss_kib = daemon_peak(raw, workdir, n)
             results.append(result)

@@ -3,7 +3,7 @@
 `python -m bench.worker bridge CONFIG`: builds the bridge with `bridge.app.build` and answers
 commands on stdin, one JSON line each on stdout (the daemon itself has no such control channel,
 and a pass must be timed exactly):
-  pass                  -> a full pass: {"seconds", "result", "counts", "vault_requests"}
+  pass                  -> a full pass: {"seconds", "cpu_seconds", "result", "counts", "vault_requests"}
   targeted KEY [KEY...] -> a targeted pass over `mount/path` keys (what an audit trigger runs)
   resources             -> {"vm_hwm_kib", "vm_rss_kib", "cpu_seconds"} of this process
   quit                  -> close the bridge and exit
@@ -64,9 +64,9 @@ def serve_bridge(config: Path) -> int:
             if cmd in ("pass", "targeted"):
                 request = PassRequest(trigger="manual") if cmd == "pass" else PassRequest(
                     trigger="audit_file", paths=frozenset(args), received_at={k: time.monotonic() for k in args})
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), cpu_seconds()
                 report = bridge.engine.run(request)
-                _say({"seconds": time.perf_counter() - started, "result": report.result,
+                _say({"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds() - cpu, "result": report.result,
                       "counts": dict(report.counts), "vault_requests": dict(report.vault_requests),
                       # getattr: the same bench also measures bridges from before group commit
                       "ledger_commits": getattr(bridge.ledger, "commits", None)})

@@ -17,12 +17,13 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import socket
 import ssl
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -148,8 +149,137 @@ def ssl_context(settings: VaultSettings) -> ssl.SSLContext:
     return ctx
 
 
+_MAX_HEAD = 64 * 1024  # Vault's headers are a few hundred bytes; more is not Vault
+_NO_BODY = frozenset({204, 304})
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection of the lean path: body-less requests, whole responses.
+
+    Written for the few things Vault's (Go net/http) answers use: a status line, headers,
+    then a body by Content-Length, by chunks, or to the close. It replaces `http.client` here
+    because a steady pass is thousands of ~1 KB answers and `http.client` parses each one's
+    headers with the `email` package: ~120 µs of CPU per request of ~430 µs in all, under the
+    one GIL (docs/adr/0010-lean-vault-http.md). Protocol errors raise `http.client`'s own
+    exceptions, so the retry and error translation of the pool treat them as before.
+    """
+
+    __slots__ = ("_buf", "sock")
+
+    def __init__(self, host: str, port: int, timeout: float, ctx: ssl.SSLContext | None) -> None:
+        sock = socket.create_connection((host, port), timeout)
+        try:
+            # Small requests, each waiting for its answer: Nagle would only add delay.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ctx is not None:
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _more(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise http.client.RemoteDisconnected("Vault closed the connection")
+        return chunk
+
+    def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
+        """Send one request; (status, body, connection reusable)."""
+        self.sock.sendall(request)
+        buf = self._buf
+        while True:  # a 1xx interim answer is skipped; Vault sends none to a body-less request
+            end = buf.find(b"\r\n\r\n")
+            while end < 0:
+                if len(buf) > _MAX_HEAD:
+                    raise http.client.LineTooLong("Vault response headers")
+                buf += self._more()
+                end = buf.find(b"\r\n\r\n")
+            lines = buf[:end].split(b"\r\n")
+            buf = buf[end + 4 :]
+            version, _, rest = lines[0].partition(b" ")
+            code = rest[:3]
+            if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+                raise http.client.BadStatusLine("unreadable status line from Vault")
+            status = int(code)
+            if status >= 200:
+                break
+        length: int | None = None
+        chunked = False
+        keep = version == b"HTTP/1.1"
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise http.client.HTTPException("bad Content-Length from Vault") from None
+                if length < 0:
+                    raise http.client.HTTPException("bad Content-Length from Vault")
+            elif name == b"transfer-encoding":
+                chunked = value.strip().lower() == b"chunked"
+            elif name == b"connection":
+                token = value.strip().lower()
+                keep = token != b"close" and (keep or token == b"keep-alive")
+        if status in _NO_BODY:
+            body = b""
+        elif chunked:
+            body, buf = self._chunked(buf)
+        elif length is not None:
+            while len(buf) < length:
+                buf += self._more()
+            body, buf = buf[:length], buf[length:]
+        else:  # no framing: the body runs to the close
+            parts = [buf]
+            while chunk := self.sock.recv(65536):
+                parts.append(chunk)
+            body, buf, keep = b"".join(parts), b"", False
+        if buf:  # bytes nobody asked for: the stream cannot be trusted any more
+            keep = False
+        self._buf = b""
+        return status, body, keep
+
+    def _chunked(self, buf: bytes) -> tuple[bytes, bytes]:
+        parts: list[bytes] = []
+        while True:
+            eol = buf.find(b"\r\n")
+            while eol < 0:
+                if len(buf) > _MAX_HEAD:
+                    raise http.client.LineTooLong("Vault chunk size line")
+                buf += self._more()
+                eol = buf.find(b"\r\n")
+            try:
+                size = int(buf[:eol].split(b";", 1)[0], 16)
+            except ValueError:
+                raise http.client.IncompleteRead(b"".join(parts)) from None
+            buf = buf[eol + 2 :]
+            if size == 0:
+                # Trailers (Vault sends none), then the empty line that ends the message.
+                while True:
+                    eol = buf.find(b"\r\n")
+                    while eol < 0:
+                        if len(buf) > _MAX_HEAD:
+                            raise http.client.LineTooLong("Vault trailers")
+                        buf += self._more()
+                        eol = buf.find(b"\r\n")
+                    line, buf = buf[:eol], buf[eol + 2 :]
+                    if not line:
+                        return b"".join(parts), buf
+            while len(buf) < size + 2:
+                buf += self._more()
+            if buf[size : size + 2] != b"\r\n":
+                raise http.client.IncompleteRead(b"".join(parts))
+            parts.append(buf[:size])
+            buf = buf[size + 2 :]
+
+
 class ConnectionPool:
-    """Keep-alive `http.client` connections to one Vault address, reused across threads.
+    """Keep-alive connections (`_Conn`) to one Vault address, reused across threads.
 
     Proxies are not used (Vault is normally reached directly or through a sidecar).
     """
@@ -159,17 +289,20 @@ class ConnectionPool:
         self._https = url.scheme == "https"
         self._host = url.hostname or "127.0.0.1"
         self._port = url.port or (443 if self._https else 80)
+        default = 443 if self._https else 80
+        self.host_header = self._host if self._port == default else f"{self._host}:{self._port}"
+        if ":" in self._host:  # an IPv6 literal goes in brackets
+            self.host_header = f"[{self._host}]" + ("" if self._port == default else f":{self._port}")
         self.prefix = url.path.rstrip("/")
         self._timeout = settings.timeout_seconds
         self._ctx = ssl_context(settings) if self._https else None
-        self._idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue(maxsize=size)
+        self._idle: queue.LifoQueue[_Conn] = queue.LifoQueue(maxsize=size)
 
-    def _new(self) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._ctx)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+    def _new(self) -> _Conn:
+        return _Conn(self._host, self._port, self._timeout, self._ctx)
 
-    def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes | None) -> tuple[int, bytes]:
+    def exchange(self, method: str, request: bytes) -> tuple[int, bytes]:
+        """Send `request` (a whole HTTP/1.1 request, no body) on a pooled connection: (status, body)."""
         for attempt in (0, 1):
             try:
                 # The retry after a stale connection takes a fresh one: after a Vault restart
@@ -178,9 +311,7 @@ class ConnectionPool:
             except queue.Empty:
                 conn, reused = self._new(), False
             try:
-                conn.request(method, self.prefix + target, body=body, headers=dict(headers))
-                resp = conn.getresponse()
-                data = resp.read()
+                status, data, keep = conn.exchange(request)
             except _STALE:
                 conn.close()
                 # A pooled connection the server closed while idle: try once on a fresh one.
@@ -190,14 +321,14 @@ class ConnectionPool:
             except BaseException:
                 conn.close()
                 raise
-            if resp.will_close:
+            if not keep:
                 conn.close()
             else:
                 try:
                     self._idle.put_nowait(conn)
                 except queue.Full:
                     conn.close()
-            return resp.status, data
+            return status, data
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -271,13 +402,22 @@ class VaultTransport:
         self._headers = {"Content-Type": "application/json"}
         if settings.namespace:
             self._headers["X-Vault-Namespace"] = settings.namespace
+        self._children: dict[tuple[str, str], Any] = {}
+        # The header block of the lean path for the last token seen (the token changes on a
+        # login only): built and checked once, not per request.
+        self._head: tuple[str, str] = ("", "")
         if tls.skip_verify:
             log.warning("vault_tls_verify_disabled", address=settings.address, reason="vault.tls.skip_verify is set")
 
     def _record(self, kind: str, result: str) -> None:
+        # The labelled child is looked up once per (kind, result): `labels()` takes a lock and
+        # builds a key on every call, a measurable part of a ~1 KB metadata read.
+        child = self._children.get((kind, result))
+        if child is None:
+            child = self._children[(kind, result)] = self._metrics.vault_requests.labels(operation=kind, result=result)
         with self._count_lock:
             self._counts[kind] += 1
-        self._metrics.vault_requests.labels(operation=kind, result=result).inc()
+        child.inc()
 
     def request_counts(self) -> dict[str, int]:
         """Requests since the last call, by kind; resets."""
@@ -290,11 +430,15 @@ class VaultTransport:
         """One lean request to `/v1/<path>` (already quoted): (status, JSON document)."""
         if self._limiter is not None:
             self._limiter.acquire()
-        headers = dict(self._headers)
-        headers["X-Vault-Token"] = token.reveal()
-        target = f"/v1/{path}" + (f"?{query}" if query else "")
+        value = token.reveal()
+        seen, head = self._head
+        if value != seen:
+            head = self._header_block(value)
+            self._head = (value, head)
+        target = f"/v1/{path}?{query}" if query else f"/v1/{path}"
         try:
-            status, raw = self._pool.request(method, target, headers, None)
+            line = f"{method} {self._pool.prefix}{target} HTTP/1.1\r\n"
+            status, raw = self._pool.exchange(method, (line + head).encode("latin-1"))
         except Exception as exc:
             err = translate(exc, kind, path)
             self._record(kind, "unavailable")
@@ -315,6 +459,15 @@ class VaultTransport:
             raise err from None  # the socket error adds nothing and may carry request details
         self._record(kind, _status_label(status))
         return status, doc if isinstance(doc, dict) else None
+
+    def _header_block(self, token: str) -> str:
+        """Host and the fixed headers with `token`, ending the request. A CR, LF or non-Latin-1
+        character would split or break the request: refused, without showing the value."""
+        headers = {"Host": self._pool.host_header, **self._headers, "X-Vault-Token": token}
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or not value.isprintable() or not value.isascii():
+                raise VaultInvalidRequest(f"Vault request header {name} holds a character HTTP cannot carry")
+        return "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
 
     def hvac(self, kind: str, path: str, fn: Callable[[Any], T], token: Sensitive | None) -> T:
         """One hvac call made with `token`; exceptions translated (the hvac one kept as __cause__)."""
