@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import httptools
 import hvac
 import hvac.exceptions
 import requests
@@ -150,21 +151,57 @@ def ssl_context(settings: VaultSettings) -> ssl.SSLContext:
 
 
 _MAX_HEAD = 64 * 1024  # Vault's headers are a few hundred bytes; more is not Vault
-_NO_BODY = frozenset({204, 304})
+
+
+class _Response:
+    """The parser's callbacks for one answer: httptools (llhttp, the C parser Node.js uses)
+    calls them while `feed_data` runs; what it parsed is read off this object afterwards."""
+
+    __slots__ = ("begun", "body", "complete", "extra", "headers_done", "keep", "parser", "status", "status_seen")
+
+    def __init__(self) -> None:
+        self.body: list[bytes] = []
+        self.begun = self.complete = self.extra = self.headers_done = self.status_seen = self.keep = False
+        self.status = 0
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True  # a second answer nobody asked for: the stream cannot be trusted
+        self.begun = True
+
+    def on_status(self, status: bytes) -> None:
+        self.status_seen = True
+
+    def on_headers_complete(self) -> None:
+        # Read now: llhttp answers keep-alive and status only for the message being parsed.
+        self.headers_done = True
+        self.status = self.parser.get_status_code()
+        self.keep = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.status < 200:  # a 1xx interim answer: the real one follows
+            self.body.clear()
+            self.headers_done = False
+            return
+        self.keep = self.keep and self.parser.should_keep_alive()
+        self.complete = True
 
 
 class _Conn:
     """One keep-alive HTTP/1.1 connection of the lean path: body-less requests, whole responses.
 
-    Written for the few things Vault's (Go net/http) answers use: a status line, headers,
-    then a body by Content-Length, by chunks, or to the close. It replaces `http.client` here
-    because a steady pass is thousands of ~1 KB answers and `http.client` parses each one's
-    headers with the `email` package: ~120 µs of CPU per request of ~430 µs in all, under the
-    one GIL (docs/adr/0010-lean-vault-http.md). Protocol errors raise `http.client`'s own
+    The socket is ours (one `sendall`, `recv` into the parser); the parsing is httptools', a
+    binding of llhttp: `http.client` parses every answer's headers with the `email` package,
+    ~120 µs of CPU per request of ~430 µs in all under the one GIL, on a pass of thousands of
+    ~1 KB answers (docs/adr/0010-lean-vault-http.md). Protocol errors raise `http.client`'s own
     exceptions, so the retry and error translation of the pool treat them as before.
     """
 
-    __slots__ = ("_buf", "sock")
+    __slots__ = ("sock",)
 
     def __init__(self, host: str, port: int, timeout: float, ctx: ssl.SSLContext | None) -> None:
         sock = socket.create_connection((host, port), timeout)
@@ -177,105 +214,44 @@ class _Conn:
             sock.close()
             raise
         self.sock = sock
-        self._buf = b""
 
     def close(self) -> None:
         self.sock.close()
 
-    def _more(self) -> bytes:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise http.client.RemoteDisconnected("Vault closed the connection")
-        return chunk
-
     def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
         """Send one request; (status, body, connection reusable)."""
         self.sock.sendall(request)
-        buf = self._buf
-        while True:  # a 1xx interim answer is skipped; Vault sends none to a body-less request
-            end = buf.find(b"\r\n\r\n")
-            while end < 0:
-                if len(buf) > _MAX_HEAD:
-                    raise http.client.LineTooLong("Vault response headers")
-                buf += self._more()
-                end = buf.find(b"\r\n\r\n")
-            lines = buf[:end].split(b"\r\n")
-            buf = buf[end + 4 :]
-            version, _, rest = lines[0].partition(b" ")
-            code = rest[:3]
-            if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-                raise http.client.BadStatusLine("unreadable status line from Vault")
-            status = int(code)
-            if status >= 200:
-                break
-        length: int | None = None
-        chunked = False
-        keep = version == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise http.client.HTTPException("bad Content-Length from Vault") from None
-                if length < 0:
-                    raise http.client.HTTPException("bad Content-Length from Vault")
-            elif name == b"transfer-encoding":
-                chunked = value.strip().lower() == b"chunked"
-            elif name == b"connection":
-                token = value.strip().lower()
-                keep = token != b"close" and (keep or token == b"keep-alive")
-        if status in _NO_BODY:
-            body = b""
-        elif chunked:
-            body, buf = self._chunked(buf)
-        elif length is not None:
-            while len(buf) < length:
-                buf += self._more()
-            body, buf = buf[:length], buf[length:]
-        else:  # no framing: the body runs to the close
-            parts = [buf]
-            while chunk := self.sock.recv(65536):
-                parts.append(chunk)
-            body, buf, keep = b"".join(parts), b"", False
-        if buf:  # bytes nobody asked for: the stream cannot be trusted any more
-            keep = False
-        self._buf = b""
-        return status, body, keep
-
-    def _chunked(self, buf: bytes) -> tuple[bytes, bytes]:
-        parts: list[bytes] = []
-        while True:
-            eol = buf.find(b"\r\n")
-            while eol < 0:
-                if len(buf) > _MAX_HEAD:
-                    raise http.client.LineTooLong("Vault chunk size line")
-                buf += self._more()
-                eol = buf.find(b"\r\n")
+        r = _Response()
+        received = 0
+        while not r.complete:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return self._closed(r, received)
+            received += len(chunk)
+            if not r.headers_done and received > _MAX_HEAD:
+                raise http.client.LineTooLong("Vault response headers")
             try:
-                size = int(buf[:eol].split(b";", 1)[0], 16)
-            except ValueError:
-                raise http.client.IncompleteRead(b"".join(parts)) from None
-            buf = buf[eol + 2 :]
-            if size == 0:
-                # Trailers (Vault sends none), then the empty line that ends the message.
-                while True:
-                    eol = buf.find(b"\r\n")
-                    while eol < 0:
-                        if len(buf) > _MAX_HEAD:
-                            raise http.client.LineTooLong("Vault trailers")
-                        buf += self._more()
-                        eol = buf.find(b"\r\n")
-                    line, buf = buf[:eol], buf[eol + 2 :]
-                    if not line:
-                        return b"".join(parts), buf
-            while len(buf) < size + 2:
-                buf += self._more()
-            if buf[size : size + 2] != b"\r\n":
-                raise http.client.IncompleteRead(b"".join(parts))
-            parts.append(buf[:size])
-            buf = buf[size + 2 :]
+                r.parser.feed_data(chunk)
+            except httptools.HttpParserError:
+                if r.complete:  # bytes after the answer that are no answer at all
+                    r.extra = True
+                    break
+                if not r.status_seen:
+                    raise http.client.BadStatusLine("unreadable status line from Vault") from None
+                if r.headers_done:
+                    raise http.client.IncompleteRead(b"".join(r.body)) from None
+                raise http.client.HTTPException("unreadable response headers from Vault") from None
+        return r.status, b"".join(r.body), r.keep and not r.extra
+
+    @staticmethod
+    def _closed(r: _Response, received: int) -> tuple[int, bytes, bool]:
+        """Vault closed the connection before the answer was complete."""
+        if not received:
+            # Nothing at all: the pool's stale keep-alive connection, retried once on a fresh one.
+            raise http.client.RemoteDisconnected("Vault closed the connection")
+        if r.headers_done and not r.keep:
+            return r.status, b"".join(r.body), False  # no framing: the body ran to the close
+        raise http.client.IncompleteRead(b"".join(r.body))
 
 
 class ConnectionPool:
