@@ -24,6 +24,7 @@ from bench.latency import PATHS, LatencyCase, run_latency
 from bench.procs import ROOT
 from bench.report import Results, render, write
 from bench.rig import Lab, new_simulator
+from bench.scrape import run_scrape
 from bench.steady import run_steady
 from bridge.logs import configure
 from tests.support.openbao import find_bao
@@ -38,10 +39,11 @@ class Plan:
     repeats: int
     tracked: int  # secrets the latency bridge tracks (its ledger size matters to a targeted pass)
     k: int = 10
+    scrapes: int = 2000  # per run of bench.scrape
 
 
 FULL = Plan(sizes=[1000, 3000, 10000, 30000], cold=1000, writes=200, idle_seconds=60, repeats=5, tracked=1000)
-QUICK = Plan(sizes=[100, 300, 1000], cold=200, writes=30, idle_seconds=5, repeats=3, tracked=100)
+QUICK = Plan(sizes=[100, 300, 1000], cold=200, writes=30, idle_seconds=5, repeats=3, tracked=100, scrapes=300)
 # Target 1 is judged on the shipped defaults of each trigger path; the last case is the file
 # path tuned for latency (no debounce), to show what the defaults cost.
 LATENCY_CASES = [*(LatencyCase(p) for p in PATHS), LatencyCase("file", {"debounce_seconds": 0.0})]
@@ -66,7 +68,9 @@ def run(plan: Plan, workdir: Path, command: str) -> Results:
     for case in LATENCY_CASES:
         _log(f"latency: {plan.writes} writes, {case.label}")
         latency.append(run_latency(workdir, plan.writes, case, secrets=plan.tracked))
-    return Results(command, started, time.monotonic() - t0, plan.repeats, sizes, resources, cold, latency)
+    _log(f"/metrics: {plan.scrapes} scrapes per run, new server against the old")
+    scrape = run_scrape(plan.scrapes, plan.repeats)
+    return Results(command, started, time.monotonic() - t0, plan.repeats, sizes, resources, cold, latency, scrape)
 
 
 def main(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.cold import ColdResult
@@ -17,6 +17,8 @@ from bench.floors import curl_version
 from bench.latency import LatencyResult
 from bench.report_memory import render_memory, render_vault_load
 from bench.report_memory import summary_rows as memory_summary_rows
+from bench.scrape import ScrapeRow
+from bench.scrape import render_rows as render_scrape
 from bench.stats import linear_fit, median
 from bench.steady import Resources, SizeResult
 
@@ -34,6 +36,7 @@ class Results:
     resources: Resources
     cold: ColdResult
     latency: list[LatencyResult]
+    scrape: list[ScrapeRow] = field(default_factory=list)  # issue 12: /metrics, new server against the old
 
 
 def _run(args: list[str]) -> str:
@@ -105,6 +108,9 @@ def render(r: Results, bao: str) -> str:
         f"| 4 | CPU over {res.idle_seconds:.0f} s idle | {res.idle_cpu_seconds:.2f} s | | | ~ 0 | {_ok(res.idle_cpu_seconds < 0.05 * res.idle_seconds)} |",
         f"| 5 | Slope of pass time | {slope:.3f} s per 1k | {floor_slope:.3f} s per 1k (curl) | {slope / floor_slope:.2f}x | "
         f"linear: per-secret cost at {big.n:,} <= 1.25x that at {small.n:,} | {_ok(growth <= 1.25)} ({growth:.2f}x; R² {r2:.3f}) |",
+        *[f"| 7 | `/metrics` server CPU per 1,000 scrapes, {row.load} | {row.new_cpu_ms_per_1k:.0f} ms | "
+          f"{row.old_cpu_ms_per_1k:.0f} ms (old http.server) | {row.cpu_ratio:.2f}x | <= 1.0x (issue 12) | "
+          f"{_ok(row.cpu_ratio <= 1.0)} |" for row in r.scrape],
         "", "## 1 and 5. Steady passes and scaling", "",
         "A full pass after everything is registered; Vault requests by kind from `PassReport.vault_requests`.", "",
         "| N | Pass | curl floor | Ratio | Per secret | Vault requests | <= N + listing | Value reads | API calls |",
@@ -166,6 +172,16 @@ def render(r: Results, bao: str) -> str:
         *render_memory(r.sizes, res),
         *render_vault_load(r.sizes, lat.p("bridge", 99)),
     ]
+    if r.scrape:
+        lines += [
+            "", "## 7. `/metrics` under scraping: the shipped server against the one it replaced", "",
+            "Each server alone in its own process serving the same `Metrics`, loaded by one `curl` process; they "
+            "alternate and the medians are kept (`bench/scrape.py`, `python -m bench.scrape` alone). *Old*: the stdlib "
+            "`ThreadingHTTPServer` the bridge used before waitress (a thread per connection, HTTP/1.0, a render per "
+            "scrape). *New*: `bridge.daemon.server.HttpServer` as shipped (waitress, keep-alive, concurrent scrapes "
+            "sharing one render). CPU is the server process's utime + stime.", "",
+            *render_scrape(r.scrape),
+        ]
     return "\n".join(lines) + "\n"
 
 
