@@ -23,7 +23,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -98,6 +98,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 5: the created_time of the version last evaluated: versions restart at 1 after a destroy
         "ALTER TABLE secrets ADD COLUMN seen_stamp TEXT",
     ),
+    (  # 6: a targeted pass looks up the rows holding a token by fingerprint, not by reading all
+        "CREATE INDEX secrets_fingerprint ON secrets (fingerprint)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -115,6 +118,8 @@ _PENDING_INSERT = (
     f"VALUES ({', '.join(':' + c for c in _PENDING_COLUMNS)}, :created_at) ON CONFLICT (credential_id)"
 )
 _PENDING_UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _PENDING_COLUMNS if c != "credential_id")
+
+_IN_CHUNK = 500  # bound parameters per `IN (...)`: far below SQLite's limit (999 before 3.32)
 
 _log = get_logger(__name__)
 
@@ -403,6 +408,31 @@ class SqliteLedger:
                 return [self._to_record(r, shared) for r in cursor]
             except ValueError as exc:
                 raise LedgerError(f"ledger {self.path}: unreadable row: {exc}") from exc
+
+    def some(self, keys: Collection[str]) -> list[LedgerRecord]:
+        """The rows of these keys (those that exist), by primary key: what a targeted pass reads
+        instead of every row."""
+        return self._where("key", sorted(keys), "list some")
+
+    def holding(self, fingerprints: Collection[str]) -> list[LedgerRecord]:
+        """The rows whose token has one of these fingerprints, in any state (indexed)."""
+        return self._where("fingerprint", sorted(fingerprints), "list by fingerprint")
+
+    def _where(self, column: str, values: list[str], what: str) -> list[LedgerRecord]:
+        cols = ", ".join(_RECORD_COLUMNS)
+        out: list[LedgerRecord] = []
+        with self._lock, self._op(what):
+            db = self._db()
+            # In chunks: SQLite caps the number of bound parameters of one statement.
+            for i in range(0, len(values), _IN_CHUNK):
+                chunk = values[i : i + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                query = f"SELECT {cols} FROM secrets WHERE {column} IN ({marks}) ORDER BY key"  # noqa: S608  # constants
+                try:
+                    out += [self._to_record(r) for r in db.execute(query, chunk)]
+                except ValueError as exc:
+                    raise LedgerError(f"ledger {self.path}: unreadable row: {exc}") from exc
+        return sorted(out, key=lambda r: r.key)
 
     def unsettled(self, now: float) -> list[LedgerRecord]:
         """Rows failed, rejected or pending, or waiting for a backoff past `now` (not retired or

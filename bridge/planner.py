@@ -137,6 +137,30 @@ def values_to_read(
     return [e for e in entries if needs_value(e, records.get(e.ref.key), settings, now, retry_now=e.ref.key in retry_now)]
 
 
+def fingerprints(
+    entries: Iterable[VaultEntry],
+    payloads: Mapping[str, Mapping[str, Any] | None],
+    settings: Settings,
+    keyring: Keyring,
+) -> set[str]:
+    """The fingerprints of the tokens these values hold (those that parse).
+
+    Beyond the rows of the secrets in scope, the only ledger rows `Planning` consults are those
+    that already claim one of these tokens (the duplicate-token check), so a targeted pass reads
+    just those instead of the whole ledger: a plan over `scope rows + rows holding these` is the
+    plan over every row (tests/test_planner.py checks the two agree).
+    """
+    out: set[str] = set()
+    for e in entries:
+        data = e.payload if e.payload is not None else payloads.get(e.ref.key)
+        if data is None:
+            continue
+        parsed = read_payload(data, settings.sources[e.source_index], settings.sync)
+        if not isinstance(parsed, Rejection):
+            out.add(keyring.fingerprint(parsed.token))
+    return out
+
+
 def _retire(record: LedgerRecord, reason: str) -> Action:
     return Action(
         ActionKind.RETIRE,
@@ -513,6 +537,8 @@ def reconcile(
     scope: Scope,
     settings: Settings,
     keyring: Keyring,
+    *,
+    owned: Owned | None = None,
 ) -> tuple[list[Action], set[tuple[str, str]]]:
     """Settle each intent against what CybeDefend holds; add deletions nothing else covers.
 
@@ -521,10 +547,14 @@ def reconcile(
     with more facts is the whole protocol). An intent whose organization could not be listed
     is blocked: nothing is created blind (no idempotency key: only a listing prevents a
     duplicate) and nothing is deleted without seeing it.
+
+    `owned`: `owned_credentials(view.listings, instance)` when the caller already has it (the
+    engine builds it as listings arrive): parsing every listed credential's marker is most of
+    what this costs in a targeted pass against a large organization, and a rotation calls it twice.
     """
     instance = settings.sync.instance
     delete = settings.sync.deletion_policy == "delete"
-    ours = _ours(view, instance)
+    ours = _ours(view, instance) if owned is None else owned
     need: set[tuple[str, str]] = set()
 
     def links_of(org: str, cred_id: str) -> frozenset[str]:

@@ -6,7 +6,7 @@ and the same contract tests run against the fake and the real adapter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -121,6 +121,14 @@ class Ledger(Protocol):
     def get(self, key: str) -> LedgerRecord | None: ...
 
     def all(self) -> list[LedgerRecord]: ...
+
+    def some(self, keys: Collection[str]) -> list[LedgerRecord]:
+        """The rows of these keys that exist, ordered by key (a targeted pass: O(k), not O(N))."""
+        ...
+
+    def holding(self, fingerprints: Collection[str]) -> list[LedgerRecord]:
+        """The rows whose fingerprint is one of these, any state, ordered by key."""
+        ...
 
     def unsettled(self, now: float) -> list[LedgerRecord]:
         """At least every row failed, rejected or pending, or in a backoff past `now`; fewer rows

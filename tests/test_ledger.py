@@ -370,7 +370,7 @@ def test_upgrade_from_a_v1_file(tmp_path: Path) -> None:
     conn.close()
 
     with SqliteLedger(path, clock=FakeClock(77.0)) as led:
-        assert led.schema_version() == SCHEMA_VERSION == 5
+        assert led.schema_version() == SCHEMA_VERSION == 6
         a, b = led.get("secret/a"), led.get("secret/b")
         assert a is not None and (a.state, a.version, a.credential_id) == (State.REGISTERED, 4, "cred-a")
         assert a.registered_at == 42.0  # migration 2 backfills registered rows from updated_at
@@ -386,9 +386,9 @@ def test_upgrade_from_a_v1_file(tmp_path: Path) -> None:
         versions = conn.execute("SELECT version, applied_at FROM schema_version ORDER BY version").fetchall()
     finally:
         conn.close()
-    assert versions == [(1, 5.0), (2, 77.0), (3, 77.0), (4, 77.0), (5, 77.0)]
+    assert versions == [(1, 5.0), (2, 77.0), (3, 77.0), (4, 77.0), (5, 77.0), (6, 77.0)]
     with SqliteLedger(path) as led:  # reopening applies nothing more
-        assert led.schema_version() == 5
+        assert led.schema_version() == 6
 
 
 def test_a_file_from_a_newer_bridge_is_refused(tmp_path: Path) -> None:
@@ -523,3 +523,20 @@ def test_a_refused_row_inside_a_batch_keeps_the_staged_rows(tmp_path: Path) -> N
             led.put(full_record("secret/b", credential_id="dckr_pat_" + "x" * 20), durable=False)
         led.flush()
         assert set(_on_disk(path)) == {"secret/a"}
+
+
+def test_some_and_holding_read_only_the_rows_asked_for() -> None:
+    """A targeted pass's reads: by key and by fingerprint, in key order, across the IN chunks."""
+    with SqliteLedger(":memory:") as led:
+        for i in range(1200):
+            led.put(LedgerRecord(key=f"secret/s{i:04d}", mount="secret", path=f"s{i:04d}", kv_version=2,
+                                 state=State.REGISTERED, fingerprint=f"fp{i % 600}"), durable=False)
+        led.flush()
+        keys = {f"secret/s{i:04d}" for i in range(0, 1200, 2)} | {"secret/absent"}
+        got = led.some(keys)
+        assert [r.key for r in got] == sorted(keys - {"secret/absent"})
+        assert led.some(()) == [] and led.holding(()) == []
+        held = led.holding({"fp5", "fp599", "fp-none"})
+        assert [r.key for r in held] == ["secret/s0005", "secret/s0599", "secret/s0605", "secret/s1199"]
+        many = led.holding({f"fp{i}" for i in range(600)})
+        assert len(many) == 1200 and [r.key for r in many] == sorted(r.key for r in many)

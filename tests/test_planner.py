@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -465,3 +466,64 @@ def test_planning_one_secret_at_a_time_is_plan_and_settle_is_reconcile() -> None
         one_at_a_time, needed = settle_one(a, recs.get(a.ref.key), owned, view, S, KEYS)
         assert not needed and one_at_a_time == by_key[a.ref.key], a.ref.key
     assert by_key["secret/dockerhub/adopt"].kind == ActionKind.ADOPT
+
+
+def test_a_targeted_plan_needs_only_its_rows_and_those_holding_its_tokens() -> None:
+    """What lets a targeted pass read O(k) ledger rows (`Ledger.some` + `Ledger.holding`) instead
+    of `all()`: for every targeted scope, planning and reconciling over the rows of the scope's
+    keys plus the rows holding one of its tokens gives exactly the actions of the whole ledger."""
+    from bridge.planner import fingerprints
+
+    here, other = tagged(PROJECTS[0]), tagged(PROJECTS[1], org=ORG2)
+    entries = [
+        entry("new", tags=here), entry("copy", tags=here), entry("rot", version=2, tags=here),
+        entry("same", version=1, tags=here), entry("moved", version=1, tags=other), entry("adopt", tags=here),
+        entry("bad", tags=here), entry("untagged", version=3), entry("elsewhere", tags=other),
+    ]
+    values = {"secret/dockerhub/new": data(1), "secret/dockerhub/copy": data(7), "secret/dockerhub/rot": data(3),
+              "secret/dockerhub/moved": data(4), "secret/dockerhub/adopt": data(5), "secret/dockerhub/bad": {"x": 1},
+              "secret/dockerhub/elsewhere": data(7)}
+    records = [
+        record("rot", tok=2, cred="c-rot"), record("same", tok=9, cred="c-same"), record("moved", tok=4, cred="c-moved"),
+        record("gone", tok=6, cred="c-gone"), record("untagged", version=3, tok=8, cred="c-untagged"),
+        record("holder", tok=7, cred="c-holder"),  # registered with the token "copy" now holds: copy is a duplicate
+        record("failed-twin", tok=1, state=State.FAILED, cred=None),  # same token as "new", but no claim
+        record("vanished-twin", tok=3, cred="c-vanished"),  # holds rot's new token; its credential is gone (drift)
+        record("unrelated", tok=11, cred="c-unrelated"),
+    ]
+    recs = {r.key: r for r in records}
+    view = listing(cred("c-rot", "rot", 1, 2), cred("c-same", "same", 1, 9), cred("c-moved", "moved", 1, 4),
+                   cred("c-adopt", "adopt", 1, 5), cred("c-gone", "gone", 1, 6), cred("c-holder", "holder", 1, 7),
+                   cred("c-untagged", "untagged", 1, 8), cred("c-unrelated", "unrelated", 1, 11),
+                   more={ORG2: []}, links={"c-rot": frozenset({PROJECTS[0]}), "c-moved": frozenset({PROJECTS[0]}),
+                                           "c-adopt": frozenset({PROJECTS[0]})})
+    delete = settings(sync={"deletion_policy": "delete"})
+    keys = sorted({e.ref.key for e in entries} | set(recs))
+    scopes = [frozenset({k}) for k in keys] + [frozenset({a, b}) for a, b in itertools.pairwise(keys)]
+    judged = 0
+    for s in (S, delete):
+        for paths in scopes:
+            scope = Scope(keys=paths)
+            mine = [e for e in entries if e.ref.key in paths]
+            held = fingerprints(mine, values, s, KEYS)
+            subset = {k: r for k, r in recs.items() if k in paths or r.fingerprint in held}
+            for rows in (recs, subset):
+                assert with_evidence(rows, view).keys() == rows.keys()
+            whole = plan(mine, values, with_evidence(recs, view), scope, s, KEYS, NOW, retry_now=paths)
+            part = plan(mine, values, with_evidence(subset, view), scope, s, KEYS, NOW, retry_now=paths)
+            assert part == whole, sorted(paths)
+            final = reconcile(whole, mine, with_evidence(recs, view), view, scope, s, KEYS)
+            owned = owned_credentials_of(view, s)
+            assert reconcile(part, mine, with_evidence(subset, view), view, scope, s, KEYS, owned=owned) == final
+            judged += len(whole)
+    # the fixture exercises what the subset must get right
+    kinds = {a.ref.key.rsplit("/", 1)[1]: a for a in plan(entries, values, with_evidence(recs, view), FULL, S, KEYS, NOW)}
+    assert kinds["copy"].kind == ActionKind.REJECT and kinds["copy"].reject_code == "duplicate_token"
+    assert kinds["new"].kind == ActionKind.CREATE and kinds["rot"].kind == ActionKind.ROTATE
+    assert judged > len(scopes)
+
+
+def owned_credentials_of(view: RemoteView, s: Any) -> Any:
+    from bridge.planner import owned_credentials
+
+    return owned_credentials(view.listings, s.sync.instance)

@@ -308,6 +308,27 @@ def test_targeted_pass_touches_only_the_named_secret(vw: World) -> None:
     assert vw.row(vw.key("b")).version == 1
 
 
+def test_targeted_pass_reads_only_its_rows_yet_sees_the_same_token_elsewhere(vw: World,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """O(k) ledger reads in a targeted pass (`some` + `holding`, never `all`), and the duplicate
+    check still sees a row outside the scope that holds the same token."""
+    for i in range(20):
+        vw.put(f"s{i:02d}", i)
+    vw.run()
+
+    def whole_ledger() -> list[Any]:
+        raise AssertionError("a targeted pass read the whole ledger")
+
+    monkeypatch.setattr(vw.ledger, "all", whole_ledger)
+    vw.side.put(vw.path("copy"), vw.side.peek(vw.path("s07")), tagged(PROJECTS[0]))  # s07's token, same project
+    vw.put("s03", 33)
+    report = vw.run(PassRequest(trigger="audit", paths=frozenset({vw.key("copy"), vw.key("s03")})))
+    assert report.counts["rejected"] == 1 and report.counts["rotated"] == 1 and report.counts["created"] == 0
+    assert vw.row(vw.key("copy")).last_result == "duplicate_token"
+    monkeypatch.undo()
+    vw.assert_exactly_once()
+
+
 def test_stop_request_defers_what_has_not_started(w: World) -> None:
     for i in range(10):
         w.put(f"s{i}", i)

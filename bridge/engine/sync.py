@@ -44,6 +44,7 @@ from bridge.planner import (
     RemoteView,
     Scope,
     count_deletions,
+    fingerprints,
     may_write_to,
     merge_owned,
     owned_credentials,
@@ -264,7 +265,10 @@ class SyncEngine:
     def _plan(self, request: PassRequest, runner: _Runner | None = None) -> _Planned:
         """The whole plan; with a `runner`, writes whose outcome is settled start on the way."""
         entries, scope, unseen = self._discover(request)
-        records = {r.key: r for r in self._ledger.all()}
+        targeted = request.paths is not None
+        # A targeted pass reads the rows of its own keys (and, below, those holding its tokens),
+        # not the whole ledger: at 1,000 tracked secrets `all()` was a third of a rotation's pass.
+        records = {r.key: r for r in (self._ledger.some(scope.keys) if targeted else self._ledger.all())}
         now = self._clock()
         # An explicit one-shot run is a request to try now: no secret waits out its backoff.
         retry_now = frozenset(e.ref.key for e in entries) if request.retry_backoff else request.paths or frozenset()
@@ -284,14 +288,27 @@ class SyncEngine:
         # of them is unlisted, a settled write could still change (a credential of its secret
         # found there), so none starts early.
         ahead: Counter[str] = Counter()
-        owned: Owned = {}
+        # Kept up to date as organizations are listed and handed to `reconcile`, so each listed
+        # credential's marker is parsed once per pass, not once per use.
+        owned: Owned = owned_credentials(view.listings, self._s.sync.instance)
         if runner is not None:
             for e in ordered:
                 if e.ref.key in reads or e.payload is not None:
                     ahead.update(may_write_to(e, believed.get(e.ref.key), self._s))
-            owned = owned_credentials(view.listings, self._s.sync.instance)
+        values: Generator[tuple[str, Mapping[str, Any] | None], None, None]
+        if targeted:
+            # A few values: read them first, then the rows already holding one of their tokens
+            # (the duplicate-token check), the only other rows the planner would consult.
+            pre = [self._read_one(e) for e in reads.values()]
+            held = fingerprints(ordered, dict(pre), self._s, self._keys)
+            twins = [r for r in self._ledger.holding(held) if r.key not in records] if held else []
+            if twins:
+                records.update((r.key, r) for r in twins)
+                believed = with_evidence(records, view)
+            values = (pair for pair in pre)
+        else:
+            values = self._values_in_order(list(reads.values()))
         planning = Planning(believed, scope, self._s, self._keys, now, retry_now)
-        values = self._values_in_order(list(reads.values()))
         unread = set(reads)
         intents: list[Action] = []
         ready: list[Action] = []
@@ -314,9 +331,8 @@ class SyncEngine:
                 new = writing_organizations([action]) - set(view.listings) - set(view.unlisted)
                 if new:
                     view = self._listed_too(view, new)
-                    if runner is not None:
-                        merge_owned(owned, owned_credentials({o: view.listings[o] for o in new if o in view.listings},
-                                                             self._s.sync.instance))
+                    merge_owned(owned, owned_credentials({o: view.listings[o] for o in new if o in view.listings},
+                                                         self._s.sync.instance))
                 if runner is None:
                     if self.progress is not None:
                         self.progress(len(intents), len(ordered))
@@ -335,10 +351,10 @@ class SyncEngine:
         finally:
             values.close()  # stops the readers when planning ends early (an abort)
         intents += planning.rest()
-        actions, need = reconcile(intents, entries, believed, view, scope, self._s, self._keys)
+        actions, need = reconcile(intents, entries, believed, view, scope, self._s, self._keys, owned=owned)
         if need:
-            view = self._links(view, need)
-            actions, _ = reconcile(intents, entries, believed, view, scope, self._s, self._keys)
+            view = self._links(view, need)  # links only: the listings, hence `owned`, are unchanged
+            actions, _ = reconcile(intents, entries, believed, view, scope, self._s, self._keys, owned=owned)
         return _Planned(actions, view, drift, scope, unseen)
 
     def run(self, request: PassRequest) -> PassReport:
