@@ -329,6 +329,35 @@ def test_targeted_pass_reads_only_its_rows_yet_sees_the_same_token_elsewhere(vw:
     vw.assert_exactly_once()
 
 
+def test_targeted_pass_lists_its_organization_ahead_once_and_fails_as_before(w: World) -> None:
+    """The listing a targeted pass starts before reading Vault (`_list_ahead`) replaces the one it
+    would make: one listing per rotation; its failure blocks the write like a direct one; a
+    pass with nothing to write spends that one GET and nothing else."""
+    from bridge.errors import TransientError as Transient
+
+    for i in range(3):
+        w.put(f"s{i}", i)
+    w.run()
+    w.api.reset_calls()
+    w.put("s1", 11)
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("s1")})))
+    assert report.counts["rotated"] == 1 and w.api.calls["all_credentials"] == 1
+    w.api.reset_calls()
+    w.api.inject("all_credentials", Transient("CybeDefend is down"), times=1)
+    w.put("s2", 12)
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("s2")})))
+    assert report.result == "partial" and report.counts["rotated"] == 0 and w.api.calls["create"] == 0
+    assert ORG in (report.error or "") and w.api.calls["all_credentials"] == 1
+    w.api.reset_calls()
+    w.side.put(w.path("s0"), w.side.peek(w.path("s0")), tagged(PROJECTS[0]))  # same token, new version
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("s0")})))
+    assert report.counts["refreshed"] == 1
+    assert dict(w.api.calls) == {"all_credentials": 1}
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("s2")})))  # the retry after the outage
+    assert report.counts["rotated"] == 1
+    assert len(w.creds()) == 3  # one credential per secret: nothing lost, nothing twice
+
+
 def test_stop_request_defers_what_has_not_started(w: World) -> None:
     for i in range(10):
         w.put(f"s{i}", i)

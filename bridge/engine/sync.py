@@ -143,6 +143,9 @@ class SyncEngine:
         self._guard_tripped = False
         self._unread: set[str] = set()  # keys whose value read failed in the pass being planned
         self._unread_lock = threading.Lock()
+        # Listings a targeted pass started before reading Vault (`_list_ahead`), by organization.
+        self._ahead: dict[str, Future[list[RemoteCredential]]] = {}
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     @property
     def last_report(self) -> PassReport | None:
@@ -233,7 +236,8 @@ class SyncEngine:
         unlisted: dict[str, str] = {}
         for org in sorted(orgs):
             try:
-                listings[org] = self._api.all_credentials(org)
+                early = self._ahead.pop(org, None)
+                listings[org] = early.result() if early is not None else self._api.all_credentials(org)
             except (AuthenticationError, LegacyApiKeyGone) as exc:
                 raise PassAbort(str(exc)) from exc
             except BridgeError as exc:
@@ -252,6 +256,39 @@ class SyncEngine:
                 raise PassAbort(str(exc)) from exc
         return replace(view, links=links)
 
+    def _list_ahead(self, paths: frozenset[str]) -> None:
+        """Start listing the organizations a targeted pass will most likely write to.
+
+        The listing before a create is what a write-to-registered wait is made of (ADR 7: no
+        create without it); started now, it runs while the secret's metadata, its value and its
+        ledger rows are read instead of after them. The guess is each path's default
+        organization (its source's, else `cybedefend.organization_id`); a tag naming another one
+        is listed when the planner asks, as before. The answer is only used where the pass
+        would have listed that organization anyway, and dropped otherwise (one GET spent), so
+        the plan is the same as without it; `_plan` forgets what it did not use.
+        """
+        guess: set[str] = set()
+        for key in paths:
+            idx = source_of(key, self._s.sources)
+            if idx is not None:
+                org = self._s.sources[idx].organization_id or self._s.cybedefend.organization_id
+                if org:
+                    guess.add(org.strip().lower())
+        if not guess:
+            return
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="list-ahead")
+        for org in sorted(guess):
+            self._ahead[org] = self._ahead_pool.submit(self._api.all_credentials, org)
+
+    def _forget_ahead(self) -> None:
+        unused, self._ahead = self._ahead, {}
+        for fut in unused.values():
+            # Not cancelled midway (a request in flight finishes on its own); waited for, so a
+            # pass never overlaps the next one's requests, and its error (if any) is dropped.
+            with contextlib.suppress(Exception):
+                fut.result()
+
     # -- a pass ---------------------------------------------------------------------------
     def plan(self, request: PassRequest) -> list[Action]:
         """Every action a pass would take now: reads Vault and CybeDefend, writes nothing."""
@@ -264,6 +301,14 @@ class SyncEngine:
 
     def _plan(self, request: PassRequest, runner: _Runner | None = None) -> _Planned:
         """The whole plan; with a `runner`, writes whose outcome is settled start on the way."""
+        if request.paths is not None:
+            self._list_ahead(request.paths)
+        try:
+            return self._plan_listed(request, runner)
+        finally:
+            self._forget_ahead()
+
+    def _plan_listed(self, request: PassRequest, runner: _Runner | None) -> _Planned:
         entries, scope, unseen = self._discover(request)
         targeted = request.paths is not None
         # A targeted pass reads the rows of its own keys (and, below, those holding its tokens),
