@@ -31,7 +31,7 @@ from bridge.errors import AmbiguousWrite
 from bridge.keyring import Keyring
 from bridge.ledger import SqliteLedger
 from bridge.metrics import Metrics
-from bridge.model import RemoteCredential, SecretRef, Sensitive
+from bridge.model import Marker, RemoteCredential, SecretRef, Sensitive
 from bridge.planner import writes_of
 from bridge.ports import PassRequest
 from tests.chaos.invariant import Cred, Expect, Want, check_invariant
@@ -142,6 +142,29 @@ class FakeWorld:
         finally:
             self.api._injected.clear()  # a crash fault unused this pass must not fire later
 
+    def sync(self, name: str, crash: tuple[str, bool] | None = None) -> None:
+        """A targeted pass for one secret, as an audit event or a webhook asks for it (ADR 14:
+        its own ledger rows only, its organization listed ahead), crashing like `run` can."""
+        self.t += 1
+        if crash is not None:
+            self.api.inject(crash[0], Crash(), after=crash[1])
+        try:
+            self.engine.run(PassRequest(trigger="audit", paths=frozenset({f"secret/dockerhub/{name}"})))
+        except Crash:
+            self.ledger.discard_staged()
+            self.engine = self._engine()
+            return
+        finally:
+            self.api._injected.clear()
+        # Not only eventually: right after a clean targeted pass, a live secret has exactly one
+        # credential of ours, holding its latest token, whatever earlier crashes left behind.
+        k = self.known.get(name)
+        if k is not None and k.expect is Expect.LIVE:
+            digest = self.keys.path_digest(SecretRef("secret", f"dockerhub/{name}"))
+            mine = [c for c in self.creds() if (m := Marker.parse(c.description)) is not None
+                    and m.instance == self.s.sync.instance and m.path_digest == digest]
+            assert [c.token for c in mine] == [k.token], f"after sync {name}: {len(mine)} credentials"
+
     def converge(self, passes: int = 3) -> None:
         for _ in range(passes):
             self.t += 3600
@@ -173,17 +196,21 @@ CRASH = st.tuples(st.just("crash"), st.sampled_from(CRASH_OPS), st.booleans())
 PUTS = st.one_of(st.tuples(st.just("put"), names, projects), st.tuples(st.just("pass"), st.none(), st.none()))
 
 
+def play_one(world: FakeWorld, op: str, a: Any, b: Any) -> None:
+    if op == "crash":
+        world.run(crash=(a, b))
+    elif op == "pass":
+        world.run()
+    elif b is not None:
+        getattr(world, op)(a, b)
+    else:
+        getattr(world, op)(a)
+
+
 def play(world: FakeWorld, ops: list[tuple[str, Any, Any]]) -> None:
     """Apply `ops` in any order (crashes included), then converge and check the invariant."""
     for op, a, b in ops:
-        if op == "crash":
-            world.run(crash=(a, b))
-        elif op == "pass":
-            world.run()
-        elif b is not None:
-            getattr(world, op)(a, b)
-        else:
-            getattr(world, op)(a)
+        play_one(world, op, a, b)
     world.converge()
     world.check(f"ops={ops}")
 
@@ -244,6 +271,29 @@ def test_crash_after_the_first_post_then_untag_leaves_no_stray() -> None:
 @given(ops=st.lists(st.one_of(SAFE_OPS, CRASH), max_size=14))
 def test_any_sequence_with_crashes_converges(policy: str, ops: list[tuple[str, Any, Any]]) -> None:
     play(FakeWorld(policy), ops)
+
+
+# Each operator action followed, most of the time, by the targeted sync its audit event asks for
+# (sometimes crashing at any step): every action is then synced the way the daemon syncs it.
+AUDITED = st.tuples(st.one_of(SAFE_OPS, CRASH), st.sampled_from(["sync", "sync", "crash", "none"]),
+                    st.sampled_from(CRASH_OPS), st.booleans())
+
+
+@pytest.mark.parametrize("policy", ["delete", "retain"])
+@PROPS
+@given(ops=st.lists(AUDITED, max_size=12))
+def test_any_sequence_with_targeted_syncs_and_crashes_converges(policy: str,
+                                                               ops: list[tuple[Any, str, str, bool]]) -> None:
+    """Targeted passes read only their own rows and list ahead (ADR 14): after each clean one the
+    secret has exactly one credential holding its latest token (`FakeWorld.sync`), and the
+    whole sequence converges like full passes do."""
+    world = FakeWorld(policy)
+    for (op, a, b), then, crash_op, crash_after in ops:
+        play_one(world, op, a, b)
+        if isinstance(a, str) and op != "crash" and then != "none":
+            world.sync(a, (crash_op, crash_after) if then == "crash" else None)
+    world.converge()
+    world.check(f"ops={ops}")
 
 
 # A pass used to compare KV v2 version *numbers* only: a secret destroyed and written anew
