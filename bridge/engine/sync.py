@@ -21,12 +21,13 @@ flight finish and defers the rest.
 from __future__ import annotations
 
 import contextlib
+import queue
 import random
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -520,6 +521,10 @@ class _Runner:
         self._workers = engine._s.cybedefend.max_concurrency
         self._pool: ThreadPoolExecutor | None = None
         self._running: set[Future[Outcome]] = set()
+        # Finished futures, handed over by their done-callback: reaping takes them from here
+        # instead of `concurrent.futures.wait`, which locks every running future and installs a
+        # waiter on each, once per action started (a cold pass starts one per secret).
+        self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
         self.started: dict[str, Action] = {}
         self.outcomes: list[Outcome] = []
         self.total = 0
@@ -534,8 +539,14 @@ class _Runner:
     def _reap(self, *, block: bool) -> None:
         if not self._running:
             return
-        done, self._running = wait(self._running, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        done: list[Future[Outcome]] = []
+        if block:
+            done.append(self._done.get())
+        with contextlib.suppress(queue.Empty):
+            while True:
+                done.append(self._done.get_nowait())
         for fut in done:
+            self._running.discard(fut)
             try:
                 outcome = fut.result()
             except PassAbort as exc:
@@ -561,7 +572,9 @@ class _Runner:
                 self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="sync")
             self.started[action.ref.key] = action
             self._prepared.discard(action.ref.key)
-            self._running.add(self._pool.submit(self._e._exec.execute, action))
+            fut = self._pool.submit(self._e._exec.execute, action)
+            self._running.add(fut)
+            fut.add_done_callback(self._done.put)
 
     def _halted(self) -> bool:
         return self._e._stop.is_set() or self._abort is not None
