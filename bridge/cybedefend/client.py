@@ -360,7 +360,8 @@ class CybeDefendClient:
         # with base_url, which parses it again, the auth and redirect flows, the cookie jar) cost
         # ~30 % of the CPU of a create POST, and a cold pass is CPU-bound under one GIL
         # (docs/benchmarks.md). What it did that matters is done here: its default headers, the
-        # timeout, reading the body, closing the stream. Redirects were not followed before either.
+        # timeout, reading the body, closing the stream. Redirects were not followed before either
+        # (docs/adr/0013-cybedefend-requests-on-the-transport.md).
         self._bucket.acquire()
         request = httpx.Request(ep.method, url, headers={**self._base_headers, **headers}, json=json_body, data=form,
                                 extensions={"timeout": self._timeouts})
