@@ -545,8 +545,10 @@ class _Runner:
         with contextlib.suppress(queue.Empty):
             while True:
                 done.append(self._done.get_nowait())
+        # All out of `_running` before any result is looked at, as `wait` did: should one raise,
+        # a later `finish` must not wait for a future already taken from the queue.
+        self._running.difference_update(done)
         for fut in done:
-            self._running.discard(fut)
             try:
                 outcome = fut.result()
             except PassAbort as exc:
