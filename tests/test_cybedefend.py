@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import socket
 import threading
 import time
 import traceback
@@ -29,7 +30,20 @@ from bridge.errors import (
 )
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from tests.support.cybedefend_mock import API, API_KEY, AUTH, CLI_APP, ORG, PAT, PROJECT, FakeClock, MockApi, error, make_client
+from tests.support.cybedefend_mock import (
+    API,
+    API_KEY,
+    AUTH,
+    CLI_APP,
+    ORG,
+    PAT,
+    PROJECT,
+    FakeClock,
+    MockApi,
+    error,
+    make_client,
+    settings,
+)
 
 DH_TOKEN = "dckr_pat_SuperSecretDockerHubToken123"
 CRED = "9c1e4b2a-6d3f-4e8a-b7c5-1f2e3d4c5b6a"
@@ -521,3 +535,39 @@ def test_token_response_without_expires_in_gets_a_short_default() -> None:
         parse_token_response({"access_token": "has space", "token_type": "Bearer"})
     with pytest.raises(AuthenticationError):
         parse_token_response({"token_type": "Bearer"})
+
+
+# ---- how requests are sent ----------------------------------------------------------------------
+
+
+def test_requests_still_go_through_a_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client sends on the transport httpx.Client resolved for the URL (docs/adr/0013), not
+    # through Client.send: a proxy named by the environment (trust_env) must still carry requests.
+    seen: list[str] = []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def proxy() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            seen.append(data.split(b"\r\n", 1)[0].decode())
+            body = b'{"dockerhub": []}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    thread = threading.Thread(target=proxy, daemon=True)
+    thread.start()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+    client = CybeDefendClient(settings("api_key", api_url="http://cybedefend.invalid"), Sensitive(API_KEY), Metrics())
+    try:
+        assert client.all_credentials(ORG) == []
+    finally:
+        client.close()
+        server.close()
+        thread.join(5)
+    path = f"/integrations/container-registry/organization/{ORG}/credentials"
+    assert seen == [f"GET http://cybedefend.invalid{path} HTTP/1.1"]

@@ -9,6 +9,7 @@ and CybeDefend's message; never a body, a header, a token, the PAT or the API ke
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -123,6 +124,15 @@ class CybeDefendClient:
             ),
             headers={"Accept": "application/json", "User-Agent": "cybedefend-bridge"},
         )
+        # Requests go straight to the client's transport (`_send`): the client is kept for what
+        # it resolves once at construction (the connection pool, or a proxy from the environment
+        # for that URL, TLS settings), not for its per-request machinery.
+        self._routes = {base: self._http._transport_for_url(httpx.URL(base)) for base in {self._api_url, self._auth_url}}
+        self._base_headers = dict(self._http.headers)
+        self._timeouts = self._timeout.as_dict()
+        # Labelled metric children, looked up once (as bridge.vault.transport does): `labels()`
+        # takes a lock and builds a key, ~10 us per call, twice per request.
+        self._children: dict[tuple[str, str], Any] = {}
         self._app_id: str | None = None
         # Confirms before every write attempt that we are still the one writer (HA lease or
         # process lock); set by the composition root once the lease or lock exists.
@@ -297,7 +307,9 @@ class CybeDefendClient:
         `unsafe` marks a request that must not be repeated once it may have been processed
         (the create POST): then only "never sent" failures and 429 are retried.
         """
-        url = (base or "") + ep.path(params)
+        base = base or self._api_url
+        url = _url(base.rstrip("/") + ep.path(params))
+        transport = self._routes[base]
         failures = 0
         reauthenticated = False
         while True:
@@ -306,7 +318,7 @@ class CybeDefendClient:
             if guard is not None:
                 guard.check(self._settings.timeout_seconds)  # LeaseLost: not sent, and no retry
             try:
-                resp = self._send(ep, url, headers, json_body, form)
+                resp = self._send(ep, transport, url, headers, json_body, form)
             except httpx.HTTPError as exc:
                 err = self._transport_error(ep, exc, unsafe)
                 scrub_chain(exc, self._secrets(secrets), isinstance(exc, httpx.LocalProtocolError))
@@ -341,21 +353,42 @@ class CybeDefendClient:
                 self._metrics.rate_limited_seconds.inc(delay)
 
     def _send(
-        self, ep: Endpoint, url: str, headers: dict[str, str], json_body: Any, form: Mapping[str, str] | None
+        self, ep: Endpoint, transport: httpx.BaseTransport, url: httpx.URL, headers: dict[str, str], json_body: Any,
+        form: Mapping[str, str] | None,
     ) -> httpx.Response:
+        # The transport, not `httpx.Client.send`: the client's per-request work (merging the URL
+        # with base_url, which parses it again, the auth and redirect flows, the cookie jar) cost
+        # ~30 % of the CPU of a create POST, and a cold pass is CPU-bound under one GIL
+        # (docs/benchmarks.md). What it did that matters is done here: its default headers, the
+        # timeout, reading the body, closing the stream. Redirects were not followed before either
+        # (docs/adr/0013-cybedefend-requests-on-the-transport.md).
         self._bucket.acquire()
+        request = httpx.Request(ep.method, url, headers={**self._base_headers, **headers}, json=json_body, data=form,
+                                extensions={"timeout": self._timeouts})
         with self._slots:
             started = self._clock()
             status_class = "error"
             try:
-                resp = self._http.request(
-                    ep.method, url, headers=headers, json=json_body, data=form, timeout=self._timeout
-                )
+                resp = transport.handle_request(request)
+                try:
+                    resp.read()
+                finally:
+                    resp.close()
+                resp.request = request
                 status_class = f"{resp.status_code // 100}xx"
                 return resp
             finally:
-                self._metrics.api_requests.labels(endpoint=ep.name, status_class=status_class).inc()
-                self._metrics.api_duration.labels(endpoint=ep.name).observe(max(0.0, self._clock() - started))
+                self._child(ep.name, status_class).inc()
+                self._child(ep.name, "").observe(max(0.0, self._clock() - started))
+
+    def _child(self, endpoint: str, status_class: str) -> Any:
+        """The `api_requests` child of (endpoint, status class), or with "" the `api_duration` one."""
+        child = self._children.get((endpoint, status_class))
+        if child is None:
+            child = (self._metrics.api_requests.labels(endpoint=endpoint, status_class=status_class) if status_class
+                     else self._metrics.api_duration.labels(endpoint=endpoint))
+            self._children[(endpoint, status_class)] = child
+        return child
 
     def _wait(
         self, ep: Endpoint, failures: int, retry_after: float | None, reason: str, guard: WriteGuard | None = None
@@ -423,6 +456,14 @@ class CybeDefendClient:
 
     def _message(self, resp: httpx.Response, secrets: Sequence[str]) -> str:
         return api_message(_json_or_none(resp), resp.reason_phrase, self._secrets(secrets))
+
+
+@functools.lru_cache(maxsize=256)
+def _url(text: str) -> httpx.URL:
+    """Parsed once per distinct URL (a create's is the same for every secret of an organization):
+    httpx's URL parser is a noticeable share of a request's CPU. Ids with their own URL
+    (deletes, links) only rotate through the bounded cache."""
+    return httpx.URL(text)
 
 
 def _json_or_none(resp: httpx.Response) -> Any:

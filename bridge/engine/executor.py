@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from bridge.config import Settings
 from bridge.errors import (
@@ -74,6 +75,7 @@ class Executor:
         # Keys whose pending row `prepare` committed, so `_register` need not read it back.
         self._prepared: set[str] = set()
         self._prepared_lock = threading.Lock()
+        self._action_children: dict[tuple[ActionKind, Result], Any] = {}
 
     # -- before the actions ---------------------------------------------------------------
     def prepare(self, actions: list[Action]) -> list[str]:
@@ -135,7 +137,11 @@ class Executor:
             outcome = self._failed(action, str(exc), permanent=permanent)
             status = getattr(exc, "status", None)
         duration = time.monotonic() - started
-        self._m.actions.labels(action=outcome.kind.value, result=outcome.result.value).inc()
+        child = self._action_children.get((outcome.kind, outcome.result))
+        if child is None:  # looked up once per (kind, result): labels() locks and builds a key per call
+            child = self._action_children[(outcome.kind, outcome.result)] = self._m.actions.labels(
+                action=outcome.kind.value, result=outcome.result.value)
+        child.inc()
         if outcome.kind != ActionKind.SKIP or outcome.result != Result.OK:
             # A failure is never quieter than `warning`: with logging.level warning a refused
             # registration must still print a line naming the path and the reason.

@@ -21,12 +21,13 @@ flight finish and defers the rest.
 from __future__ import annotations
 
 import contextlib
+import queue
 import random
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -581,6 +582,10 @@ class _Runner:
         self._workers = engine._s.cybedefend.max_concurrency
         self._pool: ThreadPoolExecutor | None = None
         self._running: set[Future[Outcome]] = set()
+        # Finished futures, handed over by their done-callback: reaping takes them from here
+        # instead of `concurrent.futures.wait`, which locks every running future and installs a
+        # waiter on each, once per action started (a cold pass starts one per secret).
+        self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
         self.started: dict[str, Action] = {}
         self.outcomes: list[Outcome] = []
         self.total = 0
@@ -595,7 +600,15 @@ class _Runner:
     def _reap(self, *, block: bool) -> None:
         if not self._running:
             return
-        done, self._running = wait(self._running, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        done: list[Future[Outcome]] = []
+        if block:
+            done.append(self._done.get())
+        with contextlib.suppress(queue.Empty):
+            while True:
+                done.append(self._done.get_nowait())
+        # All out of `_running` before any result is looked at, as `wait` did: should one raise,
+        # a later `finish` must not wait for a future already taken from the queue.
+        self._running.difference_update(done)
         for fut in done:
             try:
                 outcome = fut.result()
@@ -622,7 +635,9 @@ class _Runner:
                 self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="sync")
             self.started[action.ref.key] = action
             self._prepared.discard(action.ref.key)
-            self._running.add(self._pool.submit(self._e._exec.execute, action))
+            fut = self._pool.submit(self._e._exec.execute, action)
+            self._running.add(fut)
+            fut.add_done_callback(self._done.put)
 
     def _halted(self) -> bool:
         return self._e._stop.is_set() or self._abort is not None
