@@ -8,8 +8,12 @@
   `HVAC_IMPORTS` measures what it would add. Measured in the same run and the same interpreter
   as the bridge: the runtime-only virtualenv of `bench.runtime_env` when it can be built.
 - `oneshot_peak_kib`: `cybedefend-bridge sync --once` registering N new tokens into a fresh
-  double with a fresh ledger, in its own process; its peak RSS from `wait4()`'s `ru_maxrss`
-  (the kernel's own high-water mark for the child, nothing sampled).
+  double with a fresh ledger, in its own process; its peak RSS is the kernel's high-water mark
+  of that process's own memory (`VmHWM` of /proc/self/status), read at interpreter exit by a
+  three-line wrapper around `python -m bridge`. Not `wait4()`'s `ru_maxrss`: Linux keeps a
+  process's max RSS across `execve`, and a child forked from the bench process starts with the
+  bench's resident pages counted, so `ru_maxrss` reported max(the bench's RSS at the fork, the
+  child's peak): 81.9 MiB for a `sync --once` over 50 secrets whose own VmHWM was 55.3 MiB.
 
 `python -m bench.memory [N ...]` measures only this (floor, one-shot over N, then a daemon on
 the ledger the one-shot filled), for iterating on memory without the whole bench.
@@ -18,7 +22,6 @@ the ledger the one-shot filled), for iterating on memory without the whole bench
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -60,21 +63,33 @@ class OneShot:
     exit_code: int
 
 
+# `python -m bridge ARGS`, then, at exit, the process's own VmHWM written to the file named first.
+_HWM_WRAPPER = (
+    "import atexit, runpy, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "def hwm():\n"
+    "    kib = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+    "    open(out, 'w').write(kib)\n"
+    "atexit.register(hwm)\n"
+    "runpy.run_module('bridge', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def oneshot_peak_kib(raw_settings: dict[str, Any], workdir: Path, n: int, python: str = sys.executable) -> OneShot:
-    """`python -m bridge sync --once` over `raw_settings` (a fresh ledger and double); its ru_maxrss."""
+    """`python -m bridge sync --once` over `raw_settings` (a fresh ledger and double); its own VmHWM."""
     config = workdir / f"oneshot-{n}.yaml"
     config.write_text(json.dumps(raw_settings))  # JSON is YAML
     log = workdir / f"oneshot-{n}.log"
+    hwm = workdir / f"oneshot-{n}.vmhwm"
+    hwm.unlink(missing_ok=True)
     with open(log, "wb") as out:
         started = time.monotonic()
-        proc = subprocess.Popen([python, "-m", "bridge", "sync", "--once", "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env())
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting again
+        done = subprocess.run([python, "-c", _HWM_WRAPPER, str(hwm), "sync", "--once", "--config", str(config)],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(), check=False)
         seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"sync --once over {n} exited {proc.returncode}; see {log}")
-    return OneShot(n=n, peak_rss_kib=int(usage.ru_maxrss), seconds=seconds, exit_code=proc.returncode)
+    if done.returncode != 0 or not hwm.exists():
+        raise RuntimeError(f"sync --once over {n} exited {done.returncode}; see {log}")
+    return OneShot(n=n, peak_rss_kib=int(hwm.read_text()), seconds=seconds, exit_code=done.returncode)
 
 
 def main(argv: list[str]) -> int:

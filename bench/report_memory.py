@@ -77,7 +77,8 @@ def render_memory(sizes: list[SizeResult], res: Resources) -> list[str]:
     if res.oneshot is not None:
         o = res.oneshot
         lines.append(f"`cybedefend-bridge sync --once` registering {o.n:,} new tokens (fresh ledger, fresh double) took "
-                     f"{o.seconds:.1f} s and peaked at {o.peak_rss_kib / MIB:.1f} MiB (`ru_maxrss` from `wait4`).")
+                     f"{o.seconds:.1f} s and peaked at {o.peak_rss_kib / MIB:.1f} MiB (its own VmHWM, read at exit; "
+                     "not `wait4`'s `ru_maxrss`, which counts the bench's pages at the fork: `bench.memory`).")
     return lines
 
 
