@@ -35,6 +35,7 @@ PROBE = "example"  # a stand-in secret name for capability checks
 _SCAN_UNSUPPORTED = frozenset({400, 405})
 _BAD_REQUEST = frozenset({400})  # a check-and-set that lost is a 400 naming "check-and-set"
 _END = object()
+_TAG_SETS_MAX = 4096  # distinct tag sets kept for sharing (a few bytes each beside what they save)
 
 
 def _q(path: str) -> str:
@@ -81,6 +82,8 @@ class VaultSource:
         self._area = StateArea(self.session, settings.state_mount, settings.state_path)
         # Values under these keys are DockerHub tokens: register them for log redaction on read.
         self._token_keys = frozenset(s.token_key for s in settings.sources)
+        # Distinct KV v2 tag sets seen, each one dict shared by its entries (`_describe`).
+        self._tag_sets: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -154,7 +157,8 @@ class VaultSource:
         keys = self._scan(mount, folder)
         if keys is None:
             keys = self._list_recursive(folder)
-        return [_join(prefix, k) for k in keys]
+        # Interned: the ledger's rows hold the same paths for the whole pass (bridge.ledger).
+        return [sys.intern(_join(prefix, k)) for k in keys]
 
     def _scan(self, mount: str, folder: str) -> list[str] | None:
         """OpenBao's recursive SCAN: one request for the whole tree. None: use LIST instead."""
@@ -225,9 +229,19 @@ class VaultSource:
         # Interned: each JSON document brings its own copy of the same tag names and of the few
         # project ids, and every entry of a pass keeps its tags (docs/benchmarks.md, memory).
         tags = {sys.intern(str(k)): sys.intern(str(v)) for k, v in (d.get("custom_metadata") or {}).items()}
+        # One dict per distinct tag set, shared by the entries that carry it (most secrets carry
+        # one of a few project ids): a dict per secret was ~200 B of every tracked secret held
+        # through the pass. Read-only by type (`VaultEntry.tags` is a Mapping). Metadata only:
+        # KV v1 "tags" (the data, token included) above are never shared.
+        shape = tuple(tags.items())
+        shared = self._tag_sets.get(shape)
+        if shared is None:
+            if len(self._tag_sets) >= _TAG_SETS_MAX:
+                self._tag_sets.clear()  # many distinct sets: sharing saves little; stay bounded
+            shared = self._tag_sets.setdefault(shape, tags)
         stamp = meta.get("created_time")
-        return VaultEntry(ref, current or None, tags, deleted=deleted, source_index=index,
-                          stamp=stamp if isinstance(stamp, str) else None)
+        return VaultEntry(ref, current or None, shared, deleted=deleted, source_index=index,
+                          stamp=sys.intern(stamp) if isinstance(stamp, str) else None)  # as the ledger's seen_stamp
 
     def _bounded_map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterable[R]:
         """fn over items on `concurrency` threads; every result (any order) once all are done.
