@@ -32,7 +32,8 @@ def proc_status_kib(pid: int) -> dict[str, int]:
 class DaemonProcess:
     """`cybedefend-bridge run`; `__enter__` returns once /v1/status shows a finished full pass."""
 
-    def __init__(self, raw_settings: dict[str, Any], workdir: Path, tag: str, ready_timeout: float = 600.0) -> None:
+    def __init__(self, raw_settings: dict[str, Any], workdir: Path, tag: str, ready_timeout: float = 600.0,
+                 python: str = sys.executable) -> None:
         self.port = free_port()
         raw = {**raw_settings}
         raw["server"] = {**raw.get("server", {}), "bind": "127.0.0.1", "port": self.port}
@@ -40,7 +41,7 @@ class DaemonProcess:
                            "first_run_max_delay_seconds": 0}
         self.config = workdir / f"daemon-{tag}.yaml"
         self.config.write_text(json.dumps(raw))
-        self._child = ChildProcess([sys.executable, "-m", "bridge", "run", "--config", str(self.config)],
+        self._child = ChildProcess([python, "-m", "bridge", "run", "--config", str(self.config)],
                                    workdir / f"daemon-{tag}", merge_stderr=True)
         self._ready_timeout = ready_timeout
 

@@ -6,7 +6,8 @@ bridge built in this process (the double runs here too), makes one warm pass, th
 `tracemalloc` (so what the double and the registration allocated is not counted) and runs one
 steady pass with the planner functions the engine calls wrapped, printing what is alive after
 each step and the largest allocation sites at the chosen one (`--at`, default `reconcile`, when
-entries, ledger records and actions are all alive). Then it measures building one /v1/status
+entries, ledger records and actions are all alive), then the largest sites still alive when
+the pass returns (its report kept). Then it measures building one /v1/status
 document.
 """
 
@@ -26,7 +27,10 @@ from bench.rig import Lab, new_simulator
 from bridge.logs import configure
 from bridge.ports import PassRequest
 
-STEPS = ("touched_organizations", "with_evidence", "values_to_read", "plan", "reconcile", "failing_rows")
+# The planner functions the engine calls by name (bridge.engine.sync), in pass order. `Planning`
+# decides one secret at a time between values_to_read and reconcile (ADR 11), so reconcile is
+# where entries, records and every decision are alive together.
+STEPS = ("touched_organizations", "with_evidence", "values_to_read", "reconcile", "failing_rows")
 MIB = 2**20
 
 

@@ -51,10 +51,14 @@ def summary_rows(sizes: list[SizeResult], res: Resources) -> list[str]:
 def render_memory(sizes: list[SizeResult], res: Resources) -> list[str]:
     lines = [
         "", "## 4 and 5. Memory against N", "",
-        f"Floor: a bare `python` peaks at {res.bare_python_kib / MIB:.1f} MiB; importing the bridge's third-party "
-        f"libraries and nothing of the bridge (`bench.memory.FLOOR_IMPORTS`) at {res.floor_kib / MIB:.1f} MiB, in the "
-        "same virtualenv. Each N: a daemon (`python -m bridge run`) started on the ledger of exactly N registered "
-        "secrets, its VmHWM once /metrics shows its start-up pass done (the bench polls /metrics, not /v1/status).", "",
+        f"Measured in {res.environment or 'the current virtualenv'}.", "",
+        f"Floor: a bare `python` peaks at {res.bare_python_kib / MIB:.1f} MiB; importing the third-party libraries the "
+        f"daemon imports and nothing of the bridge (`bench.memory.FLOOR_IMPORTS`) at {res.floor_kib / MIB:.1f} MiB"
+        + (f" (with hvac and requests, shipped for rare operations only: {res.floor_with_hvac_kib / MIB:.1f} MiB)"
+           if res.floor_with_hvac_kib else "")
+        + ", in the same environment. Each N: a daemon (`python -m bridge run`) started on the ledger of exactly N "
+        "registered secrets, its VmHWM once /metrics shows its start-up pass done (the bench polls /metrics, not "
+        "/v1/status).", "",
         "| N | Daemon peak RSS | above the import floor | per secret above the floor |", "|---|---|---|---|",
     ]
     for s in sizes:
@@ -73,7 +77,8 @@ def render_memory(sizes: list[SizeResult], res: Resources) -> list[str]:
     if res.oneshot is not None:
         o = res.oneshot
         lines.append(f"`cybedefend-bridge sync --once` registering {o.n:,} new tokens (fresh ledger, fresh double) took "
-                     f"{o.seconds:.1f} s and peaked at {o.peak_rss_kib / MIB:.1f} MiB (`ru_maxrss` from `wait4`).")
+                     f"{o.seconds:.1f} s and peaked at {o.peak_rss_kib / MIB:.1f} MiB (its own VmHWM, read at exit; "
+                     "not `wait4`'s `ru_maxrss`, which counts the bench's pages at the fork: `bench.memory`).")
     return lines
 
 

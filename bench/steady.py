@@ -17,9 +17,10 @@ from typing import Any
 
 from bench.daemon_proc import DaemonProcess
 from bench.floors import curl_fetch_cpu
-from bench.memory import OneShot, bare_python_kib, import_floor_kib, oneshot_peak_kib
+from bench.memory import HVAC_IMPORTS, OneShot, bare_python_kib, import_floor_kib, oneshot_peak_kib
 from bench.procs import BridgeProcess, proc_cpu_seconds, sync_once
 from bench.rig import Lab, new_simulator
+from bench.runtime_env import RuntimeEnv, runtime_env
 from bench.stats import median
 from cybedefend_double.simulator import Simulator
 
@@ -91,6 +92,8 @@ class Resources:
     oneshot: OneShot | None = None  # `sync --once` registering n new tokens, its own process
     floor_kib: int = 0  # python + the third-party libraries, nothing of the bridge (bench.memory)
     bare_python_kib: int = 0
+    floor_with_hvac_kib: int = 0  # the floor plus hvac/requests (shipped, off the daemon's routine paths)
+    environment: str = ""  # which interpreter and libraries the memory figures were measured in (bench.runtime_env)
 
 
 def _api_counts(sim: Simulator) -> Counter[str]:
@@ -152,15 +155,16 @@ def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeat
     return out
 
 
-def daemon_peak(raw: dict[str, Any], workdir: Path, n: int) -> int:
+def daemon_peak(raw: dict[str, Any], workdir: Path, n: int, python: str) -> int:
     """VmHWM (KiB) of a daemon started on the ledger of n registered secrets, after its start-up pass."""
-    with DaemonProcess(raw, workdir, f"peak-{n}") as daemon:
+    with DaemonProcess(raw, workdir, f"peak-{n}", python=python) as daemon:
         return daemon.status_kib()["VmHWM"]
 
 
-def measure_daemon(raw: dict[str, Any], workdir: Path, n: int, idle_seconds: float, worker_peak_kib: int) -> Resources:
+def measure_daemon(raw: dict[str, Any], workdir: Path, n: int, idle_seconds: float, worker_peak_kib: int,
+                   python: str) -> Resources:
     """The daemon on the ledger the worker filled: its start-up pass over n, then idle, then one status."""
-    with DaemonProcess(raw, workdir, "resources") as daemon:
+    with DaemonProcess(raw, workdir, "resources", python=python) as daemon:
         time.sleep(1.0)  # let the pass's threads wind down and the scheduler settle into its wait
         before = daemon.cpu_seconds()
         time.sleep(idle_seconds)
@@ -179,7 +183,11 @@ def resources_n(sizes: list[int]) -> int:
 
 
 def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeats: int, k: int,
-               idle_seconds: float, seed: int = 7) -> tuple[list[SizeResult], Resources]:
+               idle_seconds: float, seed: int = 7, env: RuntimeEnv | None = None) -> tuple[list[SizeResult], Resources]:
+    """`env`: where the memory figures are measured (default: the runtime-only virtualenv of
+    `bench.runtime_env`, or this interpreter when it cannot be built). The pass timings always
+    run in this interpreter (`bench.worker`)."""
+    env = env or runtime_env()
     rng = random.Random(seed)
     raw: dict[str, Any] = lab.raw_settings(sim.url, "steady")
     target = resources_n(sizes)
@@ -191,19 +199,21 @@ def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeat
         for n in sorted(sizes):
             result = measure_size(lab, sim, bridge, n, repeats, k, rng, empty)
             # The memory slope: a daemon on the ledger of exactly n, its peak after the start-up pass.
-            result.daemon_peak_rss_kib = daemon_peak(raw, workdir, n)
+            result.daemon_peak_rss_kib = daemon_peak(raw, workdir, n, env.python)
             results.append(result)
             if n == target:
                 # While Vault holds exactly n: the resource targets are measured at this N.
                 worker_peak = int(bridge.ask("resources")["vm_hwm_kib"])
-                resources = measure_daemon(raw, workdir, n, idle_seconds, worker_peak)
+                resources = measure_daemon(raw, workdir, n, idle_seconds, worker_peak, env.python)
                 fresh = new_simulator()
                 try:
-                    oneshot = oneshot_peak_kib(lab.raw_settings(fresh.url, f"oneshot-{n}"), workdir, n)
+                    oneshot = oneshot_peak_kib(lab.raw_settings(fresh.url, f"oneshot-{n}"), workdir, n, env.python)
                 finally:
                     fresh.stop()
     assert resources is not None
     resources.oneshot = oneshot
-    resources.floor_kib = import_floor_kib()
-    resources.bare_python_kib = bare_python_kib()
+    resources.floor_kib = import_floor_kib(env.python)
+    resources.floor_with_hvac_kib = import_floor_kib(env.python, HVAC_IMPORTS)
+    resources.bare_python_kib = bare_python_kib(env.python)
+    resources.environment = env.label
     return results, resources

@@ -181,7 +181,7 @@ def _decide(
     settings: Settings,
     keyring: Keyring,
     now: float,
-    claimed: dict[tuple[str, str, str], str],
+    claimed: _Claims,
     retry_now: bool,
 ) -> Action | None:
     ref = entry.ref
@@ -278,6 +278,38 @@ def _decide(
     return act(ActionKind.SKIP, UP_TO_DATE)
 
 
+class _Claims:
+    """Which path claimed each (token fingerprint, organization, project) this pass.
+
+    Tokens already registered elsewhere claim their (token, project) first, so a copy of a
+    registered token under a second path is the one rejected, whatever the listing order. Built
+    from the records on first use, not up front: only a secret whose value was read asks, and a
+    steady pass reads none, so it no longer holds a tuple and a slot per tracked secret (~110 B).
+    The records are the pass's, fixed before planning starts: building late sees what building
+    early saw."""
+
+    __slots__ = ("_records", "_table")
+
+    def __init__(self, records: Mapping[str, LedgerRecord]) -> None:
+        self._records = records
+        self._table: dict[tuple[str, str, str], str] | None = None
+
+    def _built(self) -> dict[tuple[str, str, str], str]:
+        if self._table is None:
+            table: dict[tuple[str, str, str], str] = {}
+            for rec in self._records.values():
+                if rec.state == State.REGISTERED and rec.fingerprint and rec.organization_id and rec.project_id:
+                    table.setdefault((rec.fingerprint, rec.organization_id, rec.project_id), rec.key)
+            self._table = table
+        return self._table
+
+    def get(self, claim: tuple[str, str, str]) -> str | None:
+        return self._built().get(claim)
+
+    def __setitem__(self, claim: tuple[str, str, str], key: str) -> None:
+        self._built()[claim] = key
+
+
 class Planning:
     """`plan`, one secret at a time in key order, so the engine can plan while values arrive.
 
@@ -297,29 +329,35 @@ class Planning:
     ) -> None:
         self._records, self._scope, self._s, self._keys, self._now = records, scope, settings, keyring, now
         self._retry_now = retry_now
-        self._claimed: dict[tuple[str, str, str], str] = {}
-        # Tokens already registered elsewhere claim their (token, project) first, so a copy of a
-        # registered token under a second path is the one rejected, whatever the listing order.
-        for rec in records.values():
-            if rec.state == State.REGISTERED and rec.fingerprint and rec.organization_id and rec.project_id:
-                self._claimed.setdefault((rec.fingerprint, rec.organization_id, rec.project_id), rec.key)
-        self._seen: set[str] = set()
+        self._claimed = _Claims(records)
+        # The keys fed to `decide`, ascending. A list, not a set: it is held for the whole pass,
+        # one per tracked secret, and a set's table costs ~5x a list's slot; `rest` merges it
+        # with the sorted records instead of looking keys up.
+        self._fed: list[str] = []
 
     def decide(self, entry: VaultEntry, payload: Mapping[str, Any] | None) -> Action | None:
         """The action for one secret (None: nothing to say about it); keys in ascending order."""
         key = entry.ref.key
-        if key in self._seen:
-            return None
-        self._seen.add(key)
-        return _decide(entry, self._records.get(key), payload, self._s, self._keys, self._now, self._claimed,
-                       key in self._retry_now)
+        if self._fed and key <= self._fed[-1]:
+            if key == self._fed[-1]:
+                return None  # the same secret again (two sources overlap): decided once
+            raise ValueError(f"Planning.decide: {key} came after {self._fed[-1]}; entries must be in ascending key order")
+        record = self._records.get(key)
+        # The record's own key string when there is one: `entry.ref.key` builds a new string per
+        # call, and this list holds one per tracked secret for the whole pass (~75 B each).
+        self._fed.append(record.key if record is not None else key)
+        return _decide(entry, record, payload, self._s, self._keys, self._now, self._claimed, key in self._retry_now)
 
     def rest(self) -> list[Action]:
         """Retirements of tracked secrets that no entry fed to `decide` named, where we looked."""
         actions: list[Action] = []
+        fed, i = self._fed, 0
         for key in sorted(self._records):
+            while i < len(fed) and fed[i] < key:
+                i += 1
+            seen = i < len(fed) and fed[i] == key
             rec = self._records[key]
-            if key in self._seen or rec.state in _GONE_STATES:
+            if seen or rec.state in _GONE_STATES:
                 continue
             idx = source_of(key, self._s.sources)
             looked = key in self._scope.keys or (idx is not None and idx in self._scope.sources)
@@ -454,21 +492,27 @@ def writing_organizations(intents: Iterable[Action]) -> set[str]:
     return orgs
 
 
-def with_evidence(records: Mapping[str, LedgerRecord], view: RemoteView) -> dict[str, LedgerRecord]:
+def with_evidence(records: Mapping[str, LedgerRecord], view: RemoteView) -> Mapping[str, LedgerRecord]:
     """The ledger as the planner should believe it, given what the listings show.
 
     A row that says `registered` with a credential absent from its organization's fresh listing
     is `missing` (drift): the planner reads the value and registers it again, or adopts another
     credential that carries the current token. Rows of organizations not listed are unchanged.
+    `records` itself when nothing changes (a steady pass lists nothing): a copy of a map of
+    every tracked secret would be held beside it for the whole pass.
     """
+    if not view.listings:
+        return records
     present = {org: {c.id for c in creds} for org, creds in view.listings.items()}
-    out = dict(records)
+    out: dict[str, LedgerRecord] | None = None
     for key, rec in records.items():
         if rec.state != State.REGISTERED or not rec.credential_id or rec.organization_id not in present:
             continue
         if rec.credential_id not in present[rec.organization_id]:
+            if out is None:
+                out = dict(records)
             out[key] = replace(rec, state=State.MISSING, reason="the credential is gone from CybeDefend")
-    return out
+    return records if out is None else out
 
 
 def _ours(view: RemoteView, instance: str) -> dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]]:
@@ -567,9 +611,15 @@ def reconcile(
     out: list[Action] = []
     judged: set[str] = set()
     for action in actions:
-        digest = keyring.path_digest(action.ref)
-        judged.add(digest)
-        out.append(_settle(action, records.get(action.ref.key), ours.get(digest, {}), view, delete, links_of))
+        if ours:
+            digest = keyring.path_digest(action.ref)
+            judged.add(digest)
+            mine = ours.get(digest, {})
+        else:
+            # Nothing of ours was listed (a steady pass lists nothing): no credential to match,
+            # none left uncovered, so no digest per secret is computed and held (~100 B each).
+            mine = {}
+        out.append(_settle(action, records.get(action.ref.key), mine, view, delete, links_of))
     out.extend(_uncovered(ours, judged, entries, records, scope, settings, keyring, delete, view))
     if count_deletions(out, settings) > settings.sync.max_deletes_per_pass:
         out = [replace(a, paused=True) if any(d.why in RETIRING for d in a.deletes) else a for a in out]
@@ -702,7 +752,9 @@ def _uncovered(
     pass. A credential whose secret we cannot name is left alone (another bridge with the same
     instance name and another key, or a path outside every source).
     """
-    if not delete:
+    if not delete or not ours:
+        # Nothing of ours listed: nothing to judge. Returning before the digest table matters
+        # in a steady pass, which lists nothing: two digests and a slot per tracked secret.
         return []
     by_digest: dict[str, tuple[str, VaultEntry | None]] = {}
     for rec in records.values():

@@ -248,25 +248,29 @@ def test_lease_against_real_openbao(openbao: OpenBao, kv_mount: str) -> None:
         env={"VAULT_TOKEN": openbao.root_token},
     )
     stores = [VaultSource(settings, Metrics(), env={"VAULT_TOKEN": openbao.root_token}) for _ in range(2)]
-    for s in stores:
-        s.login()
-    clocks = Clocks()
-    a, b = (make_lease(s, clocks, n) for s, n in zip(stores, ("a", "b"), strict=True))
-    assert a.acquire_or_renew()
-    assert b.acquire_or_renew() is False
-    assert b.leader_address() == "http://a:8080"
-    # A real check-and-set race: b's write carries a version a has already moved past.
-    stale = stores[1].read_state("leader")
-    assert stale is not None
-    assert a.acquire_or_renew()
-    with pytest.raises(CasConflict):
-        stores[1].write_state("leader", {"holder": "b"}, cas=stale[1])
-    a.release()
-    assert b.acquire_or_renew()
-    doc = openbao.client().secrets.kv.v2.read_secret_version(
-        path=f"{settings.state_path}/leader", mount_point=settings.state_mount, raise_on_deleted_version=True
-    )["data"]["data"]
-    assert doc["holder"] == "b" and doc["address"] == "http://b:8080"
+    try:
+        for s in stores:
+            s.login()
+        clocks = Clocks()
+        a, b = (make_lease(s, clocks, n) for s, n in zip(stores, ("a", "b"), strict=True))
+        assert a.acquire_or_renew()
+        assert b.acquire_or_renew() is False
+        assert b.leader_address() == "http://a:8080"
+        # A real check-and-set race: b's write carries a version a has already moved past.
+        stale = stores[1].read_state("leader")
+        assert stale is not None
+        assert a.acquire_or_renew()
+        with pytest.raises(CasConflict):
+            stores[1].write_state("leader", {"holder": "b"}, cas=stale[1])
+        a.release()
+        assert b.acquire_or_renew()
+        doc = openbao.client().secrets.kv.v2.read_secret_version(
+            path=f"{settings.state_path}/leader", mount_point=settings.state_mount, raise_on_deleted_version=True
+        )["data"]["data"]
+        assert doc["holder"] == "b" and doc["address"] == "http://b:8080"
+    finally:
+        for s in stores:  # the lean path's pooled connections
+            s.close()
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -426,6 +426,24 @@ def test_the_guard_rail_pauses_retiring_deletions_and_says_so() -> None:
 # ---- the pipeline's pieces (ADR 11): one secret at a time gives the whole plan ------------------
 
 
+def test_planning_refuses_entries_out_of_key_order() -> None:
+    """`Planning` keeps the keys it was fed as a sorted list (memory: ADR 12), so out-of-order
+    input is refused loudly rather than misread; the same key twice is decided once."""
+    from bridge.planner import Planning
+
+    planning = Planning({}, FULL, S, KEYS, NOW)
+    here = tagged(PROJECTS[0])
+    assert planning.decide(entry("b", tags=here), data(1)) is not None
+    assert planning.decide(entry("b", tags=here), data(1)) is None
+    with pytest.raises(ValueError, match="ascending key order"):
+        planning.decide(entry("a", tags=here), data(2))
+
+
+def test_with_evidence_without_listings_is_the_ledger_itself() -> None:
+    recs = {r.key: r for r in [record("a"), record("b")]}
+    assert with_evidence(recs, RemoteView()) is recs  # no copy of every row in a steady pass
+
+
 def test_planning_one_secret_at_a_time_is_plan_and_settle_is_reconcile() -> None:
     from bridge.planner import Planning, may_write_to, owned_credentials, writing_organizations
     from bridge.planner import settle as settle_one

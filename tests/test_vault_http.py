@@ -9,15 +9,16 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bridge.errors import VaultInvalidRequest, VaultUnavailable
+from bridge.errors import VaultInvalidRequest, VaultPermissionDenied, VaultUnavailable
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from bridge.vault.transport import ConnectionPool, VaultTransport, _Conn
+from bridge.vault.transport import ConnectionPool, VaultTransport, _Conn, routine_error
 from tests.support.config import parse, raw_config
 
 TOKEN = "s.lean-path-test-token"
@@ -235,3 +236,93 @@ def test_ipv6_and_default_port_host_headers(tmp_path: Path) -> None:
     assert pool("http://vault.example:80").host_header == "vault.example"
     assert pool("http://[::1]:8200").host_header == "[::1]:8200"
     assert pool("http://127.0.0.1:8200/prefix/").prefix == "/prefix"
+
+
+# --- the routine calls (ADR 13): JSON bodies, logins without a token, no blind re-send of a POST ----
+
+
+def test_a_post_carries_its_json_body_and_a_login_no_token(serve: Callable[[list[Script]], Scripted], tmp_path: Path) -> None:
+    holder: list[Scripted] = []
+    bodies: list[bytes] = []
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+    def script(conn: socket.socket) -> None:
+        for _ in range(2):
+            head = holder[0].read_request(conn)
+            raw_head, _, rest = head.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in raw_head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            while len(rest) < length:
+                rest += conn.recv(4096)
+            bodies.append(rest)
+            conn.sendall(ok)
+        holder[0].read_request(conn)
+
+    srv = serve([script])
+    holder.append(srv)
+    tr = _transport(tmp_path, srv.port)
+    try:
+        assert tr.send("login", "POST", "auth/approle/login", "", None, b'{"role_id":"r"}')[0] == 200
+        assert tr.send("revoke", "POST", "auth/token/revoke-self", "", Sensitive(TOKEN))[0] == 200
+    finally:
+        tr.close()
+    login, revoke = (r.decode() for r in srv.requests[:2])
+    assert login.startswith("POST /v1/auth/approle/login HTTP/1.1\r\n") and "X-Vault-Token" not in login
+    assert "Content-Length: 15\r\n" in login and "Content-Type: application/json\r\n" in login
+    assert f"X-Vault-Token: {TOKEN}\r\n" in revoke and "Content-Length: 0\r\n" in revoke  # a POST always says its length
+    assert bodies == [b'{"role_id":"r"}', b""]
+
+
+def test_a_post_is_never_sent_twice(serve: Callable[[list[Script]], Scripted], tmp_path: Path) -> None:
+    """A POST that met a connection closed under it may have reached Vault: it fails, it is not repeated."""
+    holder: list[Scripted] = []
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+    def first(conn: socket.socket) -> None:  # answers the GET, then takes the POST and closes without answering
+        holder[0].read_request(conn)
+        conn.sendall(ok)
+        holder[0].read_request(conn)
+
+    srv = serve([first, lambda c: answer([ok])(holder[0])(c)])
+    holder.append(srv)
+    tr = _transport(tmp_path, srv.port)
+    try:
+        assert tr.send("state", "GET", "kv/data/a", "", Sensitive(TOKEN))[0] == 200
+        with pytest.raises(VaultUnavailable, match="connection failed"):
+            tr.send("state", "POST", "kv/data/a", "", Sensitive(TOKEN), b"{}")
+    finally:
+        tr.close()
+    assert len(srv.requests) == 2  # the GET and the one POST: no second connection was asked for it
+
+
+def test_a_post_skips_a_pooled_connection_the_server_closed(serve: Callable[[list[Script]], Scripted],
+                                                          tmp_path: Path) -> None:
+    holder: list[Scripted] = []
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+    def first(conn: socket.socket) -> None:  # answers once, then closes while the client keeps it idle
+        holder[0].read_request(conn)
+        conn.sendall(ok)
+
+    srv = serve([first, lambda c: answer([ok])(holder[0])(c)])
+    holder.append(srv)
+    tr = _transport(tmp_path, srv.port)
+    try:
+        assert tr.send("state", "GET", "kv/data/a", "", Sensitive(TOKEN))[0] == 200
+        deadline = time.monotonic() + 5
+        while not tr._pool._idle.queue[0].dropped() and time.monotonic() < deadline:  # the server's FIN arrives
+            time.sleep(0.01)
+        assert tr.send("state", "POST", "kv/data/a", "", Sensitive(TOKEN), b"{}")[0] == 200
+    finally:
+        tr.close()
+
+
+def test_routine_errors_are_read_as_hvac_read_them() -> None:
+    """The classes `translate` gave hvac's exceptions: its own for 400-404, 429, 500-503; any
+    other status was its UnexpectedError, read as a 500. The message keeps the real status."""
+    expected = {400: VaultInvalidRequest, 401: VaultPermissionDenied, 403: VaultPermissionDenied,
+                404: VaultInvalidRequest, 405: VaultUnavailable, 409: VaultUnavailable, 412: VaultUnavailable,
+                429: VaultUnavailable, 502: VaultUnavailable, 307: VaultUnavailable}
+    for status, cls in expected.items():
+        err = routine_error(status, "state", "kv/data/x", ["boom"])
+        assert type(err) is cls, status
+        assert f"HTTP {status} boom" in str(err)

@@ -1,6 +1,7 @@
 """The bridge's Vault session: its token's lifecycle, and every request made with that token.
 
-With `bridge.vault.transport` and `bridge.vault.source`, one of the three modules allowed to import hvac.
+Every routine call (token lookup, renewal, revocation, logins, the KV v2 state) goes through the
+lean path of `bridge.vault.transport`, never hvac (docs/adr/0013-no-hvac-on-the-routine-path.md).
 Like Vault Agent: token auth (VAULT_TOKEN, or a file re-read when it changes, e.g. an Agent
 sink), approle, kubernetes and jwt logins; renewal at `vault.renew_fraction` of the TTL; a new
 login when renewal fails, the max TTL nears, or a request is refused with a token that no
@@ -11,6 +12,7 @@ Tokens are registered for log redaction the moment they are read.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -19,15 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-
-import hvac.exceptions
+from urllib.parse import quote
 
 from bridge.config import VaultSettings
 from bridge.errors import VaultAuthError, VaultError, VaultInvalidRequest, VaultPermissionDenied, VaultUnavailable
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
-from bridge.vault.transport import Response, VaultTransport, ambiguous_404, error_for_status, is_vault_404
+from bridge.vault.transport import Response, VaultTransport, ambiguous_404, error_for_status, is_vault_404, routine_error
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -230,7 +231,7 @@ class VaultSession:
                 register_secret(value, pinned=True)
             token = Sensitive(value)
             try:
-                data = self._hvac("lookup", "auth/token/lookup-self", lambda c: c.auth.token.lookup_self(), token=token)
+                data = self._routine("lookup", "GET", "auth/token/lookup-self", token=token)
             except VaultPermissionDenied:
                 raise VaultAuthError("Vault refused the configured token (expired, revoked or wrong)") from None
             d = (data or {}).get("data") or {}
@@ -240,23 +241,11 @@ class VaultSession:
             assert a.role_id_file is not None and a.secret_id_file is not None  # validated by config
             role_id = self._read_file(a.role_id_file, "vault.auth.role_id_file")
             secret_id = self._read_file(a.secret_id_file, "vault.auth.secret_id_file")
-            resp = self._hvac(
-                "login",
-                f"auth/{mount}/login",
-                lambda c: c.auth.approle.login(role_id=role_id, secret_id=secret_id, use_token=False, mount_point=mount),
-                token=None,
-            )
+            body: dict[str, Any] = {"role_id": role_id, "secret_id": secret_id}
         else:
-            path = a.jwt_file or DEFAULT_K8S_JWT
-            jwt = self._read_file(path, "vault.auth.jwt_file")
-            role, method = a.role, a.method
-
-            def fn(c: Any) -> Any:
-                if method == "kubernetes":
-                    return c.auth.kubernetes.login(role=role, jwt=jwt, use_token=False, mount_point=mount)
-                return c.auth.jwt.jwt_login(role=role, jwt=jwt, use_token=False, path=mount)
-
-            resp = self._hvac("login", f"auth/{mount}/login", fn, token=None)
+            # kubernetes and jwt send the same body (as hvac's kubernetes.login and jwt.jwt_login did)
+            body = {"role": a.role, "jwt": self._read_file(a.jwt_file or DEFAULT_K8S_JWT, "vault.auth.jwt_file")}
+        resp = self._routine("login", "POST", f"auth/{quote(mount)}/login", token=None, body=body)
         auth = (resp or {}).get("auth") or {}
         client_token = auth.get("client_token")
         if not isinstance(client_token, str) or not client_token:
@@ -283,9 +272,7 @@ class VaultSession:
         now = self._clock()
         increment = int(tok.increment or tok.ttl)
         try:
-            resp = self._hvac(
-                "renew", "auth/token/renew-self", lambda c: c.auth.token.renew_self(increment=f"{increment}s"), token=tok.value
-            )
+            resp = self._routine("renew", "POST", "auth/token/renew-self", token=tok.value, body={"increment": f"{increment}s"})
         except VaultError as exc:
             self._metrics.vault_renewals.labels(result="failed").inc()
             log.warning("vault_renew_failed", method=self._auth.method, error=str(exc))
@@ -330,7 +317,7 @@ class VaultSession:
             tok = self._token
             if tok is not None:
                 try:
-                    self._hvac("lookup", "auth/token/lookup-self", lambda c: c.auth.token.lookup_self(), token=tok.value)
+                    self._routine("lookup", "GET", "auth/token/lookup-self", token=tok.value)
                     self._validated_at = now
                     return False
                 except VaultPermissionDenied:
@@ -345,7 +332,7 @@ class VaultSession:
             if tok is None or not tok.self_issued:
                 return
             try:
-                self._hvac("revoke", "auth/token/revoke-self", lambda c: c.auth.token.revoke_self(), token=tok.value)
+                self._routine("revoke", "POST", "auth/token/revoke-self", token=tok.value)
                 log.info("vault_token_revoked")
             except VaultError as exc:
                 log.warning("vault_revoke_failed", error=str(exc))
@@ -358,17 +345,53 @@ class VaultSession:
 
     # --- requests ------------------------------------------------------------------------
 
-    def _hvac(self, kind: str, path: str, fn: Callable[[Any], T], *, token: Sensitive | None) -> T:
-        return self.transport.hvac(kind, path, fn, token)
+    def _routine(
+        self, kind: str, method: str, path: str, *, token: Sensitive | None, body: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """One routine call made with `token` (None: a login), its answer read as hvac's was:
+        the JSON document of a 2xx, else the error `routine_error` gives (a bare 404: ambiguous)."""
+        status, doc = self.transport.send(kind, method, path, "", token, _json(body), lenient_errors=True)
+        if status < 300:
+            return doc
+        if status == 404 and not is_vault_404(doc):
+            raise ambiguous_404(kind, path)
+        raise routine_error(status, kind, path, (doc or {}).get("errors"))
+
+    def call(
+        self, kind: str, method: str, path: str, *, body: Mapping[str, Any] | None = None,
+        passthrough: frozenset[int] = frozenset(),
+    ) -> Response | None:
+        """A routine call with the current token to `/v1/<path>` (already quoted), read as
+        `call_hvac` read hvac's answers: None on Vault's own 404 (a missing path, a deleted
+        version, no handler: hvac's InvalidPath, the callers' "missing"), VaultAmbiguous on a bare
+        404 (a proxy's: never "gone"), `passthrough` statuses returned, other errors raised
+        (`routine_error`); one fresh token after a refusal."""
+        data = _json(body)
+        for attempt in (0, 1):
+            token, gen = self.current()
+            status, doc = self.transport.send(kind, method, path, "", token, data, lenient_errors=True)
+            if status == 404:
+                if not is_vault_404(doc):
+                    raise ambiguous_404(kind, path)
+                return None
+            if status < 300 or status in passthrough:
+                return Response(status, doc)
+            if status in (401, 403) and attempt == 0 and self.on_denied(gen):
+                continue
+            raise routine_error(status, kind, path, (doc or {}).get("errors"))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def call_hvac(self, kind: str, path: str, fn: Callable[[Any], T], *, missing: T) -> T:
-        """An hvac call with the current token; `missing` on 404; one fresh token after a refusal."""
+        """An hvac call with the current token (rare calls only: ADR 13); `missing` on 404; one
+        fresh token after a refusal."""
         for attempt in (0, 1):
             token, gen = self.current()
             try:
-                return self._hvac(kind, path, fn, token=token)
+                return self.transport.hvac(kind, path, fn, token)
             except VaultInvalidRequest as exc:
-                if isinstance(exc.__cause__, hvac.exceptions.InvalidPath):
+                from bridge.vault.hvac_client import is_invalid_path  # loaded already: hvac just ran
+
+                if is_invalid_path(exc.__cause__):
                     return missing
                 raise
             except VaultPermissionDenied:
@@ -398,3 +421,7 @@ class VaultSession:
                 continue
             raise error_for_status(status, kind, path, (doc or {}).get("errors"))
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _json(body: Mapping[str, Any] | None) -> bytes | None:
+    return None if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")

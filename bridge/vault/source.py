@@ -1,8 +1,9 @@
 """Vault as the bridge sees it: discovery of the KV sources, secret values, and the state store.
 
 Implements `bridge.ports.SecretSource` and `bridge.ports.StateStore`. The token lives in
-`bridge.vault.session`, the HTTP paths and error translation in `bridge.vault.transport` (these three
-are the only modules that import hvac or requests). Discovery is gentle on Vault: one SCAN
+`bridge.vault.session`, the HTTP paths and error translation in `bridge.vault.transport`; hvac is
+imported (by `bridge.vault.hvac_client`) only for `check`'s capabilities, never on a routine
+path (docs/adr/0013-no-hvac-on-the-routine-path.md). Discovery is gentle on Vault: one SCAN
 (OpenBao) or a recursive LIST (Vault) per source, then one metadata GET per KV v2 secret, never
 a value; KV v1 has no metadata, so there the data is read. Metadata GETs run on `vault.concurrency` threads over
 pooled keep-alive connections, within `vault.max_requests_per_second`.
@@ -19,21 +20,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import hvac.exceptions
-
 from bridge.config import Settings, SourceSettings
 from bridge.errors import CasConflict, VaultError, VaultInvalidRequest, VaultPermissionDenied
 from bridge.logs import get_logger, register_secret
 from bridge.metrics import Metrics
 from bridge.model import SecretRef, Sensitive, VaultEntry
 from bridge.vault.session import VaultSession
+from bridge.vault.transport import routine_error
 
 log = get_logger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 PROBE = "example"  # a stand-in secret name for capability checks
 _SCAN_UNSUPPORTED = frozenset({400, 405})
+_BAD_REQUEST = frozenset({400})  # a check-and-set that lost is a 400 naming "check-and-set"
 _END = object()
+_TAG_SETS_MAX = 4096  # distinct tag sets kept for sharing (a few bytes each beside what they save)
 
 
 def _q(path: str) -> str:
@@ -80,6 +82,8 @@ class VaultSource:
         self._area = StateArea(self.session, settings.state_mount, settings.state_path)
         # Values under these keys are DockerHub tokens: register them for log redaction on read.
         self._token_keys = frozenset(s.token_key for s in settings.sources)
+        # Distinct KV v2 tag sets seen, each one dict shared by its entries (`_describe`).
+        self._tag_sets: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -107,7 +111,7 @@ class VaultSource:
     def healthy(self) -> bool:
         """For /readyz: the token works (auth/token/lookup-self answers). Never raises."""
         try:
-            self.session.call_hvac("lookup", "auth/token/lookup-self", lambda c: c.auth.token.lookup_self(), missing=None)
+            self.session.call("lookup", "GET", "auth/token/lookup-self")
         except VaultError:
             return False
         return True
@@ -153,7 +157,8 @@ class VaultSource:
         keys = self._scan(mount, folder)
         if keys is None:
             keys = self._list_recursive(folder)
-        return [_join(prefix, k) for k in keys]
+        # Interned: the ledger's rows hold the same paths for the whole pass (bridge.ledger).
+        return [sys.intern(_join(prefix, k)) for k in keys]
 
     def _scan(self, mount: str, folder: str) -> list[str] | None:
         """OpenBao's recursive SCAN: one request for the whole tree. None: use LIST instead."""
@@ -224,9 +229,19 @@ class VaultSource:
         # Interned: each JSON document brings its own copy of the same tag names and of the few
         # project ids, and every entry of a pass keeps its tags (docs/benchmarks.md, memory).
         tags = {sys.intern(str(k)): sys.intern(str(v)) for k, v in (d.get("custom_metadata") or {}).items()}
+        # One dict per distinct tag set, shared by the entries that carry it (most secrets carry
+        # one of a few project ids): a dict per secret was ~200 B of every tracked secret held
+        # through the pass. Read-only by type (`VaultEntry.tags` is a Mapping). Metadata only:
+        # KV v1 "tags" (the data, token included) above are never shared.
+        shape = tuple(tags.items())
+        shared = self._tag_sets.get(shape)
+        if shared is None:
+            if len(self._tag_sets) >= _TAG_SETS_MAX:
+                self._tag_sets.clear()  # many distinct sets: sharing saves little; stay bounded
+            shared = self._tag_sets.setdefault(shape, tags)
         stamp = meta.get("created_time")
-        return VaultEntry(ref, current or None, tags, deleted=deleted, source_index=index,
-                          stamp=stamp if isinstance(stamp, str) else None)
+        return VaultEntry(ref, current or None, shared, deleted=deleted, source_index=index,
+                          stamp=sys.intern(stamp) if isinstance(stamp, str) else None)  # as the ledger's seen_stamp
 
     def _bounded_map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterable[R]:
         """fn over items on `concurrency` threads; every result (any order) once all are done.
@@ -301,13 +316,8 @@ class VaultSource:
         mount, _, path = where.strip("/").partition("/")
         if not (mount and path and field):
             raise VaultInvalidRequest(f"credential path {spec!r} must look like mount/path#field")
-        doc = self.session.call_hvac(
-            "read",
-            f"{mount}/data/{path}",
-            lambda c: c.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True),
-            missing=None,
-        )
-        data = ((doc or {}).get("data") or {}).get("data")
+        resp = self.session.call("read", "GET", f"{_q(mount)}/data/{_q(path)}")  # None: absent or deleted
+        data = (((resp.doc if resp else None) or {}).get("data") or {}).get("data")
         if not isinstance(data, dict):
             raise VaultInvalidRequest(f"Vault read {mount}/data/{path}: no such secret (or its current version is deleted)")
         value = data.get(field)
@@ -415,13 +425,10 @@ class StateArea:
 
         A 404 that is not Vault's own answer raises (VaultAmbiguous): "absent" would mint a key."""
         mount, path = self._where(name)
-        doc = self._session.call_hvac(
-            "state",
-            f"{mount}/data/{path}",
-            lambda c: c.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True),
-            missing=None,
-        )
-        d = (doc or {}).get("data") or {}
+        # None: Vault's 404, a missing entry or a deleted current version (what hvac's
+        # read_secret_version(raise_on_deleted_version=True) made `missing`).
+        resp = self._session.call("state", "GET", f"{_q(mount)}/data/{_q(path)}")
+        d = ((resp.doc if resp else None) or {}).get("data") or {}
         if not isinstance(d.get("data"), dict):
             return None
         return dict(d["data"]), int((d.get("metadata") or {}).get("version") or 0)
@@ -455,16 +462,21 @@ class StateArea:
         where = f"{mount}/data/{path}"
 
         def put(cas_value: int) -> int | None:
-            def fn(c: Any) -> int | None:
-                try:
-                    resp = c.secrets.kv.v2.create_or_update_secret(path=path, secret=dict(data), cas=cas_value, mount_point=mount)
-                except hvac.exceptions.InvalidRequest as exc:
-                    if "check-and-set" in " ".join(exc.errors or []):
-                        return None
-                    raise
-                return int(resp["data"]["version"])
-
-            return self._session.call_hvac("state", where, fn, missing=None)
+            """The new version; None when the check-and-set lost (or Vault answered 404, which
+            hvac's path also read as "not written")."""
+            body = {"options": {"cas": cas_value}, "data": dict(data)}
+            resp = self._session.call("state", "POST", f"{_q(mount)}/data/{_q(path)}", body=body, passthrough=_BAD_REQUEST)
+            if resp is None:
+                return None
+            errors = (resp.doc or {}).get("errors")
+            if resp.status == 400:
+                if "check-and-set" in " ".join(str(e) for e in errors or []):
+                    return None
+                raise routine_error(400, "state", where, errors)
+            try:
+                return int((resp.doc or {})["data"]["version"])
+            except (KeyError, TypeError, ValueError):
+                raise VaultError(f"Vault state {where}: the write's answer carries no version") from None
 
         version = put(cas)
         if version is None and cas == 0 and overwrite_deleted:

@@ -1,11 +1,13 @@
 """The transport to Vault: pooled HTTP, the hvac client, rate limit, accounting, error translation.
 
-With `bridge.vault.session` and `bridge.vault.source`, one of the three modules allowed to import hvac and
-requests. Two paths reach Vault:
-- a lean, pooled keep-alive path (stdlib `http.client`) for the hot read-only requests (list,
-  scan, metadata, read), because hvac/requests costs 2-3x more CPU per request and discovery
-  makes thousands of them;
-- hvac, for logins, token calls, capabilities and KV writes, where convenience beats speed.
+Two paths reach Vault:
+- a lean, pooled keep-alive path (our socket, httptools' parser) for every routine request: the
+  hot reads of discovery (list, scan, metadata, read), because hvac/requests costs 2-3x more CPU
+  per request and discovery makes thousands of them (ADR 10), and the daemon's token calls,
+  logins and KV v2 state reads and check-and-set writes (JSON bodies), because hvac with
+  requests costs ~6-7 MiB of resident memory for a few requests an hour (ADR 13);
+- hvac, imported on first use (`bridge.vault.hvac_client`), for the rare rest: `check`'s
+  sys/capabilities-self.
 Both share one rate limiter (the token bucket of `bridge.retry`), one request counter and the `vault_requests` metric, and every
 library exception or error status leaves this module as a `bridge.errors.VaultError` whose
 message names the operation and the path, never a token or a value. Tokens are passed per
@@ -17,8 +19,10 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import select
 import socket
 import ssl
+import sys
 import threading
 import time
 import warnings
@@ -29,9 +33,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httptools
-import hvac
-import hvac.exceptions
-import requests
 
 from bridge.config import VaultSettings
 from bridge.errors import VaultAmbiguous, VaultError, VaultInvalidRequest, VaultPermissionDenied, VaultUnavailable
@@ -73,10 +74,12 @@ def ambiguous_404(operation: str, path: str) -> VaultAmbiguous:
     )
 
 
-def error_for_status(status: int, operation: str, path: str, errors: Any = None) -> VaultError:
-    """The bridge error for a Vault HTTP error status (404 is handled by callers: not an error)."""
+def error_for_status(status: int, operation: str, path: str, errors: Any = None, *, judged_as: int | None = None) -> VaultError:
+    """The bridge error for a Vault HTTP error status (404 is handled by callers: not an error).
+    `judged_as`: the status whose class to give (the message keeps the real one)."""
     detail = _vault_message(errors)
     where = f"Vault {operation} {path}: HTTP {status}" + (f" {detail}" if detail else "")
+    status = status if judged_as is None else judged_as
     if status in (401, 403):
         return VaultPermissionDenied(f"{where} (permission denied)")
     if status in (400, 405, 404):
@@ -87,7 +90,20 @@ def error_for_status(status: int, operation: str, path: str, errors: Any = None)
     return VaultInvalidRequest(where)
 
 
-def _tls_detail(exc: BaseException) -> str:
+# The statuses hvac gives an exception class of their own (hvac.exceptions.VaultError.from_status);
+# any other error status is its UnexpectedError, which `translate` reads as a 500.
+_HVAC_STATUSES = frozenset({400, 401, 403, 404, 429, 500, 501, 502, 503})
+
+
+def routine_error(status: int, operation: str, path: str, errors: Any = None) -> VaultError:
+    """The bridge error for an error status of a routine call that hvac used to make (token calls,
+    logins, state reads and writes): the class `translate` gave hvac's exception for that status,
+    so moving these calls to the lean path changed no caller's reading of a failure. A redirect
+    counts as an error here (the lean path follows none, as for discovery: ADR 10)."""
+    return error_for_status(status, operation, path, errors, judged_as=status if status in _HVAC_STATUSES else 500)
+
+
+def tls_detail(exc: BaseException) -> str:
     """What OpenSSL said, found through requests' and urllib3's wrappers: the verification
     failure (with a hint) or the SSL reason code. Neither ever holds a token."""
     todo: list[object] = [exc]
@@ -111,28 +127,20 @@ def translate(exc: BaseException, operation: str, path: str) -> VaultError:
     """Map an hvac, requests or socket exception to the bridge's tree. Never includes a token."""
     if isinstance(exc, VaultError):
         return exc
-    if isinstance(exc, hvac.exceptions.InvalidPath) and not is_vault_404(getattr(exc, "json", None)):
-        return ambiguous_404(operation, path)
-    if isinstance(exc, hvac.exceptions.VaultError):
-        status = {
-            hvac.exceptions.InvalidRequest: 400,
-            hvac.exceptions.Unauthorized: 401,
-            hvac.exceptions.Forbidden: 403,
-            hvac.exceptions.InvalidPath: 404,
-            hvac.exceptions.UnsupportedOperation: 405,
-            hvac.exceptions.PreconditionFailed: 412,
-            hvac.exceptions.RateLimitExceeded: 429,
-            hvac.exceptions.InternalServerError: 500,
-            hvac.exceptions.VaultNotInitialized: 501,
-            hvac.exceptions.BadGateway: 502,
-            hvac.exceptions.VaultDown: 503,
-        }.get(type(exc), 500)
-        return error_for_status(status, operation, path, exc.errors)
-    if isinstance(exc, requests.exceptions.Timeout | TimeoutError):
+    if "hvac" in sys.modules:
+        # Only once hvac is loaded can `exc` be one of its (or requests') exceptions: asking
+        # before would import ~6 MiB of libraries the daemon never otherwise loads (ADR 13).
+        from bridge.vault.hvac_client import translate_library
+
+        found = translate_library(exc, operation, path)
+        if found is not None:
+            return found
+    if isinstance(exc, TimeoutError):
         return VaultUnavailable(f"Vault {operation} {path}: timed out")
-    if isinstance(exc, requests.exceptions.SSLError | ssl.SSLError):
-        return VaultUnavailable(f"Vault {operation} {path}: TLS error ({_tls_detail(exc)})")
-    if isinstance(exc, requests.exceptions.RequestException | OSError | http.client.HTTPException):
+    if isinstance(exc, ssl.SSLError):
+        return VaultUnavailable(f"Vault {operation} {path}: TLS error ({tls_detail(exc)})")
+    # requests' exceptions are OSErrors: a connection failure of either path lands here.
+    if isinstance(exc, OSError | http.client.HTTPException):
         return VaultUnavailable(f"Vault {operation} {path}: connection failed ({type(exc).__name__})")
     if isinstance(exc, ValueError):  # a JSON body that does not parse: a proxy page, a truncated answer
         return VaultUnavailable(f"Vault {operation} {path}: unreadable response")
@@ -218,6 +226,17 @@ class _Conn:
     def close(self) -> None:
         self.sock.close()
 
+    def dropped(self) -> bool:
+        """True when the idle connection is readable: the server closed it (or sent what nobody
+        asked for). Looked at before a request that must not be retried (urllib3 does the same)."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
         """Send one request; (status, body, connection reusable)."""
         self.sock.sendall(request)
@@ -277,21 +296,35 @@ class ConnectionPool:
     def _new(self) -> _Conn:
         return _Conn(self._host, self._port, self._timeout, self._ctx)
 
-    def exchange(self, method: str, request: bytes) -> tuple[int, bytes]:
-        """Send `request` (a whole HTTP/1.1 request, no body) on a pooled connection: (status, body)."""
-        for attempt in (0, 1):
+    def _pooled(self, idempotent: bool) -> tuple[_Conn, bool]:
+        """An idle connection (and True), or a new one. For a request that is not retried, idle
+        connections the server already closed are skipped: they would fail it for nothing."""
+        while True:
             try:
-                # The retry after a stale connection takes a fresh one: after a Vault restart
-                # every idle pooled connection is dead, not just the first.
-                conn, reused = (self._idle.get_nowait(), True) if attempt == 0 else (self._new(), False)
+                conn = self._idle.get_nowait()
             except queue.Empty:
-                conn, reused = self._new(), False
+                return self._new(), False
+            if idempotent or not conn.dropped():
+                return conn, True
+            conn.close()
+
+    def exchange(self, method: str, request: bytes) -> tuple[int, bytes]:
+        """Send `request` (a whole HTTP/1.1 request) on a pooled connection: (status, body).
+
+        Only an idempotent method is sent again, once, after a stale pooled connection: a POST
+        that may have reached Vault is never repeated blindly (a check-and-set write would then
+        lose to itself, a login mint a second token)."""
+        idempotent = method in _IDEMPOTENT
+        for attempt in (0, 1):
+            # The retry after a stale connection takes a fresh one: after a Vault restart
+            # every idle pooled connection is dead, not just the first.
+            conn, reused = self._pooled(idempotent) if attempt == 0 else (self._new(), False)
             try:
                 status, data, keep = conn.exchange(request)
             except _STALE:
                 conn.close()
                 # A pooled connection the server closed while idle: try once on a fresh one.
-                if reused and attempt == 0 and method in _IDEMPOTENT:
+                if reused and attempt == 0 and idempotent:
                     continue
                 raise
             except BaseException:
@@ -366,22 +399,17 @@ class VaultTransport:
         self._count_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         tls = settings.tls
-        self._client = hvac.Client(
-            url=settings.address,
-            token="",  # never let hvac read VAULT_TOKEN or ~/.vault-token on its own
-            verify=False if tls.skip_verify else (str(tls.ca_cert) if tls.ca_cert else True),
-            cert=(str(tls.client_cert), str(tls.client_key)) if tls.client_cert else (),
-            timeout=settings.timeout_seconds,
-            namespace=settings.namespace,
-        )
-        self._client.session.trust_env = False  # same behaviour as the lean path: no proxy, no netrc
+        # Made (and hvac imported) on the first rare call only: see `hvac()`.
+        # Typed Any: naming hvac.Client here, even for the type checker, is an import of hvac.
+        self._client: Any = None
         self._headers = {"Content-Type": "application/json"}
         if settings.namespace:
             self._headers["X-Vault-Namespace"] = settings.namespace
         self._children: dict[tuple[str, str], Any] = {}
         # The header block of the lean path for the last token seen (the token changes on a
-        # login only): built and checked once, not per request.
+        # login only): built and checked once, not per request. A login sends none.
         self._head: tuple[str, str] = ("", "")
+        self._anonymous_head = self._header_block(None)
         if tls.skip_verify:
             log.warning("vault_tls_verify_disabled", address=settings.address, reason="vault.tls.skip_verify is set")
 
@@ -402,19 +430,38 @@ class VaultTransport:
             self._counts.clear()
         return out
 
-    def send(self, kind: str, method: str, path: str, query: str, token: Sensitive) -> tuple[int, dict[str, Any] | None]:
-        """One lean request to `/v1/<path>` (already quoted): (status, JSON document)."""
+    def send(
+        self, kind: str, method: str, path: str, query: str, token: Sensitive | None, body: bytes | None = None,
+        *, lenient_errors: bool = False,
+    ) -> tuple[int, dict[str, Any] | None]:
+        """One lean request to `/v1/<path>` (already quoted): (status, JSON document).
+
+        `token` None: no X-Vault-Token (a login). `body`: a JSON request body (it may hold
+        credentials, e.g. a secret_id: it is sent, never logged nor put in an error).
+        `lenient_errors`: an error status whose body is no JSON (a proxy's page) comes back as
+        (status, None) for the caller to read by its status, as hvac did; otherwise it raises
+        VaultUnavailable (a 404 always comes back: the session decides)."""
         if self._limiter is not None:
             self._limiter.acquire()
-        value = token.reveal()
-        seen, head = self._head
-        if value != seen:
-            head = self._header_block(value)
-            self._head = (value, head)
+        if token is None:
+            head = self._anonymous_head
+        else:
+            value = token.reveal()
+            seen, head = self._head
+            if value != seen:
+                head = self._header_block(value)
+                self._head = (value, head)
         target = f"/v1/{path}?{query}" if query else f"/v1/{path}"
         try:
             line = f"{method} {self._pool.prefix}{target} HTTP/1.1\r\n"
-            status, raw = self._pool.exchange(method, (line + head).encode("latin-1"))
+            if body is None and method in _IDEMPOTENT:
+                request = (line + head).encode("latin-1")
+            else:
+                # The header block ends with the blank line: Content-Length goes before it (0 for
+                # a POST without body, which some proxies refuse without a length).
+                data = body or b""
+                request = (line + head[:-2] + f"Content-Length: {len(data)}\r\n\r\n").encode("latin-1") + data
+            status, raw = self._pool.exchange(method, request)
         except Exception as exc:
             err = translate(exc, kind, path)
             self._record(kind, "unavailable")
@@ -422,7 +469,7 @@ class VaultTransport:
         try:
             doc = json.loads(raw) if raw else None
         except ValueError as exc:
-            if status == 404:
+            if status == 404 or (lenient_errors and status >= 300):
                 # A proxy's page or text: not Vault's document. The session decides (ambiguous).
                 self._record(kind, "ambiguous")
                 return status, None
@@ -436,10 +483,12 @@ class VaultTransport:
         self._record(kind, _status_label(status))
         return status, doc if isinstance(doc, dict) else None
 
-    def _header_block(self, token: str) -> str:
+    def _header_block(self, token: str | None) -> str:
         """Host and the fixed headers with `token`, ending the request. A CR, LF or non-Latin-1
         character would split or break the request: refused, without showing the value."""
-        headers = {"Host": self._pool.host_header, **self._headers, "X-Vault-Token": token}
+        headers = {"Host": self._pool.host_header, **self._headers}
+        if token is not None:
+            headers["X-Vault-Token"] = token
         for name, value in headers.items():
             if "\r" in value or "\n" in value or not value.isprintable() or not value.isascii():
                 raise VaultInvalidRequest(f"Vault request header {name} holds a character HTTP cannot carry")
@@ -450,22 +499,28 @@ class VaultTransport:
         if self._limiter is not None:
             self._limiter.acquire()
         with self._hvac_lock:
-            self._client.token = token.reveal() if token is not None else ""
+            if self._client is None:
+                from bridge.vault.hvac_client import new_client  # hvac and requests: rare calls only (ADR 13)
+
+                self._client = new_client(self.settings)
+            client = self._client
+            client.token = token.reveal() if token is not None else ""
             try:
                 with warnings.catch_warnings():
                     if self.settings.tls.skip_verify:  # already said once, at start
                         warnings.simplefilter("ignore")
-                    result = fn(self._client)
+                    result = fn(client)
             except Exception as exc:
                 err = translate(exc, kind, path)
                 self._record(kind, _result_label(err))
                 raise err from exc
             finally:
-                self._client.token = ""
+                client.token = ""
         self._record(kind, "ok")
         return result
 
     def close(self) -> None:
         self._pool.close()
         with self._hvac_lock:
-            self._client.adapter.close()
+            if self._client is not None:
+                self._client.adapter.close()
