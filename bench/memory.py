@@ -4,7 +4,7 @@
   daemon imports (httpx, httptools, apscheduler, prometheus-client, waitress, pydantic, structlog,
   PyYAML, sqlite3, inotify_simple) and nothing of the bridge: what any Python daemon built on
   them costs before it holds a single secret. hvac (with requests) is shipped but imported only by
-  rare operations (docs/adr/0013-no-hvac-on-the-routine-path.md), so it is not in the floor;
+  rare operations (docs/adr/0015-no-hvac-on-the-routine-path.md), so it is not in the floor;
   `HVAC_IMPORTS` measures what it would add. Measured in the same run and the same interpreter
   as the bridge: the runtime-only virtualenv of `bench.runtime_env` when it can be built.
 - `oneshot_peak_kib`: `cybedefend-bridge sync --once` registering N new tokens into a fresh

@@ -88,7 +88,7 @@ CASES: list[tuple[Callable[[Path], None], list[str]]] = [
     (_app_imports_the_double, ["the product never imports the CybeDefend double"]),
     # Only the indirect path can catch this one: planner.py itself imports nothing outside bridge.
     (_planner_reaches_httpx_through_a_new_module, [PURE, "httpx is confined"]),
-    # hvac stays off the routine paths (ADR 13): only its own module imports it, and only the
+    # hvac stays off the routine paths (ADR 15): only its own module imports it, and only the
     # transport and the session (lazily, for rare calls) import that module.
     (_source_imports_hvac, ["hvac and requests are confined to bridge.vault.hvac_client"]),
     (_source_reaches_hvac_through_its_client_module, ["bridge.vault.hvac_client is imported only"]),

@@ -238,7 +238,7 @@ def test_ipv6_and_default_port_host_headers(tmp_path: Path) -> None:
     assert pool("http://127.0.0.1:8200/prefix/").prefix == "/prefix"
 
 
-# --- the routine calls (ADR 13): JSON bodies, logins without a token, no blind re-send of a POST ----
+# --- the routine calls (ADR 15): JSON bodies, logins without a token, no blind re-send of a POST ----
 
 
 def test_a_post_carries_its_json_body_and_a_login_no_token(serve: Callable[[list[Script]], Scripted], tmp_path: Path) -> None:

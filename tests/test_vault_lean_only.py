@@ -1,4 +1,4 @@
-"""The daemon's routine Vault calls never load hvac or requests (docs/adr/0013-no-hvac-on-the-routine-path.md).
+"""The daemon's routine Vault calls never load hvac or requests (docs/adr/0015-no-hvac-on-the-routine-path.md).
 
 hvac with requests, urllib3 and charset-normalizer costs ~6-7 MiB of resident memory; the daemon's
 routine calls (an AppRole login, token lookup and renewal, the key in Vault, a pass, the HA

@@ -2,5 +2,5 @@
 
 `transport` (pooled HTTP, rate limit, error translation) < `session` (the token's lifecycle)
 < `source` (discovery, values, the state store). `hvac_client`: hvac, imported on first use by
-the rare calls that still go through it, never by a routine path (ADR 13).
+the rare calls that still go through it, never by a routine path (ADR 15).
 """

@@ -5,7 +5,7 @@ keep it so). Everything a daemon does routinely (token lookup, renewal and
 revocation, logins, KV v2 reads and check-and-set writes of its state, the /readyz check) goes
 through the lean transport of `bridge.vault.transport`; hvac with requests, urllib3 and
 charset-normalizer costs ~6-7 MiB of resident memory for a handful of requests an hour
-(docs/adr/0013-no-hvac-on-the-routine-path.md). What is left here is `check`'s
+(docs/adr/0015-no-hvac-on-the-routine-path.md). What is left here is `check`'s
 sys/capabilities-self, run once by an operator.
 """
 

@@ -1,7 +1,7 @@
 """The bridge's Vault session: its token's lifecycle, and every request made with that token.
 
 Every routine call (token lookup, renewal, revocation, logins, the KV v2 state) goes through the
-lean path of `bridge.vault.transport`, never hvac (docs/adr/0013-no-hvac-on-the-routine-path.md).
+lean path of `bridge.vault.transport`, never hvac (docs/adr/0015-no-hvac-on-the-routine-path.md).
 Like Vault Agent: token auth (VAULT_TOKEN, or a file re-read when it changes, e.g. an Agent
 sink), approle, kubernetes and jwt logins; renewal at `vault.renew_fraction` of the TTL; a new
 login when renewal fails, the max TTL nears, or a request is refused with a token that no
@@ -382,7 +382,7 @@ class VaultSession:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def call_hvac(self, kind: str, path: str, fn: Callable[[Any], T], *, missing: T) -> T:
-        """An hvac call with the current token (rare calls only: ADR 13); `missing` on 404; one
+        """An hvac call with the current token (rare calls only: ADR 15); `missing` on 404; one
         fresh token after a refusal."""
         for attempt in (0, 1):
             token, gen = self.current()

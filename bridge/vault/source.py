@@ -3,7 +3,7 @@
 Implements `bridge.ports.SecretSource` and `bridge.ports.StateStore`. The token lives in
 `bridge.vault.session`, the HTTP paths and error translation in `bridge.vault.transport`; hvac is
 imported (by `bridge.vault.hvac_client`) only for `check`'s capabilities, never on a routine
-path (docs/adr/0013-no-hvac-on-the-routine-path.md). Discovery is gentle on Vault: one SCAN
+path (docs/adr/0015-no-hvac-on-the-routine-path.md). Discovery is gentle on Vault: one SCAN
 (OpenBao) or a recursive LIST (Vault) per source, then one metadata GET per KV v2 secret, never
 a value; KV v1 has no metadata, so there the data is read. Metadata GETs run on `vault.concurrency` threads over
 pooled keep-alive connections, within `vault.max_requests_per_second`.

@@ -5,7 +5,7 @@ Two paths reach Vault:
   hot reads of discovery (list, scan, metadata, read), because hvac/requests costs 2-3x more CPU
   per request and discovery makes thousands of them (ADR 10), and the daemon's token calls,
   logins and KV v2 state reads and check-and-set writes (JSON bodies), because hvac with
-  requests costs ~6-7 MiB of resident memory for a few requests an hour (ADR 13);
+  requests costs ~6-7 MiB of resident memory for a few requests an hour (ADR 15);
 - hvac, imported on first use (`bridge.vault.hvac_client`), for the rare rest: `check`'s
   sys/capabilities-self.
 Both share one rate limiter (the token bucket of `bridge.retry`), one request counter and the `vault_requests` metric, and every
@@ -129,7 +129,7 @@ def translate(exc: BaseException, operation: str, path: str) -> VaultError:
         return exc
     if "hvac" in sys.modules:
         # Only once hvac is loaded can `exc` be one of its (or requests') exceptions: asking
-        # before would import ~6 MiB of libraries the daemon never otherwise loads (ADR 13).
+        # before would import ~6 MiB of libraries the daemon never otherwise loads (ADR 15).
         from bridge.vault.hvac_client import translate_library
 
         found = translate_library(exc, operation, path)
@@ -500,7 +500,7 @@ class VaultTransport:
             self._limiter.acquire()
         with self._hvac_lock:
             if self._client is None:
-                from bridge.vault.hvac_client import new_client  # hvac and requests: rare calls only (ADR 13)
+                from bridge.vault.hvac_client import new_client  # hvac and requests: rare calls only (ADR 15)
 
                 self._client = new_client(self.settings)
             client = self._client
