@@ -21,6 +21,7 @@ from pathlib import Path
 from bench.procs import BridgeProcess
 from bench.report import steady_detail, steady_summary
 from bench.rig import Lab, new_simulator
+from bench.runtime_env import runtime_env
 from bench.steady import EMPTY_PREFIX, SizeResult, measure_size
 from bridge.logs import configure
 
@@ -42,7 +43,8 @@ def main(argv: list[str]) -> int:
                 with BridgeProcess(lab.raw_settings(sim.url, "steady"), workdir, "steady") as bridge, \
                         BridgeProcess(lab.raw_settings(sim.url, "steady-empty", EMPTY_PREFIX), workdir, "steady-empty") as empty:
                     for n in sizes:
-                        results.append(measure_size(lab, sim, bridge, n, args.repeats, 10, random.Random(7), empty))
+                        results.append(measure_size(lab, sim, bridge, n, args.repeats, 10, random.Random(7), empty,
+                                                    runtime_env().python))
                         print("\n".join(steady_summary(results[-1])), file=sys.stderr, flush=True)
             finally:
                 sim.stop()

@@ -149,12 +149,14 @@ def same_work_floor(url: str, pat_file: Path, bodies: list[dict[str, Any]], conc
         path.unlink()
 
 
-def sync_once(config: Path, workdir: Path) -> tuple[float, float]:
+def sync_once(config: Path, workdir: Path, python: str = sys.executable) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one whole `python -m bridge sync --once` process: interpreter
-    start, imports, configuration, login, the pass, exit. What a cron job pays."""
+    start, imports, configuration, login, the pass, exit. What a cron job pays. `python`: the
+    interpreter (the runtime-only virtualenv of `bench.runtime_env`: the image's libraries, none
+    of the dev tools a dev virtualenv makes httpx and structlog import at start-up)."""
     with open(workdir / "sync-once.log", "ab") as log:
         started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "bridge", "sync", "--once", "--config", str(config)],
+        proc = subprocess.Popen([python, "-m", "bridge", "sync", "--once", "--config", str(config)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT, env=child_env())
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - started

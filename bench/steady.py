@@ -9,6 +9,7 @@ registers the new secrets, then alternates a steady pass with the curl floor `re
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -105,10 +106,10 @@ def _bao_cpu(lab: Lab) -> float:
 
 
 def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeats: int, k: int, rng: random.Random,
-                 empty: BridgeProcess | None = None) -> SizeResult:
+                 empty: BridgeProcess | None = None, python: str = sys.executable) -> SizeResult:
     """`empty`: a bridge over a source with no secret; given, the marginal and whole-process
     figures are measured too (each repeat alternates curl, curl over one, the pass, the empty
-    pass and a whole `sync --once` process)."""
+    pass and a whole `sync --once` process, run by `python`)."""
     lab.seed(n)
     bridge.full_pass()  # registers what was just seeded
     bridge.full_pass()  # warms caches and connections as a long-running daemon has them
@@ -130,7 +131,7 @@ def measure_size(lab: Lab, sim: Simulator, bridge: BridgeProcess, n: int, repeat
         out.pass_cpu_s.append(float(doc["cpu_seconds"]))
         if empty is not None:
             out.empty_s.append(float(empty.full_pass()["seconds"]))
-            wall, cpu = sync_once(bridge.config, lab.workdir)
+            wall, cpu = sync_once(bridge.config, lab.workdir, python)
             out.whole_s.append(wall)
             out.whole_cpu_s.append(cpu)
         out.vault_requests = dict(doc["vault_requests"])
@@ -197,7 +198,7 @@ def run_steady(lab: Lab, sim: Simulator, workdir: Path, sizes: list[int], repeat
     with BridgeProcess(raw, workdir, "steady") as bridge, \
             BridgeProcess(lab.raw_settings(sim.url, "steady-empty", EMPTY_PREFIX), workdir, "steady-empty") as empty:
         for n in sorted(sizes):
-            result = measure_size(lab, sim, bridge, n, repeats, k, rng, empty)
+            result = measure_size(lab, sim, bridge, n, repeats, k, rng, empty, env.python)
             # The memory slope: a daemon on the ledger of exactly n, its peak after the start-up pass.
             result.daemon_peak_rss_kib = daemon_peak(raw, workdir, n, env.python)
             results.append(result)
