@@ -515,25 +515,47 @@ def with_evidence(records: Mapping[str, LedgerRecord], view: RemoteView) -> Mapp
     return records if out is None else out
 
 
-def _ours(view: RemoteView, instance: str) -> dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]]:
-    """path digest -> organization -> this instance's credentials for that secret."""
+def _ours(view: RemoteView, instance: str, only: Collection[str] | None = None
+          ) -> dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]]:
+    """path digest -> organization -> this instance's credentials for that secret.
+
+    `only`: just these path digests. A credential whose description contains none of them is
+    skipped before its marker is parsed (a substring test, not a regex and a `Marker` per
+    credential): what a targeted pass against a large organization spent most of its planning on.
+    """
     out: dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]] = {}
+    few = tuple(only) if only is not None and len(only) <= _PREFILTER_MAX else None
     for org, creds in view.listings.items():
         for cred in creds:
-            marker = Marker.parse(cred.description)
-            if marker is not None and marker.instance == instance:
-                out.setdefault(marker.path_digest, {}).setdefault(org, []).append((cred, marker))
+            text = cred.description
+            if not text or (few is not None and not any(d in text for d in few)):
+                continue
+            marker = Marker.parse(text)
+            if marker is None or marker.instance != instance or (only is not None and marker.path_digest not in only):
+                continue
+            out.setdefault(marker.path_digest, {}).setdefault(org, []).append((cred, marker))
     return out
+
+
+# Above this many digests, `_ours` parses every marker and filters after: one substring test per
+# digest per credential would cost more than the parse.
+_PREFILTER_MAX = 16
 
 
 Owned = dict[str, dict[str, list[tuple[RemoteCredential, Marker]]]]
 
 
-def owned_credentials(listings: Mapping[str, Sequence[RemoteCredential]], instance: str) -> Owned:
+def owned_credentials(listings: Mapping[str, Sequence[RemoteCredential]], instance: str,
+                      only: Collection[str] | None = None) -> Owned:
     """path digest -> organization -> this instance's credentials for that secret (what
     `reconcile` judges by), for the given listings; merge the results of two disjoint sets of
-    organizations with `merge_owned`."""
-    return _ours(RemoteView(listings=listings), instance)
+    organizations with `merge_owned`.
+
+    `only`: the path digests of a targeted pass's keys. Nothing else in the map is consulted
+    for such a pass (its intents are for those keys, and `_uncovered` judges only credentials
+    whose secret is in scope), so the restricted map settles exactly as the whole one would.
+    """
+    return _ours(RemoteView(listings=listings), instance, only)
 
 
 def merge_owned(into: Owned, more: Owned) -> None:

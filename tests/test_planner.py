@@ -531,8 +531,12 @@ def test_a_targeted_plan_needs_only_its_rows_and_those_holding_its_tokens() -> N
             part = plan(mine, values, with_evidence(subset, view), scope, s, KEYS, NOW, retry_now=paths)
             assert part == whole, sorted(paths)
             final = reconcile(whole, mine, with_evidence(recs, view), view, scope, s, KEYS)
-            owned = owned_credentials_of(view, s)
-            assert reconcile(part, mine, with_evidence(subset, view), view, scope, s, KEYS, owned=owned) == final
+            # What the engine hands over: the owned map of the whole listing, or (a targeted
+            # pass) only the scope's own secrets' credentials.
+            refs = {e.ref.key: e.ref for e in mine} | {k: r.ref for k, r in recs.items() if k in paths}
+            only = {KEYS.path_digest(ref) for ref in refs.values()}
+            for owned in (owned_credentials_of(view, s), owned_credentials_of(view, s, only)):
+                assert reconcile(part, mine, with_evidence(subset, view), view, scope, s, KEYS, owned=owned) == final
             judged += len(whole)
     # the fixture exercises what the subset must get right
     kinds = {a.ref.key.rsplit("/", 1)[1]: a for a in plan(entries, values, with_evidence(recs, view), FULL, S, KEYS, NOW)}
@@ -541,7 +545,22 @@ def test_a_targeted_plan_needs_only_its_rows_and_those_holding_its_tokens() -> N
     assert judged > len(scopes)
 
 
-def owned_credentials_of(view: RemoteView, s: Any) -> Any:
+def owned_credentials_of(view: RemoteView, s: Any, only: set[str] | None = None) -> Any:
     from bridge.planner import owned_credentials
 
-    return owned_credentials(view.listings, s.sync.instance)
+    return owned_credentials(view.listings, s.sync.instance, only)
+
+
+def test_owned_credentials_restricted_to_digests_is_the_whole_map_cut_down() -> None:
+    """The substring prefilter of `owned_credentials(..., only=)` drops nothing it should keep,
+    with few digests (prefiltered) and many (parsed, then filtered)."""
+    from bridge.planner import owned_credentials
+
+    creds = [cred(f"c{i}", f"p{i % 40}", 1 + i // 40, i) for i in range(120)]
+    creds += [cred("other", "p1", 1, 1, instance="other"), RemoteCredential("hand", "bob", "made by hand", None)]
+    whole = owned_credentials({ORG: creds}, S.sync.instance)
+    assert len(whole) == 40 and "other" not in {c.id for by in whole.values() for c, _ in by[ORG]}
+    digests = sorted(whole)
+    for only in (set(digests[:1]), set(digests[:5]), set(digests[:30]), set(digests), {"0" * 12}):
+        got = owned_credentials({ORG: creds}, S.sync.instance, only)
+        assert got == {d: whole[d] for d in only if d in whole}, len(only)

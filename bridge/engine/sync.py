@@ -37,7 +37,7 @@ from bridge.errors import AuthenticationError, BridgeError, LeaseLost, LegacyApi
 from bridge.keyring import Keyring
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
-from bridge.model import Action, ActionKind, Outcome, RemoteCredential, Result, State, VaultEntry, iso8601
+from bridge.model import Action, ActionKind, Outcome, RemoteCredential, Result, SecretRef, State, VaultEntry, iso8601
 from bridge.planner import (
     RETIRING,
     Owned,
@@ -336,7 +336,10 @@ class SyncEngine:
         ahead: Counter[str] = Counter()
         # Kept up to date as organizations are listed and handed to `reconcile`, so each listed
         # credential's marker is parsed once per pass, not once per use.
-        owned: Owned = owned_credentials(view.listings, self._s.sync.instance)
+        # A targeted pass needs only its own secrets' credentials out of each listing (ADR 14).
+        only = frozenset(self._keys.path_digest(ref) for ref in self._scope_refs(scope, entries, records)) \
+            if targeted else None
+        owned: Owned = owned_credentials(view.listings, self._s.sync.instance, only)
         if runner is not None:
             for e in ordered:
                 if e.ref.key in reads or e.payload is not None:
@@ -378,7 +381,7 @@ class SyncEngine:
                 if new:
                     view = self._listed_too(view, new)
                     merge_owned(owned, owned_credentials({o: view.listings[o] for o in new if o in view.listings},
-                                                         self._s.sync.instance))
+                                                         self._s.sync.instance, only))
                 if runner is None:
                     if self.progress is not None:
                         self.progress(len(intents), len(ordered))
@@ -402,6 +405,16 @@ class SyncEngine:
             view = self._links(view, need)  # links only: the listings, hence `owned`, are unchanged
             actions, _ = reconcile(intents, entries, believed, view, scope, self._s, self._keys, owned=owned)
         return _Planned(actions, view, drift, scope, unseen)
+
+    @staticmethod
+    def _scope_refs(scope: Scope, entries: list[VaultEntry], records: Mapping[str, LedgerRecord]) -> list[SecretRef]:
+        """The refs of a targeted pass's keys: from Vault's entries, else from the ledger's rows
+        (a secret deleted from Vault has no entry)."""
+        refs = {e.ref.key: e.ref for e in entries}
+        for key in scope.keys:
+            if key not in refs and key in records:
+                refs[key] = records[key].ref
+        return [refs[k] for k in sorted(refs) if k in scope.keys]
 
     def run(self, request: PassRequest) -> PassReport:
         with self._lock:
