@@ -55,6 +55,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("n", type=int, nargs="?", default=10_000, help="tracked secrets (default 10,000)")
     parser.add_argument("--at", choices=STEPS, default="reconcile", help="step whose allocation sites are listed")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--cold", action="store_true",
+                        help="trace the registering pass (N new tokens, what `sync --once` does) instead of a steady one")
     args = parser.parse_args(argv)
     configure("warning", "json", stream=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp, Lab(Path(tmp)) as lab:
@@ -63,15 +65,16 @@ def main(argv: list[str]) -> int:
         try:
             bridge = lab.bridge(sim.url, "profile")
             try:
-                for _ in range(2):  # registers them, then warms caches and connections
+                for _ in range(0 if args.cold else 2):  # registers them, then warms caches and connections
                     bridge.engine.run(PassRequest(trigger="manual"))
                 for name in STEPS:
                     _wrap(name, args.at, args.top)
                 tracemalloc.start(10)
                 report = bridge.engine.run(PassRequest(trigger="manual"))
                 _, peak = tracemalloc.get_traced_memory()
-                print(f"steady pass over {args.n:,} ({report.counts['skipped']:,} skipped): traced peak {peak / MIB:.1f} MiB, "
-                      f"{peak / args.n:,.0f} B a secret")
+                what = f"{report.counts['created']:,} created" if args.cold else f"{report.counts['skipped']:,} skipped"
+                print(f"{'registering' if args.cold else 'steady'} pass over {args.n:,} ({what}): traced peak "
+                      f"{peak / MIB:.1f} MiB, {peak / args.n:,.0f} B a secret")
                 tracemalloc.reset_peak()
                 size = len(json.dumps(bridge.engine.status(), default=str).encode())
                 _, peak = tracemalloc.get_traced_memory()

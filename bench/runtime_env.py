@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +72,14 @@ def build(target: Path) -> Path:
     python = target / "bin" / "python"
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
     _run([*pip, "--require-hashes", "-r", str(ROOT / "requirements.lock")], 900)
-    _run([*pip, str(ROOT)], 900)
-    # Stray build output of the project install must not be left in the working tree.
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    # The project from a copy of what its wheel is built from: setuptools writes build/ and an
+    # *.egg-info into the source tree, and an egg-info on PYTHONPATH would shadow the dev
+    # virtualenv's own metadata of the project.
+    with tempfile.TemporaryDirectory(prefix="bench-runtime-src-") as src:
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / name, Path(src) / name)
+        shutil.copytree(ROOT / "bridge", Path(src) / "bridge", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _run([*pip, src], 900)
     (target / _READY).write_text("ok\n")
     return python
 

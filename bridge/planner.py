@@ -19,7 +19,7 @@ against any sequence of states. The decision model is docs/adr/0007-decided-from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -132,7 +132,7 @@ def values_to_read(
     records: Mapping[str, LedgerRecord],
     settings: Settings,
     now: float,
-    retry_now: Collection[str] = (),
+    retry_now: Container[str] = (),
 ) -> list[VaultEntry]:
     return [e for e in entries if needs_value(e, records.get(e.ref.key), settings, now, retry_now=e.ref.key in retry_now)]
 
@@ -325,7 +325,7 @@ class Planning:
         settings: Settings,
         keyring: Keyring,
         now: float,
-        retry_now: Collection[str] = (),
+        retry_now: Container[str] = (),
     ) -> None:
         self._records, self._scope, self._s, self._keys, self._now = records, scope, settings, keyring, now
         self._retry_now = retry_now
@@ -376,7 +376,7 @@ def plan(
     settings: Settings,
     keyring: Keyring,
     now: float,
-    retry_now: Collection[str] = (),
+    retry_now: Container[str] = (),
 ) -> list[Action]:
     """One action per secret in scope, in a stable order (by path).
 
