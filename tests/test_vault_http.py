@@ -184,19 +184,25 @@ def test_the_request_carries_host_and_token_and_the_pool_reuses_the_connection(
     assert tr.request_counts() == {"metadata": 2}
 
 
-def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one(
-    serve: Callable[[list[Script]], Scripted], tmp_path: Path
-) -> None:
+def _closes_after_one_answer(serve: Callable[[list[Script]], Scripted], tmp_path: Path) -> tuple[Scripted, VaultTransport]:
+    """A server whose first connection answers once, then closes while the client keeps it idle;
+    the next connection answers normally. And a transport to it."""
     holder: list[Scripted] = []
     ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
-    def first(conn: socket.socket) -> None:  # answers once, then closes while the client keeps it idle
+    def first(conn: socket.socket) -> None:
         holder[0].read_request(conn)
         conn.sendall(ok)
 
     srv = serve([first, lambda c: answer([ok])(holder[0])(c)])
     holder.append(srv)
-    tr = _transport(tmp_path, srv.port)
+    return srv, _transport(tmp_path, srv.port)
+
+
+def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one(
+    serve: Callable[[list[Script]], Scripted], tmp_path: Path
+) -> None:
+    srv, tr = _closes_after_one_answer(serve, tmp_path)
     try:
         assert tr.send("metadata", "GET", "kv/metadata/a", "", Sensitive(TOKEN))[0] == 200
         assert tr.send("metadata", "GET", "kv/metadata/a", "", Sensitive(TOKEN))[0] == 200
@@ -296,16 +302,7 @@ def test_a_post_is_never_sent_twice(serve: Callable[[list[Script]], Scripted], t
 
 def test_a_post_skips_a_pooled_connection_the_server_closed(serve: Callable[[list[Script]], Scripted],
                                                           tmp_path: Path) -> None:
-    holder: list[Scripted] = []
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
-
-    def first(conn: socket.socket) -> None:  # answers once, then closes while the client keeps it idle
-        holder[0].read_request(conn)
-        conn.sendall(ok)
-
-    srv = serve([first, lambda c: answer([ok])(holder[0])(c)])
-    holder.append(srv)
-    tr = _transport(tmp_path, srv.port)
+    _, tr = _closes_after_one_answer(serve, tmp_path)
     try:
         assert tr.send("state", "GET", "kv/data/a", "", Sensitive(TOKEN))[0] == 200
         deadline = time.monotonic() + 5
