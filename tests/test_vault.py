@@ -23,6 +23,7 @@ from bridge.metrics import Metrics
 from bridge.model import SecretRef
 from bridge.vault.source import VaultSource
 from bridge.vault.transport import error_for_status, translate
+from tests.support.data import assert_no_leak
 from tests.support.openbao import OpenBao
 
 pytestmark = pytest.mark.timeout(60)
@@ -372,8 +373,15 @@ def test_login_failure_backs_off(openbao: OpenBao, kv_mount: str, tmp_path: Path
     auth = {"method": "approle", "role_id_file": str(tmp_path / "role"), "secret_id_file": str(tmp_path / "secret")}
     clock = FakeClock()
     vs = source(openbao, kv_mount, auth=auth, clock=clock)
-    with pytest.raises(VaultAuthError, match="approle"):
+    with pytest.raises(VaultAuthError, match="approle") as failed:
         vs.login()
+    # The login body (the lean path's JSON, ADR 15) carried the secret_id: never its error.
+    chain: list[str] = []
+    exc: BaseException | None = failed.value
+    while exc is not None:
+        chain.append(repr(exc) + str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert_no_leak(chain, ["not-the-secret-id-0000"])
     with pytest.raises(VaultAuthError, match="backing off"):
         vs.login()
     assert vs.request_counts() == {"login": 1}  # the second attempt did not reach Vault

@@ -287,7 +287,7 @@ class SyncEngine:
             if idx is not None:
                 org = self._s.sources[idx].organization_id or self._s.cybedefend.organization_id
                 if org:
-                    guess.add(org.strip().lower())
+                    guess.add(org)  # the settings hold it lowercased, as tags are read
         if not guess:
             return
         if self._ahead_pool is None:
