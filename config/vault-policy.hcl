@@ -6,8 +6,9 @@
 # HashiCorp Vault does not know the `scan` capability (an OpenBao addition): remove it there;
 # the bridge then lists recursively with LIST instead.
 
-# Discovery. `list` walks the prefix (LIST on secret/metadata/dockerhub/ and its sub-folders);
-# `scan` lets OpenBao return the whole subtree in one request instead; `read` on metadata gives
+# Discovery. `list` lists the prefix (LIST on secret/metadata/dockerhub/: one request when it has
+# no sub-folders); where it has sub-folders, `scan` lets OpenBao return the whole subtree in one
+# request, else each sub-folder is listed with LIST; `read` on metadata gives
 # each secret's version and custom_metadata (the tags) without reading its value. The `/*`
 # glob also matches the prefix folder itself (secret/metadata/dockerhub/).
 path "secret/metadata/dockerhub/*" {

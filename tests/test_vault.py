@@ -107,8 +107,9 @@ def test_discover_kv2_reads_metadata_only(openbao: OpenBao, kv_mount: str) -> No
     assert entries["dockerhub/burnt"].deleted is True
     assert entries["dockerhub/team/deep/b"].deleted is False
     counts = vs.request_counts()
-    # one SCAN for the tree, one metadata GET per secret, one mount lookup, and no value read
-    assert counts == {"mounts": 1, "scan": 1, "metadata": 5}
+    # the prefix has a sub-folder: one LIST, then one SCAN for the tree; one metadata GET per
+    # secret, one mount lookup, and no value read
+    assert counts == {"mounts": 1, "list": 1, "scan": 1, "metadata": 5}
     assert vs.request_counts() == {}
     vs.close()
 
@@ -126,6 +127,47 @@ def test_discover_falls_back_to_recursive_list_without_scan(openbao: OpenBao, kv
     assert counts["scan"] == 1 and counts["list"] == 3 and counts["metadata"] == 3 and "read" not in counts
     list(vs.discover(vs._settings.sources[0], 0))
     assert "scan" not in vs.request_counts()  # the refusal is remembered for this token
+    vs.close()
+
+
+@pytest.mark.integration
+def test_a_flat_folder_is_listed_once_and_never_scanned(openbao: OpenBao, kv_mount: str) -> None:
+    # OpenBao's SCAN of one large folder costs it ~10x a LIST of the same keys (ADR 18): a
+    # folder without sub-folders is done with its one LIST.
+    for p in ("dockerhub/a", "dockerhub/b", "dockerhub/c"):
+        openbao.write_secret(kv_mount, p, {"accessToken": "x"}, TAG)
+    vs = source(openbao, kv_mount)
+    vs.login()
+    vs.request_counts()
+    assert sorted(e.ref.path for e in vs.discover(vs._settings.sources[0], 0)) == ["dockerhub/a", "dockerhub/b", "dockerhub/c"]
+    assert vs.request_counts() == {"mounts": 1, "list": 1, "metadata": 3}
+    vs.close()
+
+
+@pytest.mark.integration
+def test_a_policy_with_scan_but_no_list_still_discovers(openbao: OpenBao, kv_mount: str) -> None:
+    for p in ("dockerhub/a", "dockerhub/t/b"):
+        openbao.write_secret(kv_mount, p, {"accessToken": "x"}, TAG)
+    policy = POLICY.read_text().replace('"list", "scan", "read"', '"scan", "read"')
+    openbao.put_policy("nolist", policy.replace('"secret/', f'"{kv_mount}/').replace("mounts/secret", f"mounts/{kv_mount}"))
+    token = openbao.create_token(["nolist"], no_default_policy=True)
+    vs = source(openbao, kv_mount, token)
+    assert sorted(e.ref.path for e in vs.discover(vs._settings.sources[0], 0)) == ["dockerhub/a", "dockerhub/t/b"]
+    counts = vs.request_counts()
+    assert counts["list"] == 1 and counts["scan"] == 1 and counts["metadata"] == 2
+    vs.close()
+
+
+@pytest.mark.integration
+def test_a_policy_with_neither_list_nor_scan_names_the_listing(openbao: OpenBao, kv_mount: str) -> None:
+    openbao.write_secret(kv_mount, "dockerhub/a", {"accessToken": "x"}, TAG)
+    policy = POLICY.read_text().replace('"list", "scan", "read"', '"read"')
+    openbao.put_policy("nolisting", policy.replace('"secret/', f'"{kv_mount}/').replace("mounts/secret", f"mounts/{kv_mount}"))
+    token = openbao.create_token(["nolisting"], no_default_policy=True)
+    vs = source(openbao, kv_mount, token)
+    with pytest.raises(VaultPermissionDenied, match=f"list {kv_mount}/metadata/dockerhub/") as info:
+        list(vs.discover(vs._settings.sources[0], 0))
+    assert token not in str(info.value)
     vs.close()
 
 
@@ -153,7 +195,7 @@ def test_kv1_counts_and_version_cache(openbao: OpenBao, kv1_mount: str) -> None:
     vs.request_counts()
     list(vs.discover(vs._settings.sources[0], 0))
     list(vs.discover(vs._settings.sources[0], 0))
-    assert vs.request_counts() == {"mounts": 1, "scan": 2, "read": 2}
+    assert vs.request_counts() == {"mounts": 1, "list": 2, "read": 2}  # a flat folder: LIST only
     assert vs.kv_version(kv1_mount) == 1
     vs.close()
 
