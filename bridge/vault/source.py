@@ -176,7 +176,7 @@ class VaultSource:
         request. Only a folder with subfolders is SCANned (OpenBao: one request for the tree) or,
         where SCAN is unsupported or refused, walked with one LIST per subfolder. Not SCAN first:
         OpenBao's SCAN of one large folder costs it far more than a LIST of the same keys (30,000
-        keys: ~2.3 s of CPU on in-memory storage, ~5 s on raft, against ~0.2 s for the LIST;
+        keys: ~2.2 s of CPU on in-memory storage, 3.6-5 s on raft, against 0.2-0.5 s for the LIST;
         docs/adr/0018-discovery-lists-before-it-scans.md)."""
         try:
             resp = self.session.request("list", "LIST", folder)
