@@ -39,6 +39,10 @@ from tests.support.procs import eventually
 FORWARD_KEY = b"test-forward-key-0123456789abcdef"
 TOKEN = "whk_daemon_test_token_0123456789abcdef"
 REPO = Path(__file__).resolve().parent.parent
+# How long a child may take to start its daemon and its first secret: a bound on waiting, not a
+# timing assertion (each wait ends as soon as its condition holds). 15 s was too short on a
+# 2-core machine at a load average above 10.
+START_WAIT = 60.0
 
 
 def make_settings(**sections: Any) -> Settings:
@@ -478,7 +482,7 @@ class Child:
         return path.read_text().splitlines() if path.exists() else []
 
     def port(self) -> int:
-        assert eventually(lambda: self.has_event("daemon_started"), 15), (self.dir / "stderr.log").read_text()
+        assert eventually(lambda: self.has_event("daemon_started"), START_WAIT), (self.dir / "stderr.log").read_text()
         return int(next(e["port"] for e in self.events() if e.get("event") == "daemon_started"))
 
     def close(self) -> None:
@@ -504,7 +508,7 @@ def child(tmp_path: Path) -> Iterator[Callable[..., Child]]:
 
 def test_sigterm_mid_pass_finishes_the_secret_in_flight_and_exits_0(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 5}}, secrets=30, per_secret=0.4)
-    assert eventually(lambda: "start secret/team/s03" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s03" in c.progress(), START_WAIT)
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(10) == 0
@@ -520,7 +524,7 @@ def test_sigterm_mid_pass_finishes_the_secret_in_flight_and_exits_0(child: Calla
 
 def test_a_second_signal_exits_at_once(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 60}}, secrets=2, per_secret=60, ignore_stop=True)
-    assert eventually(lambda: "start secret/team/s00" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s00" in c.progress(), START_WAIT)
     c.proc.send_signal(signal.SIGTERM)
     assert eventually(lambda: c.has_event("shutting_down"))
     t0 = time.monotonic()
@@ -532,7 +536,7 @@ def test_a_second_signal_exits_at_once(child: Callable[..., Child]) -> None:
 
 def test_grace_bounds_the_wait_for_a_stuck_secret(child: Callable[..., Child]) -> None:
     c = child({"sync": {"shutdown_grace_seconds": 1}}, secrets=2, per_secret=60, ignore_stop=True)
-    assert eventually(lambda: "start secret/team/s00" in c.progress(), 15)
+    assert eventually(lambda: "start secret/team/s00" in c.progress(), START_WAIT)
     t0 = time.monotonic()
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(10) == 0
