@@ -571,3 +571,25 @@ def test_requests_still_go_through_a_proxy_from_the_environment(monkeypatch: pyt
         thread.join(5)
     path = f"/integrations/container-registry/organization/{ORG}/credentials"
     assert seen == [f"GET http://cybedefend.invalid{path} HTTP/1.1"]
+
+
+def test_a_listing_keeps_every_credential_with_an_id_and_counts_the_rest_in_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from bridge.cybedefend.api import ALL_CREDENTIALS, credential_list
+    from bridge.model import RemoteCredential
+
+    body = {"items": [
+        {"id": "c1", "dockerhubUsername": "u1", "description": "d1", "createdAt": "2026-01-01T00:00:00Z"},
+        {"id": "", "dockerhubUsername": "nobody"},
+        {"id": "c2", "dockerhubDetails": {"dockerhubUsername": "u2"}, "description": 7},
+        "not an object",
+        {"id": "c3", "name": "u3"},
+        {"id": "c4", "dockerhubUsername": None, "createdAt": 5},
+    ]}
+    with caplog.at_level(logging.DEBUG):
+        got = credential_list(ALL_CREDENTIALS, body)
+    assert got == [RemoteCredential("c1", "u1", "d1", "2026-01-01T00:00:00Z"), RemoteCredential("c2", "u2"),
+                   RemoteCredential("c3", "u3"), RemoteCredential("c4", "")]
+    skipped = [r for r in caplog.records if "cybedefend_list_item_skipped" in r.getMessage()]
+    assert len(skipped) == 1, [r.getMessage() for r in skipped]  # one line per listing, not one per item
+    assert "count" in skipped[0].getMessage() and "2" in skipped[0].getMessage().partition("count")[2]

@@ -7,6 +7,7 @@ below is its wiring) so SIGTERM, a second signal and SIGHUP are real.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import pytest
 
 from bridge.config import ScheduleSettings, Settings, load_settings, parse_settings
 from bridge.daemon.ha import FORWARD_HEADER, sign_forward
-from bridge.daemon.loop import Daemon, DaemonParts, ServerHooks
+from bridge.daemon.loop import Daemon, DaemonParts, ServerHooks, settle_heap
 from bridge.daemon.scheduler import Scheduler
 from bridge.daemon.server import HttpServer, make_audit_ingest
 from bridge.daemon.triggers import AuditMatcher, TriggerQueue
@@ -162,6 +163,8 @@ def build(
         return Scheduler(s, tick, m, rng=OffsetRng(first_run))
 
     parts.setdefault("vault_healthy", lambda: True)
+    # The real one freezes the heap of the whole test process; tests that want it pass their own.
+    parts.setdefault("settle_heap", lambda: None)
     daemon = Daemon(settings, DaemonParts(
         engine=eng, queue=TriggerQueue(settings.triggers.debounce_seconds, 100, m), stop=stop, metrics=m,
         make_scheduler=make_scheduler, make_server=make_server, forward_key=FORWARD_KEY, **parts,
@@ -269,6 +272,45 @@ def test_forwarded_audit_lines_lead_to_a_targeted_pass(running: list[Daemon]) ->
     assert eventually(lambda: engine.requests)
     assert engine.requests[0].paths == frozenset({"secret/team/b"})
     assert engine.requests[0].trigger == "audit_ingest"
+
+
+def test_the_heap_is_settled_once_after_the_first_full_pass_not_before(running: list[Daemon]) -> None:
+    # ADR 17: start-up's objects go to the permanent generation once, when they are all built
+    # (after the first full pass, whatever asked first), never after a targeted pass.
+    calls: list[list[PassRequest]] = []
+    box: list[FakeEngine] = []
+    daemon, engine, _ = build(make_settings(), first_run=3000, settle_heap=lambda: calls.append(list(box[0].requests)))
+    box.append(engine)
+    running.append(daemon)
+    port = daemon.start()
+    assert http(port, "POST", "/v1/sync", {"paths": ["secret/team/a"]})[0] == 202
+    assert eventually(lambda: len(engine.requests) == 1)
+    assert http(port, "POST", "/v1/sync", {})[0] == 202  # a full pass
+    assert eventually(lambda: calls)
+    assert http(port, "POST", "/v1/sync", {})[0] == 202  # and another one
+    assert eventually(lambda: len(engine.requests) == 3 and not engine.running.is_set())
+    assert http(port, "POST", "/v1/sync", {"paths": ["secret/team/b"]})[0] == 202
+    assert eventually(lambda: len(engine.requests) == 4 and not engine.running.is_set())
+    time.sleep(0.1)
+    assert len(calls) == 1, calls
+    seen = calls[0]  # what the engine had run when the heap was settled: the targeted, then the full
+    assert [r.paths is None for r in seen] == [False, True]
+
+
+def test_settle_heap_moves_what_is_alive_out_of_every_collection() -> None:
+    class Alive:
+        pass
+
+    kept = Alive()
+    assert any(o is kept for o in gc.get_objects())
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is kept for o in gc.get_objects())  # a full collection no longer walks it
+        fresh = Alive()
+        assert any(o is fresh for o in gc.get_objects())  # what comes after is collected as before
+    finally:
+        gc.unfreeze()
 
 
 def test_passes_never_overlap(running: list[Daemon]) -> None:

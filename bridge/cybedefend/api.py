@@ -101,20 +101,30 @@ def unwrap(body: Any) -> Any:
 
 
 def credential(ep: Endpoint, body: Any) -> RemoteCredential:
-    if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]:
+    found = _credential(body)
+    if found is None:
         raise CybeDefendError("the answer is not a credential object", endpoint=ep.label)
+    return found
+
+
+def _credential(body: Any) -> RemoteCredential | None:
+    # One call per listed credential, 1,000 of them in the listing before every create of a
+    # targeted pass: positional arguments and no exception per item (docs/adr/0017).
+    if not isinstance(body, dict):
+        return None
+    cred_id = body.get("id")
+    if not isinstance(cred_id, str) or not cred_id:
+        return None
     username = body.get("dockerhubUsername")
     if not isinstance(username, str):
         details = body.get("dockerhubDetails")
         username = details.get("dockerhubUsername") if isinstance(details, dict) else body.get("name")
+        if not isinstance(username, str):
+            username = ""
     description = body.get("description")
     created_at = body.get("createdAt")
-    return RemoteCredential(
-        id=body["id"],
-        username=username if isinstance(username, str) else "",
-        description=description if isinstance(description, str) else None,
-        created_at=created_at if isinstance(created_at, str) else None,
-    )
+    return RemoteCredential(cred_id, username, description if isinstance(description, str) else None,
+                            created_at if isinstance(created_at, str) else None)
 
 
 def credential_list(ep: Endpoint, body: Any) -> list[RemoteCredential]:
@@ -125,12 +135,9 @@ def credential_list(ep: Endpoint, body: Any) -> list[RemoteCredential]:
         return []
     if not isinstance(body, list):
         raise CybeDefendError("the answer is not a list of credentials", endpoint=ep.label)
-    out: list[RemoteCredential] = []
-    for item in body:
-        try:
-            out.append(credential(ep, item))
-        except CybeDefendError:
-            log.warning("cybedefend_list_item_skipped", endpoint=ep.label, reason="no id")
+    out = [c for c in map(_credential, body) if c is not None]
+    if len(out) < len(body):
+        log.warning("cybedefend_list_item_skipped", endpoint=ep.label, reason="no id", count=len(body) - len(out))
     return out
 
 
