@@ -19,10 +19,12 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import httptools
 
 MAX_HEAD = 64 * 1024  # the APIs' headers are a few hundred bytes; more is not an API answer
+A = TypeVar("A", bound="Answer")
 # A pooled connection the server closed while it sat idle shows up as one of these on its next use.
 STALE = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError, BrokenPipeError)
 
@@ -136,7 +138,7 @@ class Conn:
         r = self.receive(Answer())
         return r.status, b"".join(r.body), r.keep and not r.extra
 
-    def receive(self, r: Answer) -> Answer:
+    def receive(self, r: A) -> A:
         """Read one whole answer into `r` (its `keep` already says whether the connection may be
         reused: llhttp's keep-alive, and nothing after the answer)."""
         received = 0
@@ -162,7 +164,7 @@ class Conn:
         return r
 
     @staticmethod
-    def _closed(r: Answer, received: int) -> Answer:
+    def _closed(r: A, received: int) -> A:
         """The server closed the connection before the answer was complete."""
         if not received:
             # Nothing at all: for a pooled connection, most likely closed while idle.
