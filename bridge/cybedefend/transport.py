@@ -65,6 +65,7 @@ class LeanTransport(httpx.BaseTransport):
             # idle connection is dead, not just the first.
             conn, reused = _connect(pool, not resend, connect, fresh=attempt > 0)
             sending = True
+            failure: Exception | None = None
             try:
                 conn.sock.settimeout(write)
                 conn.sock.sendall(data)
@@ -75,10 +76,15 @@ class LeanTransport(httpx.BaseTransport):
                 conn.close()
                 if resend and reused and attempt == 0 and isinstance(exc, STALE):
                     continue
-                raise _failure(exc, sending) from (None if isinstance(exc, http.client.HTTPException) else exc)
+                failure = exc
             except BaseException:
                 conn.close()
                 raise
+            if failure is not None:
+                # Raised outside the handler, so that a parse error (whose arguments may hold the
+                # part of the answer already read) is not chained to it even implicitly.
+                cause = None if isinstance(failure, http.client.HTTPException) else failure
+                raise _failure(failure, sending) from cause
             pool.checkin(conn, answer.keep)
             return httpx.Response(
                 answer.status,
