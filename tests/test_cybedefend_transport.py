@@ -262,7 +262,7 @@ def test_status_reason_headers_and_a_gzip_body_reach_the_client(serve: Callable[
     finally:
         tr.close()
     assert (limited.status_code, limited.reason_phrase, limited.headers["retry-after"]) == (429, "Slow Down", "7")
-    assert limited.headers.get_list("x-two") == ["a", "b"]
+    assert limited.headers.get_list("x-two") == ["a", "b"] and limited.extensions["http_version"] == b"HTTP/1.1"
     assert interim.status_code == 200 and interim.json() == {"z": True} and "x-interim" not in interim.headers
 
 

@@ -90,7 +90,8 @@ class LeanTransport(httpx.BaseTransport):
                 answer.status,
                 headers=answer.headers,
                 stream=httpx.ByteStream(b"".join(answer.body)),
-                extensions={"reason_phrase": answer.reason, "http_version": b"HTTP/1.1"},
+                extensions={"reason_phrase": answer.reason,
+                            "http_version": b"HTTP/" + answer.parser.get_http_version().encode("ascii")},
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
