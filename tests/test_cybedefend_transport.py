@@ -13,6 +13,7 @@ import gzip
 import json
 import socket
 import ssl
+import struct
 import threading
 import time
 import traceback
@@ -473,3 +474,32 @@ def test_no_secret_in_a_failure_after_sending(serve: Callable[..., Server]) -> N
         c.close()
     no_secret(info.value)
     assert DH_TOKEN.encode() in srv.requests[0][1]  # it was sent (in the body), never echoed
+
+
+def test_a_post_answered_by_a_reset_is_ambiguous(serve: Callable[..., Server]) -> None:
+    """The server reads the create and resets the connection (RST, not FIN): maybe processed."""
+
+    def resets(s: Server, conn: socket.socket) -> None:
+        s.read(conn)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
+
+    srv = serve([resets, answers(ok(CREATED, b"201 Created"))])
+    c = client(srv.port)
+    try:
+        with pytest.raises(AmbiguousWrite) as info:
+            create(c)
+    finally:
+        c.close()
+    assert isinstance(info.value.__cause__, httpx.ReadError)
+    assert len(srv.requests) == 1 and srv.connections == 1
+
+
+def test_a_streamed_request_body_is_refused_before_anything_is_sent(serve: Callable[..., Server]) -> None:
+    srv = serve([answers(ok())])
+    tr = transport()
+    try:
+        with pytest.raises(httpx.LocalProtocolError, match="Content-Length"):
+            send(tr, request("POST", f"http://127.0.0.1:{srv.port}/x", content=iter([b"{}"])))
+    finally:
+        tr.close()
+    assert srv.requests == [] and srv.connections == 0
