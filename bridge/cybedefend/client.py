@@ -47,6 +47,7 @@ from bridge.cybedefend.auth import (
     parse_token_response,
     read_credential_file,
 )
+from bridge.cybedefend.transport import LeanTransport
 from bridge.errors import (
     AmbiguousWrite,
     AuthenticationError,
@@ -114,20 +115,33 @@ class CybeDefendClient:
         self._bucket = TokenBucket(settings.max_requests_per_second, clock=clock, sleep=sleep)
         self._api_url = settings.resolved_api_url
         self._auth_url = settings.resolved_auth_url
+        limits = httpx.Limits(max_connections=settings.max_concurrency, max_keepalive_connections=settings.max_concurrency)
         self._http = httpx.Client(
             base_url=self._api_url,
             transport=transport,
             timeout=self._timeout,
             follow_redirects=False,  # a redirect would resend the credential to another place
-            limits=httpx.Limits(
-                max_connections=settings.max_concurrency, max_keepalive_connections=settings.max_concurrency
-            ),
+            limits=limits,
             headers={"Accept": "application/json", "User-Agent": "cybedefend-bridge"},
         )
         # Requests go straight to the client's transport (`_send`): the client is kept for what
         # it resolves once at construction (the connection pool, or a proxy from the environment
-        # for that URL, TLS settings), not for its per-request machinery.
-        self._routes = {base: self._http._transport_for_url(httpx.URL(base)) for base in {self._api_url, self._auth_url}}
+        # for that URL, TLS settings), not for its per-request machinery (ADR 13). Where that is
+        # httpx's own connection pool (no proxy for the URL, no injected transport), our lean
+        # HTTP/1.1 transport takes its place: httpcore and h11 were about half of a cold pass's
+        # CPU (ADR 16).
+        routes = {base: self._http._transport_for_url(httpx.URL(base)) for base in {self._api_url, self._auth_url}}
+        lean = [base for base, route in routes.items() if transport is None and route is self._http._transport
+                and type(route) is httpx.HTTPTransport]
+        self._lean: LeanTransport | None = None
+        if lean:
+            https = any(httpx.URL(base).scheme == "https" for base in lean)
+            self._lean = LeanTransport(
+                size=settings.max_concurrency, idle_expiry=limits.keepalive_expiry,
+                ssl_context=httpx.create_ssl_context(trust_env=self._http.trust_env) if https else None,
+            )
+            routes.update(dict.fromkeys(lean, self._lean))
+        self._routes: dict[str, httpx.BaseTransport] = routes
         self._base_headers = dict(self._http.headers)
         self._timeouts = self._timeout.as_dict()
         # Labelled metric children, looked up once (as bridge.vault.transport does): `labels()`
@@ -239,6 +253,8 @@ class CybeDefendClient:
         return "API key not rejected (set cybedefend.organization_id to verify its permissions)"
 
     def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         self._http.close()
 
     def __enter__(self) -> CybeDefendClient:

@@ -1,7 +1,7 @@
 """The transport to Vault: pooled HTTP, the hvac client, rate limit, accounting, error translation.
 
 Two paths reach Vault:
-- a lean, pooled keep-alive path (our socket, httptools' parser) for every routine request: the
+- a lean, pooled keep-alive path (`bridge.http1`: our socket, httptools' parser) for every routine request: the
   hot reads of discovery (list, scan, metadata, read), because hvac/requests costs 2-3x more CPU
   per request and discovery makes thousands of them (ADR 10), and the daemon's token calls,
   logins and KV v2 state reads and check-and-set writes (JSON bodies), because hvac with
@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import queue
-import select
-import socket
 import ssl
 import sys
 import threading
@@ -32,10 +29,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import httptools
-
 from bridge.config import VaultSettings
 from bridge.errors import VaultAmbiguous, VaultError, VaultInvalidRequest, VaultPermissionDenied, VaultUnavailable
+from bridge.http1 import Conn, Pool, host_header
 from bridge.logs import get_logger, redact_text
 from bridge.metrics import Metrics
 from bridge.model import Sensitive
@@ -47,7 +43,6 @@ T = TypeVar("T")
 # Request kinds: the keys of request_counts() and the `operation` label of vault_requests.
 KINDS = ("list", "scan", "metadata", "read", "login", "renew", "lookup", "revoke", "capabilities", "mounts", "state")
 _IDEMPOTENT = frozenset({"GET", "LIST", "SCAN"})
-_STALE = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError, BrokenPipeError)
 
 
 def _vault_message(errors: Any) -> str:
@@ -158,155 +153,25 @@ def ssl_context(settings: VaultSettings) -> ssl.SSLContext:
     return ctx
 
 
-_MAX_HEAD = 64 * 1024  # Vault's headers are a few hundred bytes; more is not Vault
+# The connection and its parser are `bridge.http1`'s (shared with the CybeDefend transport,
+# ADR 16); the name stays for the tests that drive one connection directly.
+_Conn = Conn
 
 
-class _Response:
-    """The parser's callbacks for one answer: httptools (llhttp, the C parser Node.js uses)
-    calls them while `feed_data` runs; what it parsed is read off this object afterwards."""
-
-    __slots__ = ("begun", "body", "complete", "extra", "headers_done", "keep", "parser", "status", "status_seen")
-
-    def __init__(self) -> None:
-        self.body: list[bytes] = []
-        self.begun = self.complete = self.extra = self.headers_done = self.status_seen = self.keep = False
-        self.status = 0
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_message_begin(self) -> None:
-        if self.complete:
-            self.extra = True  # a second answer nobody asked for: the stream cannot be trusted
-        self.begun = True
-
-    def on_status(self, status: bytes) -> None:
-        self.status_seen = True
-
-    def on_headers_complete(self) -> None:
-        # Read now: llhttp answers keep-alive and status only for the message being parsed.
-        self.headers_done = True
-        self.status = self.parser.get_status_code()
-        self.keep = self.parser.should_keep_alive()
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.status < 200:  # a 1xx interim answer: the real one follows
-            self.body.clear()
-            self.headers_done = False
-            return
-        self.keep = self.keep and self.parser.should_keep_alive()
-        self.complete = True
-
-
-class _Conn:
-    """One keep-alive HTTP/1.1 connection of the lean path: body-less requests, whole responses.
-
-    The socket is ours (one `sendall`, `recv` into the parser); the parsing is httptools', a
-    binding of llhttp: `http.client` parses every answer's headers with the `email` package,
-    ~120 µs of CPU per request of ~430 µs in all under the one GIL, on a pass of thousands of
-    ~1 KB answers (docs/adr/0010-lean-vault-http.md). Protocol errors raise `http.client`'s own
-    exceptions, so the retry and error translation of the pool treat them as before.
-    """
-
-    __slots__ = ("sock",)
-
-    def __init__(self, host: str, port: int, timeout: float, ctx: ssl.SSLContext | None) -> None:
-        sock = socket.create_connection((host, port), timeout)
-        try:
-            # Small requests, each waiting for its answer: Nagle would only add delay.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if ctx is not None:
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def dropped(self) -> bool:
-        """True when the idle connection is readable: the server closed it (or sent what nobody
-        asked for). Looked at before a request that must not be retried (urllib3 does the same)."""
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
-
-    def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
-        """Send one request; (status, body, connection reusable)."""
-        self.sock.sendall(request)
-        r = _Response()
-        received = 0
-        while not r.complete:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return self._closed(r, received)
-            received += len(chunk)
-            if not r.headers_done and received > _MAX_HEAD:
-                raise http.client.LineTooLong("Vault response headers")
-            try:
-                r.parser.feed_data(chunk)
-            except httptools.HttpParserError:
-                if r.complete:  # bytes after the answer that are no answer at all
-                    r.extra = True
-                    break
-                if not r.status_seen:
-                    raise http.client.BadStatusLine("unreadable status line from Vault") from None
-                if r.headers_done:
-                    raise http.client.IncompleteRead(b"".join(r.body)) from None
-                raise http.client.HTTPException("unreadable response headers from Vault") from None
-        return r.status, b"".join(r.body), r.keep and not r.extra
-
-    @staticmethod
-    def _closed(r: _Response, received: int) -> tuple[int, bytes, bool]:
-        """Vault closed the connection before the answer was complete."""
-        if not received:
-            # Nothing at all: the pool's stale keep-alive connection, retried once on a fresh one.
-            raise http.client.RemoteDisconnected("Vault closed the connection")
-        if r.headers_done and not r.keep:
-            return r.status, b"".join(r.body), False  # no framing: the body ran to the close
-        raise http.client.IncompleteRead(b"".join(r.body))
-
-
-class ConnectionPool:
-    """Keep-alive connections (`_Conn`) to one Vault address, reused across threads.
+class ConnectionPool(Pool):
+    """Keep-alive connections (`bridge.http1.Conn`) to one Vault address, reused across threads.
 
     Proxies are not used (Vault is normally reached directly or through a sidecar).
     """
 
     def __init__(self, settings: VaultSettings, size: int) -> None:
         url = urlsplit(settings.address)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or "127.0.0.1"
-        self._port = url.port or (443 if self._https else 80)
-        default = 443 if self._https else 80
-        self.host_header = self._host if self._port == default else f"{self._host}:{self._port}"
-        if ":" in self._host:  # an IPv6 literal goes in brackets
-            self.host_header = f"[{self._host}]" + ("" if self._port == default else f":{self._port}")
+        https = url.scheme == "https"
+        host = url.hostname or "127.0.0.1"
+        port = url.port or (443 if https else 80)
+        super().__init__(host, port, ssl_context(settings) if https else None, settings.timeout_seconds, size)
+        self.host_header = host_header(host, port, https)
         self.prefix = url.path.rstrip("/")
-        self._timeout = settings.timeout_seconds
-        self._ctx = ssl_context(settings) if self._https else None
-        self._idle: queue.LifoQueue[_Conn] = queue.LifoQueue(maxsize=size)
-
-    def _new(self) -> _Conn:
-        return _Conn(self._host, self._port, self._timeout, self._ctx)
-
-    def _pooled(self, idempotent: bool) -> tuple[_Conn, bool]:
-        """An idle connection (and True), or a new one. For a request that is not retried, idle
-        connections the server already closed are skipped: they would fail it for nothing."""
-        while True:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                return self._new(), False
-            if idempotent or not conn.dropped():
-                return conn, True
-            conn.close()
 
     def exchange(self, method: str, request: bytes) -> tuple[int, bytes]:
         """Send `request` (a whole HTTP/1.1 request) on a pooled connection: (status, body).
@@ -314,38 +179,7 @@ class ConnectionPool:
         Only an idempotent method is sent again, once, after a stale pooled connection: a POST
         that may have reached Vault is never repeated blindly (a check-and-set write would then
         lose to itself, a login mint a second token)."""
-        idempotent = method in _IDEMPOTENT
-        for attempt in (0, 1):
-            # The retry after a stale connection takes a fresh one: after a Vault restart
-            # every idle pooled connection is dead, not just the first.
-            conn, reused = self._pooled(idempotent) if attempt == 0 else (self._new(), False)
-            try:
-                status, data, keep = conn.exchange(request)
-            except _STALE:
-                conn.close()
-                # A pooled connection the server closed while idle: try once on a fresh one.
-                if reused and attempt == 0 and idempotent:
-                    continue
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            if not keep:
-                conn.close()
-            else:
-                try:
-                    self._idle.put_nowait(conn)
-                except queue.Full:
-                    conn.close()
-            return status, data
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        return self.request(request, idempotent=method in _IDEMPOTENT)
 
 
 @dataclass(frozen=True, slots=True)
