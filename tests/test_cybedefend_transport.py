@@ -186,6 +186,30 @@ def test_the_client_uses_the_lean_transport_only_where_httpx_would_use_its_own_p
             c.close()
 
 
+def test_one_ssl_context_serves_every_transport_of_a_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each context loads the CA bundle (~20 ms at start-up): httpx's default transport, a proxy's
+    # and the lean one share the one the client makes, with httpx's own function.
+    import httpx._transports.default as httpx_default
+
+    made: list[object] = []
+    real = httpx.create_ssl_context
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        made.append(ctx := real(*args, **kwargs))
+        return ctx
+
+    monkeypatch.setattr(httpx, "create_ssl_context", counting)
+    monkeypatch.setattr(httpx_default, "create_ssl_context", counting)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    c = client(9, "https")
+    try:
+        assert isinstance(c._routes["https://127.0.0.1:9"], LeanTransport)
+        assert c._lean is not None and len({id(x) for x in made}) == 1 and c._lean._ctx is made[0]
+    finally:
+        c.close()
+
+
 def test_the_registrar_contract_and_the_app_build_their_client_on_the_lean_transport() -> None:
     # The contract tests against the double (and app.build, which makes the client the same way:
     # no transport argument) go through the lean transport, so they test it too.

@@ -116,9 +116,14 @@ class CybeDefendClient:
         self._api_url = settings.resolved_api_url
         self._auth_url = settings.resolved_auth_url
         limits = httpx.Limits(max_connections=settings.max_concurrency, max_keepalive_connections=settings.max_concurrency)
+        # One SSL context for every transport (httpx's default one, a proxy's, the lean one), made
+        # by httpx's own function as `verify=True` would: each context loads the CA bundle, ~40-60 ms
+        # at start-up, and httpx would otherwise make one per transport.
+        tls = httpx.create_ssl_context(trust_env=True)
         self._http = httpx.Client(
             base_url=self._api_url,
             transport=transport,
+            verify=tls,
             timeout=self._timeout,
             follow_redirects=False,  # a redirect would resend the credential to another place
             limits=limits,
@@ -138,7 +143,7 @@ class CybeDefendClient:
             https = any(httpx.URL(base).scheme == "https" for base in lean)
             self._lean = LeanTransport(
                 size=settings.max_concurrency, idle_expiry=limits.keepalive_expiry,
-                ssl_context=httpx.create_ssl_context(trust_env=self._http.trust_env) if https else None,
+                ssl_context=tls if https else None,
             )
             routes.update(dict.fromkeys(lean, self._lean))
         self._routes: dict[str, httpx.BaseTransport] = routes
