@@ -152,6 +152,8 @@ class DevOpenBao:
             self._wait_up(timeout)
             if self.mode == "file":
                 self._init_and_unseal()
+            else:
+                self.wait_kv2_ready("secret", timeout)  # the dev server mounts KV v2 at secret/ itself
         except BaseException:
             self.stop()
             raise
@@ -189,6 +191,31 @@ class DevOpenBao:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
+    def enable_kv(self, mount: str, version: int = 2, timeout: float = 30.0) -> None:
+        """Mount a KV engine at `mount` and return once it serves requests."""
+        self.api("POST", f"sys/mounts/{mount}", {"type": "kv", "options": {"version": str(version)}},
+                 token=self.root_token)
+        if version == 2:
+            self.wait_kv2_ready(mount, timeout)
+
+    def wait_kv2_ready(self, mount: str, timeout: float = 30.0) -> None:
+        """Wait until a new KV v2 mount has finished its storage upgrade.
+
+        A freshly mounted KV v2 engine first "upgrades" its (empty) storage in the background;
+        until that ends every request to it answers 400 "Upgrading from non-versioned to versioned
+        data". On a busy machine that window is long enough for the first write to land in it
+        (a CI run failed so), so we poll the engine's own config read until it answers.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.api("GET", f"{mount}/config", token=self.root_token)
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 400 or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.02)
+
     def kv_put(self, mount: str, path: str, data: dict[str, Any], custom_metadata: dict[str, str] | None = None) -> int:
         """Write a KV v2 secret (and replace its custom_metadata when given); returns the new version."""
         out = self.api("POST", f"{mount}/data/{path}", {"data": data}, token=self.root_token)
@@ -202,7 +229,7 @@ class DevOpenBao:
             self.unseal_keys = list(out["keys_base64"])
             self.root_token = out["root_token"]
             self.unseal()
-            self.api("POST", "sys/mounts/secret", {"type": "kv", "options": {"version": "2"}}, token=self.root_token)
+            self.enable_kv("secret", 2)
         else:
             self.unseal()
 

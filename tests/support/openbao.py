@@ -55,9 +55,6 @@ class OpenBao(DevOpenBao):
     def client(self, token: str | None = None) -> hvac.Client:
         return hvac.Client(url=self.addr, token=token or self.root_token, timeout=10)
 
-    def enable_kv(self, mount: str, version: int = 2) -> None:
-        self.client().sys.enable_secrets_engine("kv", path=mount, options={"version": str(version)})
-
     def disable_mount(self, mount: str) -> None:
         # Removing a mount with thousands of versions takes a while on a busy machine.
         client = hvac.Client(url=self.addr, token=self.root_token, timeout=120)
