@@ -142,22 +142,36 @@ def fingerprints(
     payloads: Mapping[str, Mapping[str, Any] | None],
     settings: Settings,
     keyring: Keyring,
-) -> set[str]:
-    """The fingerprints of the tokens these values hold (those that parse).
+) -> dict[str, str]:
+    """The fingerprint of the token each value holds (those that parse), by secret key.
 
     Beyond the rows of the secrets in scope, the only ledger rows `Planning` consults are those
     that already claim one of these tokens (the duplicate-token check), so a targeted pass reads
     just those instead of the whole ledger: a plan over `scope rows + rows holding these` is the
     plan over every row (tests/test_planner.py checks the two agree).
     """
-    out: set[str] = set()
+    out: dict[str, str] = {}
     for e in entries:
         data = e.payload if e.payload is not None else payloads.get(e.ref.key)
         if data is None:
             continue
         parsed = read_payload(data, settings.sources[e.source_index], settings.sync)
         if not isinstance(parsed, Rejection):
-            out.add(keyring.fingerprint(parsed.token))
+            out[e.ref.key] = keyring.fingerprint(parsed.token)
+    return out
+
+
+def rotating_credentials(held: Mapping[str, str], records: Mapping[str, LedgerRecord]) -> set[tuple[str, str]]:
+    """(organization, credential) of each ledger row whose credential holds another token than
+    the one Vault now holds for its secret (`held`, from `fingerprints`): the credentials whose
+    links a rotation will most likely ask for (ADR 19). A guess for reading ahead, never a
+    decision: `reconcile` still says which links it needs, from the listing."""
+    out: set[tuple[str, str]] = set()
+    for key, fingerprint in held.items():
+        rec = records.get(key)
+        if (rec is not None and rec.credential_id and rec.organization_id and rec.state not in _GONE_STATES
+                and rec.fingerprint != fingerprint):
+            out.add((rec.organization_id, rec.credential_id))
     return out
 
 

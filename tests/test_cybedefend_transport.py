@@ -162,6 +162,16 @@ def no_secret(exc: BaseException) -> None:
     assert DH_TOKEN not in text and API_KEY not in text
 
 
+def failed_create(c: CybeDefendClient, expected: type[Exception] = AmbiguousWrite) -> Exception:
+    """`create` on `c`, which must raise `expected`; `c` is closed either way."""
+    try:
+        with pytest.raises(expected) as info:
+            create(c)
+    finally:
+        c.close()
+    return info.value
+
+
 # ---- which transport the client uses -----------------------------------------------------------
 
 
@@ -320,15 +330,10 @@ def test_an_idle_connection_past_the_keepalive_expiry_is_not_reused(serve: Calla
 def test_a_post_the_server_swallowed_is_ambiguous_and_sent_once(serve: Callable[..., Server]) -> None:
     """The server reads the create and closes without a word: it may have stored it."""
     srv = serve([answers(then="swallow"), answers(ok(CREATED, b"201 Created"))])
-    c = client(srv.port)
-    try:
-        with pytest.raises(AmbiguousWrite) as info:
-            create(c)
-    finally:
-        c.close()
+    err = failed_create(client(srv.port))
     assert [h.split(b" ", 1)[0] for h, _ in srv.requests] == [b"POST"] and srv.connections == 1
-    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
-    no_secret(info.value)
+    assert isinstance(err.__cause__, httpx.RemoteProtocolError)
+    no_secret(err)
 
 
 def test_a_post_on_a_reused_connection_closed_under_it_is_ambiguous(serve: Callable[..., Server]) -> None:
@@ -399,16 +404,11 @@ def test_connection_refused_is_never_sent_and_a_create_is_retried() -> None:
     finally:
         tr.close()
     metrics = Metrics()
-    c = CybeDefendClient(settings("api_key", api_url=f"http://127.0.0.1:{port}"), Sensitive(API_KEY), metrics,
-                         sleep=lambda _: None)
-    try:
-        with pytest.raises(TransientError) as info:
-            create(c)
-    finally:
-        c.close()
-    assert not isinstance(info.value, AmbiguousWrite) and "ConnectError" in str(info.value)
+    err = failed_create(CybeDefendClient(settings("api_key", api_url=f"http://127.0.0.1:{port}"), Sensitive(API_KEY),
+                                         metrics, sleep=lambda _: None), TransientError)
+    assert not isinstance(err, AmbiguousWrite) and "ConnectError" in str(err)
     assert metrics.registry.get_sample_value("cybedefend_bridge_retries_total", {"target": "cybedefend"}) == 3
-    no_secret(info.value)
+    no_secret(err)
 
 
 def test_a_create_whose_answer_times_out_is_ambiguous(serve: Callable[..., Server]) -> None:
@@ -419,24 +419,15 @@ def test_a_create_whose_answer_times_out_is_ambiguous(serve: Callable[..., Serve
     srv = serve([holds])
     c = client(srv.port, timeout_seconds=0.5)
     started = time.monotonic()
-    try:
-        with pytest.raises(AmbiguousWrite) as info:
-            create(c)
-    finally:
-        c.close()
-    assert isinstance(info.value.__cause__, httpx.ReadTimeout) and time.monotonic() - started < 1.4
+    err = failed_create(c)
+    assert isinstance(err.__cause__, httpx.ReadTimeout) and time.monotonic() - started < 1.4
     assert len(srv.requests) == 1
 
 
 def test_a_truncated_answer_is_a_protocol_error(serve: Callable[..., Server]) -> None:
     srv = serve([answers(b"HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\n{\"id\":", then="close")])
-    c = client(srv.port)
-    try:
-        with pytest.raises(AmbiguousWrite) as info:
-            create(c)
-    finally:
-        c.close()
-    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+    err = failed_create(client(srv.port))
+    assert isinstance(err.__cause__, httpx.RemoteProtocolError)
 
 
 # ---- TLS and refusals --------------------------------------------------------------------------
@@ -490,13 +481,8 @@ def test_a_header_that_would_split_the_request_is_refused_without_showing_it() -
 def test_no_secret_in_a_failure_after_sending(serve: Callable[..., Server]) -> None:
     srv = serve([answers(b"HTTP/1.1 201 Created\r\nContent-Length: 500\r\n\r\n" + CREATED[:20] + DH_TOKEN.encode(),
                          then="close")])
-    c = client(srv.port)
-    try:
-        with pytest.raises(AmbiguousWrite) as info:
-            create(c)
-    finally:
-        c.close()
-    no_secret(info.value)
+    err = failed_create(client(srv.port))
+    no_secret(err)
     assert DH_TOKEN.encode() in srv.requests[0][1]  # it was sent (in the body), never echoed
 
 
@@ -508,13 +494,8 @@ def test_a_post_answered_by_a_reset_is_ambiguous(serve: Callable[..., Server]) -
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
 
     srv = serve([resets, answers(ok(CREATED, b"201 Created"))])
-    c = client(srv.port)
-    try:
-        with pytest.raises(AmbiguousWrite) as info:
-            create(c)
-    finally:
-        c.close()
-    assert isinstance(info.value.__cause__, httpx.ReadError)
+    err = failed_create(client(srv.port))
+    assert isinstance(err.__cause__, httpx.ReadError)
     assert len(srv.requests) == 1 and srv.connections == 1
 
 

@@ -523,7 +523,7 @@ def test_a_targeted_plan_needs_only_its_rows_and_those_holding_its_tokens() -> N
         for paths in scopes:
             scope = Scope(keys=paths)
             mine = [e for e in entries if e.ref.key in paths]
-            held = fingerprints(mine, values, s, KEYS)
+            held = set(fingerprints(mine, values, s, KEYS).values())
             subset = {k: r for k, r in recs.items() if k in paths or r.fingerprint in held}
             for rows in (recs, subset):
                 assert with_evidence(rows, view).keys() == rows.keys()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -356,6 +357,74 @@ def test_targeted_pass_lists_its_organization_ahead_once_and_fails_as_before(w: 
     report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("s2")})))  # the retry after the outage
     assert report.counts["rotated"] == 1
     assert len(w.creds()) == 3  # one credential per secret: nothing lost, nothing twice
+
+
+def test_targeted_rotation_reads_the_old_links_beside_the_listing(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A targeted rotation reads its ledger credential's links while the listing is still in
+    flight (`_links_ahead`, ADR 19), once, and uses them only for the credential the listing
+    names: the links come out as without it, a same-token write reads none, and links read for
+    a credential the listing no longer holds are dropped."""
+    for name, i in (("a", 1), ("b", 2), ("c", 3)):
+        w.put(name, i)
+    w.run()
+    old = {c.id: c for c in w.creds()}
+    a_old = w.row(w.key("a")).credential_id
+    assert a_old is not None
+    w.api.set_linked_projects(ORG, a_old, [PROJECTS[0], PROJECTS[5]])
+    links_read = threading.Event()
+    listed_after_links: list[bool] = []
+    wait = [5.0]
+    real_links, real_listing = w.api.linked_projects, w.api.all_credentials
+
+    def linked_projects(org: str, cred_id: str) -> list[str]:
+        links_read.set()
+        return real_links(org, cred_id)
+
+    def all_credentials(org: str) -> list[Any]:
+        # The listing answers only once the links were asked for (or the wait ran out): a links GET
+        # made after the listing, as before ADR 19, shows here as False.
+        listed_after_links.append(links_read.wait(wait[0]))
+        return real_listing(org)
+
+    monkeypatch.setattr(w.api, "linked_projects", linked_projects)
+    monkeypatch.setattr(w.api, "all_credentials", all_credentials)
+    w.api.reset_calls()
+    w.put("a", 11)
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("a")})))
+    assert report.counts["rotated"] == 1 and listed_after_links == [True]
+    assert w.api.calls["linked_projects"] == 1
+    [new] = [c for c in w.creds() if c.id not in old]
+    assert set(new.links) == {PROJECTS[0], PROJECTS[5]} and a_old not in {c.id for c in w.creds()}
+
+    # Same token, new version: nothing rotates, so no links are read ahead.
+    wait[0] = 0.3
+    links_read.clear()
+    listed_after_links.clear()
+    w.api.reset_calls()
+    w.side.put(w.path("b"), w.side.peek(w.path("b")), tagged(PROJECTS[0]))
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("b")})))
+    assert report.counts["refreshed"] == 1 and listed_after_links == [False]
+    assert dict(w.api.calls) == {"all_credentials": 1}
+
+    # The ledger's credential was deleted behind our back: its links are read ahead (a 404, an
+    # empty set), the listing holds no credential of c's, so c is registered anew with its own
+    # project only and nothing is deleted.
+    c_old = w.row(w.key("c")).credential_id
+    assert c_old is not None
+    w.api.delete(ORG, c_old)
+    w.api.reset_calls()
+    w.put("c", 13)
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("c")})))
+    assert report.result == "ok" and w.api.calls["linked_projects"] == 1 and w.api.calls["delete"] == 0
+    [c_new] = [c for c in w.creds() if c.id not in old and c.id != new.id]
+    assert c_new.links == [PROJECTS[0]]
+    # One credential per secret, holding its latest token (b's still carries its v1 marker: a
+    # refresh writes nothing, so assert_exactly_once's marker check does not apply here).
+    assert len(w.creds()) == 3
+    for name in ("a", "b", "c"):
+        cred_id = w.row(w.key(name)).credential_id
+        assert cred_id is not None
+        assert w.api.token_of(cred_id).reveal() == w.side.peek(w.path(name))["accessToken"]
 
 
 def test_stop_request_defers_what_has_not_started(w: World) -> None:

@@ -50,6 +50,7 @@ from bridge.planner import (
     merge_owned,
     owned_credentials,
     reconcile,
+    rotating_credentials,
     settle,
     source_of,
     touched_organizations,
@@ -90,6 +91,9 @@ START_BATCH = 16
 # while the planner waits for a worker, few enough that a cold pass over 100k secrets does not
 # hold every token in memory at once.
 READ_AHEAD_PER_CONNECTION = 4
+# Credentials whose links a targeted pass reads ahead at most (`_links_ahead`): a guess per rotation
+# is cheap; a burst of rotations reads its links when `reconcile` asks, as a full pass does.
+LINKS_AHEAD_MAX = 4
 _EARLY_KINDS = frozenset({ActionKind.CREATE, ActionKind.ROTATE, ActionKind.MOVE, ActionKind.ADOPT, ActionKind.REFRESH})
 _FAILING_STATES = frozenset({State.FAILED, State.REJECTED, State.PENDING})
 
@@ -159,6 +163,9 @@ class SyncEngine:
         self._unread_lock = threading.Lock()
         # Listings a targeted pass started before reading Vault (`_list_ahead`), by organization.
         self._ahead: dict[str, Future[list[RemoteCredential]]] = {}
+        # Links a targeted rotation will most likely need, read while the listing is in flight
+        # (`_links_ahead`), by (organization, credential).
+        self._links_early: dict[tuple[str, str], Future[list[str]]] = {}
         self._ahead_pool: ThreadPoolExecutor | None = None
 
     @property
@@ -263,7 +270,9 @@ class SyncEngine:
         links = dict(view.links)
         for org, cred_id in sorted(need):
             try:
-                links[cred_id] = frozenset(self._api.linked_projects(org, cred_id))
+                early = self._links_early.pop((org, cred_id), None)
+                got = early.result() if early is not None else self._api.linked_projects(org, cred_id)
+                links[cred_id] = frozenset(got)
             except NotFound:
                 links[cred_id] = frozenset()
             except (AuthenticationError, LegacyApiKeyGone) as exc:
@@ -295,7 +304,29 @@ class SyncEngine:
         for org in sorted(guess):
             self._ahead[org] = self._ahead_pool.submit(self._api.all_credentials, org)
 
+    def _links_ahead(self, rotating: set[tuple[str, str]]) -> None:
+        """Start reading the links of the credentials a targeted pass will most likely rotate.
+
+        A rotation copies the old credential's projects to the new one (CYBEDEFEND_API.md), so
+        after the listing names the credential `reconcile` asks for its links: a GET between the
+        listing and the create, ~1 ms of every rotation's wait. The ledger already names that
+        credential once the value read shows a new token (`rotating_credentials`), so its links
+        are read now, beside the listing. Used only when `reconcile` asks for exactly that
+        credential, from the listing (ADR 7); otherwise dropped, one GET spent. A value with the
+        ledger's token starts nothing. (ADR 19.)
+        """
+        if not rotating or len(rotating) > LINKS_AHEAD_MAX:
+            return  # a large targeted pass is a burst: no speculation at that scale
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="list-ahead")
+        for org, cred_id in sorted(rotating):
+            self._links_early[(org, cred_id)] = self._ahead_pool.submit(self._api.linked_projects, org, cred_id)
+
     def _forget_ahead(self) -> None:
+        unused_links, self._links_early = self._links_early, {}
+        for early in unused_links.values():
+            with contextlib.suppress(Exception):
+                early.result()
         unused, self._ahead = self._ahead, {}
         for fut in unused.values():
             # Not cancelled midway (a request in flight finishes on its own); waited for, so a
@@ -362,7 +393,9 @@ class SyncEngine:
             # A few values: read them first, then the rows already holding one of their tokens
             # (the duplicate-token check), the only other rows the planner would consult.
             pre = [self._read_one(e) for e in reads.values()]
-            held = fingerprints(ordered, dict(pre), self._s, self._keys)
+            tokens = fingerprints(ordered, dict(pre), self._s, self._keys)
+            self._links_ahead(rotating_credentials(tokens, records))
+            held = set(tokens.values())
             twins = [r for r in self._ledger.holding(held) if r.key not in records] if held else []
             if twins:
                 records.update((r.key, r) for r in twins)
