@@ -186,6 +186,7 @@ def render(r: Results, bao: str) -> str:
 
 
 MARGINAL_TARGET, WHOLE_TARGET = 1.3, 1.6  # issue 14, target 2
+TARGET_N = 10_000  # the size target 2 is judged at; the other sizes are shown for scale (target 5)
 
 
 def steady_summary(s: SizeResult) -> list[str]:
@@ -193,12 +194,18 @@ def steady_summary(s: SizeResult) -> list[str]:
     if not s.empty_s:
         return [f"| 1 | Steady pass, N = {s.n:,} | {_ms(median(s.pass_s))} | {_ms(median(s.curl_s))} (curl) | "
                 f"{s.ratio:.2f}x | (info) | |"]
+
+    def judged(ratio: float, target: float) -> str:
+        # At 1,000 secrets `sync --once` is mostly interpreter start-up and imports: information,
+        # not a miss of a target set for 10,000.
+        return f"<= {target}x | {_ok(ratio <= target)}" if s.n == TARGET_N else f"(info; judged at N = {TARGET_N:,}) |"
+
     return [
         f"| 1 | Steady pass, N = {s.n:,}, marginal (pass - empty pass) | {_ms(median(s.pass_s) - median(s.empty_s))} | "
-        f"{_ms(median(s.curl_s) - median(s.curl1_s))} (curl N - curl 1) | {s.marginal:.2f}x | <= {MARGINAL_TARGET}x | "
-        f"{_ok(s.marginal <= MARGINAL_TARGET)} |",
+        f"{_ms(median(s.curl_s) - median(s.curl1_s))} (curl N - curl 1) | {s.marginal:.2f}x | "
+        f"{judged(s.marginal, MARGINAL_TARGET)} |",
         f"| 1 | Steady pass, N = {s.n:,}, whole process (`sync --once`) | {_ms(median(s.whole_s))} | "
-        f"{_ms(median(s.curl_s))} (curl process) | {s.whole_ratio:.2f}x | <= {WHOLE_TARGET}x | {_ok(s.whole_ratio <= WHOLE_TARGET)} |",
+        f"{_ms(median(s.curl_s))} (curl process) | {s.whole_ratio:.2f}x | {judged(s.whole_ratio, WHOLE_TARGET)} |",
     ]
 
 
