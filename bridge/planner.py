@@ -169,8 +169,10 @@ def rotating_credentials(held: Mapping[str, str], records: Mapping[str, LedgerRe
     out: set[tuple[str, str]] = set()
     for key, fingerprint in held.items():
         rec = records.get(key)
-        if (rec is not None and rec.credential_id and rec.organization_id and rec.state not in _GONE_STATES
-                and rec.fingerprint != fingerprint):
+        # Registered rows only: a pending, failed, rejected, missing or retired row names no
+        # credential known to hold the old token, so its links are read when asked, if ever.
+        if (rec is not None and rec.state == State.REGISTERED and rec.credential_id and rec.organization_id
+                and rec.fingerprint is not None and rec.fingerprint != fingerprint):
             out.add((rec.organization_id, rec.credential_id))
     return out
 

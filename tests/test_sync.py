@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from bridge.errors import AmbiguousWrite, InvalidRequest, LegacyApiKeyGone, RateLimited, TransientError
+from bridge.engine.sync import LINKS_AHEAD_MAX
+from bridge.errors import AmbiguousWrite, AuthenticationError, InvalidRequest, LegacyApiKeyGone, RateLimited, TransientError
 from bridge.ledger import SqliteLedger
 from bridge.model import Sensitive, State
 from bridge.ports import PassRequest
@@ -425,6 +428,85 @@ def test_targeted_rotation_reads_the_old_links_beside_the_listing(w: World, monk
         cred_id = w.row(w.key(name)).credential_id
         assert cred_id is not None
         assert w.api.token_of(cred_id).reveal() == w.side.peek(w.path(name))["accessToken"]
+
+
+def test_links_read_ahead_for_the_wrong_credential_are_dropped_without_holding_up_the_write(
+    w: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ledger names credential X (say, a ledger restored from an older backup) and the
+    listing holds our Y with the old token: the rotation copies Y's links, read when `reconcile`
+    asks for them, never X's early answer; the create does not wait for X's slow GET, and the
+    pass does not return before that GET is over (passes never overlap)."""
+    w.put("a", 1)
+    w.run()
+    rec = w.row(w.key("a"))
+    y = rec.credential_id
+    assert y is not None
+    w.api.set_linked_projects(ORG, y, [PROJECTS[0], PROJECTS[3]])
+    w.ledger.put(replace(rec, credential_id="gone-x"))
+    real_links, real_create = w.api.linked_projects, w.api.create
+    t: dict[str, float] = {}
+
+    def linked_projects(org: str, cred_id: str) -> list[str]:
+        if cred_id == "gone-x":
+            time.sleep(1.0)  # slow, as a GET retrying a 5xx would be
+            t["x_done"] = time.monotonic()
+        return real_links(org, cred_id)
+
+    def create(*args: Any, **kwargs: Any) -> Any:
+        t["create"] = time.monotonic()
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(w.api, "linked_projects", linked_projects)
+    monkeypatch.setattr(w.api, "create", create)
+    w.put("a", 2)
+    t0 = time.monotonic()
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("a")})))
+    returned = time.monotonic()
+    assert report.counts["rotated"] == 1
+    assert t["create"] - t0 < 0.5 <= t["x_done"] - t0 <= returned - t0
+    [new] = w.creds()
+    assert new.id != y and set(new.links) == {PROJECTS[0], PROJECTS[3]}
+    w.assert_exactly_once()
+
+
+def test_links_read_ahead_never_outlive_their_pass_nor_exceed_the_cap(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aborted targeted pass leaves no early links answer for the next pass to take (that one
+    copies the links CybeDefend holds then), and a targeted pass rotating more credentials than
+    `LINKS_AHEAD_MAX` reads none of their links ahead."""
+    for i in range(LINKS_AHEAD_MAX + 2):
+        w.put(f"s{i}", i)
+    w.run()
+    s0 = w.row(w.key("s0")).credential_id
+    assert s0 is not None
+    w.api.inject("all_credentials", AuthenticationError("the PAT was revoked"), times=1)
+    w.put("s0", 100)
+    report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("s0")})))
+    assert report.result == "failed" and "revoked" in (report.error or "")
+    w.api.set_linked_projects(ORG, s0, [PROJECTS[0], PROJECTS[4]])  # after the aborted pass read them
+    report = w.run()  # a full pass reads no links ahead: a left-over answer would be taken here
+    assert report.counts["rotated"] == 1
+    [new] = [c for c in w.creds() if c.id == w.row(w.key("s0")).credential_id]
+    assert set(new.links) == {PROJECTS[0], PROJECTS[4]}
+
+    w.api.reset_calls()
+    many = frozenset(w.key(f"s{i}") for i in range(1, LINKS_AHEAD_MAX + 2))
+    for i in range(1, LINKS_AHEAD_MAX + 2):
+        w.put(f"s{i}", 200 + i)
+    before = w.api.calls["linked_projects"]
+    real_listing = w.api.all_credentials
+    links_before_listing: list[int] = []
+
+    def all_credentials(org: str) -> list[Any]:
+        time.sleep(0.3)  # time enough for links read ahead (there is a free worker) to be made
+        links_before_listing.append(w.api.calls["linked_projects"] - before)
+        return real_listing(org)
+
+    monkeypatch.setattr(w.api, "all_credentials", all_credentials)
+    report = w.run(PassRequest(trigger="audit", paths=many))
+    assert report.counts["rotated"] == LINKS_AHEAD_MAX + 1 and links_before_listing == [0]
+    assert w.api.calls["linked_projects"] == LINKS_AHEAD_MAX + 1  # read when asked, once each
+    w.assert_exactly_once()
 
 
 def test_stop_request_defers_what_has_not_started(w: World) -> None:

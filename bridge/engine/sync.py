@@ -166,6 +166,7 @@ class SyncEngine:
         # Links a targeted rotation will most likely need, read while the listing is in flight
         # (`_links_ahead`), by (organization, credential).
         self._links_early: dict[tuple[str, str], Future[list[str]]] = {}
+        self._links_unused: list[Future[list[str]]] = []  # in flight, unused: waited for at the pass's end
         self._ahead_pool: ThreadPoolExecutor | None = None
 
     @property
@@ -323,22 +324,36 @@ class SyncEngine:
             self._links_early[(org, cred_id)] = self._ahead_pool.submit(self._api.linked_projects, org, cred_id)
 
     def _forget_ahead(self) -> None:
-        unused_links, self._links_early = self._links_early, {}
-        for early in unused_links.values():
-            with contextlib.suppress(Exception):
-                early.result()
+        # Both maps are emptied first: nothing this pass started can be taken by the next one,
+        # even if the waiting below is interrupted.
         unused, self._ahead = self._ahead, {}
+        unused_links, self._links_early = self._links_early, {}
+        # Links nobody asked for: a GET not started yet is cancelled; one in flight finishes on
+        # its own and is waited for when the pass ends (`_drain_ahead`), not here, so the pass's
+        # writes never wait for a GET their plan does not use (it may be retrying a 5xx).
+        self._links_unused += [early for early in unused_links.values() if not early.cancel()]
         for fut in unused.values():
             # Not cancelled midway (a request in flight finishes on its own); waited for, so a
             # pass never overlaps the next one's requests, and its error (if any) is dropped.
             with contextlib.suppress(Exception):
                 fut.result()
 
+    def _drain_ahead(self) -> None:
+        """Wait for the unused links GETs still in flight: a pass never overlaps the next one's
+        requests. Their answers and errors are dropped."""
+        unused, self._links_unused = self._links_unused, []
+        for early in unused:
+            with contextlib.suppress(Exception):
+                early.result()
+
     # -- a pass ---------------------------------------------------------------------------
     def plan(self, request: PassRequest) -> list[Action]:
         """Every action a pass would take now: reads Vault and CybeDefend, writes nothing."""
         with self._lock:
-            return self._plan(request).actions
+            try:
+                return self._plan(request).actions
+            finally:
+                self._drain_ahead()
 
     def _listed_too(self, view: RemoteView, orgs: set[str]) -> RemoteView:
         more = self._list(orgs)
@@ -464,7 +479,10 @@ class SyncEngine:
 
     def run(self, request: PassRequest) -> PassReport:
         with self._lock:
-            return self._run(request)
+            try:
+                return self._run(request)
+            finally:
+                self._drain_ahead()
 
     def _run(self, request: PassRequest) -> PassReport:
         full = request.paths is None
