@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import http.client
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -246,12 +249,30 @@ def test_oversized_body_is_413_before_it_is_read(served: tuple[HttpServer, int],
 def test_chunked_bodies_are_bounded_while_they_are_read(served: tuple[HttpServer, int], hooks: Hooks) -> None:
     # waitress de-chunks and counts as it reads: past max_body_bytes it answers 413 without buffering the rest.
     def chunked(chunks: list[bytes]) -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", served[1], timeout=5)
-        try:
-            conn.request("POST", "/v1/sync", body=iter(chunks), headers=auth(), encode_chunked=True)
-            return conn.getresponse().status
-        finally:
-            conn.close()
+        # A raw socket with a reader beside the writer: the server answers 413 and closes while the
+        # client is still sending, and the rest of the body then draws a reset from the server's
+        # kernel, which discards whatever the client had not yet read. Reading as the answer
+        # arrives (not after sending everything, as http.client does) makes the status certain;
+        # a CI run once failed with a broken pipe before it could read the 413.
+        with socket.create_connection(("127.0.0.1", served[1]), timeout=5) as sock:
+            got = bytearray()
+
+            def read() -> None:
+                with contextlib.suppress(OSError):
+                    while b"\r\n" not in got and (data := sock.recv(65536)):
+                        got.extend(data)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            head = "".join(f"{k}: {v}\r\n" for k, v in {**auth(), "Transfer-Encoding": "chunked"}.items())
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(f"POST /v1/sync HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
+                for chunk in chunks:
+                    sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                sock.sendall(b"0\r\n\r\n")
+            reader.join(5)
+            assert got.startswith(b"HTTP/1.1 "), bytes(got[:80])
+            return int(got.split(b" ", 2)[1])
 
     assert chunked([b'{"paths": ', b'["secret/a"]}']) == 202
     assert hooks.syncs == [(["secret/a"], "webhook")]
