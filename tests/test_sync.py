@@ -444,14 +444,22 @@ def test_links_read_ahead_for_the_wrong_credential_are_dropped_without_holding_u
     assert y is not None
     w.api.set_linked_projects(ORG, y, [PROJECTS[0], PROJECTS[3]])
     w.ledger.put(replace(rec, credential_id="gone-x"))
-    real_links, real_create = w.api.linked_projects, w.api.create
+    real_links, real_create, real_listing = w.api.linked_projects, w.api.create, w.api.all_credentials
     t: dict[str, float] = {}
+    x_started = threading.Event()
 
     def linked_projects(org: str, cred_id: str) -> list[str]:
         if cred_id == "gone-x":
+            x_started.set()
             time.sleep(1.0)  # slow, as a GET retrying a 5xx would be
             t["x_done"] = time.monotonic()
         return real_links(org, cred_id)
+
+    def all_credentials(org: str) -> list[Any]:
+        # X's GET is under way before the plan can end (one not yet started would be cancelled,
+        # which is right, but would leave nothing slow to wait for).
+        assert x_started.wait(5)
+        return real_listing(org)
 
     def create(*args: Any, **kwargs: Any) -> Any:
         t["create"] = time.monotonic()
@@ -459,6 +467,7 @@ def test_links_read_ahead_for_the_wrong_credential_are_dropped_without_holding_u
 
     monkeypatch.setattr(w.api, "linked_projects", linked_projects)
     monkeypatch.setattr(w.api, "create", create)
+    monkeypatch.setattr(w.api, "all_credentials", all_credentials)
     w.put("a", 2)
     t0 = time.monotonic()
     report = w.run(PassRequest(trigger="audit", paths=frozenset({w.key("a")})))
