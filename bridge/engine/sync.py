@@ -26,10 +26,10 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Container, Generator, Mapping
+from collections.abc import Callable, Container, Generator, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from bridge.config import Settings
 from bridge.engine.executor import Executor
@@ -109,6 +109,15 @@ class _EveryKey:
 
 
 _EVERY_KEY = _EveryKey()
+
+T = TypeVar("T")
+
+
+def _wait_dropping(futures: Iterable[Future[Any]]) -> None:
+    """Wait for reads a pass started and did not use; their answers and errors are dropped."""
+    for fut in futures:
+        with contextlib.suppress(Exception):
+            fut.result()
 
 
 def failing_rows(rows: list[LedgerRecord], now: float) -> tuple[Failing, ...]:
@@ -300,10 +309,8 @@ class SyncEngine:
                     guess.add(org)  # the settings hold it lowercased, as tags are read
         if not guess:
             return
-        if self._ahead_pool is None:
-            self._ahead_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="list-ahead")
         for org in sorted(guess):
-            self._ahead[org] = self._ahead_pool.submit(self._api.all_credentials, org)
+            self._ahead[org] = self._ahead_submit(self._api.all_credentials, org)
 
     def _links_ahead(self, rotating: set[tuple[str, str]]) -> None:
         """Start reading the links of the credentials a targeted pass will most likely rotate.
@@ -318,10 +325,14 @@ class SyncEngine:
         """
         if not rotating or len(rotating) > LINKS_AHEAD_MAX:
             return  # a large targeted pass is a burst: no speculation at that scale
+        for org, cred_id in sorted(rotating):
+            self._links_early[(org, cred_id)] = self._ahead_submit(self._api.linked_projects, org, cred_id)
+
+    def _ahead_submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run a read ahead of the pass (a listing, a credential's links) on the read-ahead pool."""
         if self._ahead_pool is None:
             self._ahead_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="list-ahead")
-        for org, cred_id in sorted(rotating):
-            self._links_early[(org, cred_id)] = self._ahead_pool.submit(self._api.linked_projects, org, cred_id)
+        return self._ahead_pool.submit(fn, *args)
 
     def _forget_ahead(self) -> None:
         # Both maps are emptied first: nothing this pass started can be taken by the next one,
@@ -332,19 +343,15 @@ class SyncEngine:
         # its own and is waited for when the pass ends (`_drain_ahead`), not here, so the pass's
         # writes never wait for a GET their plan does not use (it may be retrying a 5xx).
         self._links_unused += [early for early in unused_links.values() if not early.cancel()]
-        for fut in unused.values():
-            # Not cancelled midway (a request in flight finishes on its own); waited for, so a
-            # pass never overlaps the next one's requests, and its error (if any) is dropped.
-            with contextlib.suppress(Exception):
-                fut.result()
+        # Not cancelled midway (a request in flight finishes on its own); waited for, so a pass
+        # never overlaps the next one's requests.
+        _wait_dropping(unused.values())
 
     def _drain_ahead(self) -> None:
         """Wait for the unused links GETs still in flight: a pass never overlaps the next one's
-        requests. Their answers and errors are dropped."""
+        requests."""
         unused, self._links_unused = self._links_unused, []
-        for early in unused:
-            with contextlib.suppress(Exception):
-                early.result()
+        _wait_dropping(unused)
 
     # -- a pass ---------------------------------------------------------------------------
     def plan(self, request: PassRequest) -> list[Action]:
